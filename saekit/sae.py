@@ -1,0 +1,241 @@
+"""The sparse autoencoder: TopK (Gao et al. 2024) and BatchTopK (Bussmann et al. 2024).
+
+    z = TopK(W_encᵀ(x − b_dec) + b_enc)   (ReLU on the kept values)
+    x̂ = W_decᵀ z + b_dec                  (W_dec rows unit-norm)
+
+Shapes follow the ecosystem: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in].
+A saved SAE directory (cfg.json + sae_weights.safetensors) loads in SAELens; saekit's own fields
+live under cfg["saekit"]. This module knows nothing of models or text.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import ops
+from .config import SaeConfig
+from .errors import FileFormatError, ShapeError
+from .files import read_json, read_tensors, tensors_hash, write_json, write_tensors
+
+WEIGHTS_FILE = "sae_weights.safetensors"
+CFG_FILE = "cfg.json"
+FORMAT_VERSION = 1
+
+
+def geometric_median(points: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances (robust b_dec init)."""
+    points = points.double()
+    y = points.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (points - y).norm(dim=1).clamp_min(eps)
+        y_next = (w[:, None] * points).sum(0) / w.sum()
+        if (y_next - y).norm() < eps * (1 + y.norm()):
+            y = y_next
+            break
+        y = y_next
+    return y.float()
+
+
+class SparseAutoencoder(nn.Module):
+    def __init__(self, cfg: SaeConfig, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if cfg.k < 1 or cfg.k > cfg.d_sae:
+            raise ShapeError(f"k must be between 1 and d_sae ({cfg.d_sae}), not {cfg.k}.")
+        self.cfg = cfg
+        kw = dict(device=device, dtype=dtype)
+        self.W_enc = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_sae, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
+        self.W_dec = nn.Parameter(torch.zeros(cfg.d_sae, cfg.d_in, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **kw))
+        # BatchTopK's inference threshold: running mean of the smallest kept activation.
+        self.register_buffer("threshold", torch.zeros((), **kw))
+        self.info: dict[str, Any] = {}  # hook, model, manifest … carried into cfg.json
+
+    # ------------------------------------------------------------------ init
+    @classmethod
+    def initialized(cls, cfg: SaeConfig, sample: torch.Tensor | None = None, seed: int = 0,
+                    device: torch.device | str | None = None) -> SparseAutoencoder:
+        """Random unit-norm decoder rows, W_enc = W_decᵀ, b_enc = 0, b_dec = geometric median of `sample`."""
+        sae = cls(cfg, device=device)
+        gen = torch.Generator().manual_seed(seed)
+        W = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
+        W /= W.norm(dim=1, keepdim=True)
+        with torch.no_grad():
+            sae.W_dec.copy_(W)
+            sae.W_enc.copy_(W.t())
+            if sample is not None:
+                if sample.shape[-1] != cfg.d_in:
+                    raise ShapeError(f"sample has width {sample.shape[-1]} but the SAE's d_in is {cfg.d_in}.")
+                sae.b_dec.copy_(geometric_median(sample[:16384].cpu()))
+        return sae
+
+    # ------------------------------------------------------------------ forward
+    @property
+    def k_candidates(self) -> int:
+        """Per-token candidates kept by BatchTopK (a token may use more than k latents)."""
+        return min(self.cfg.d_sae, 4 * self.cfg.k) if self.cfg.architecture == "batchtopk" else self.cfg.k
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse codes (values [N, K], indices [N, K]); K = k for TopK. BatchTopK applies its threshold
+        (JumpReLU-style), so some values are 0 and L0 varies per token."""
+        values, indices = ops.topk_preacts(x, self.W_enc, self.b_enc, self.b_dec, self.k_candidates)
+        values = values.relu()
+        if self.cfg.architecture == "batchtopk":
+            values = values * (values > self.threshold)
+        return values, indices
+
+    def encode_train(self, x: torch.Tensor, aux_mask: torch.Tensor | None = None, k_aux: int = 0):
+        """Differentiable encode for training: (values, indices, aux_values, aux_indices)."""
+        values, indices, aux_v, aux_i = ops.encode_topk(x, self.W_enc, self.b_enc, self.b_dec,
+                                                         self.k_candidates, aux_mask, k_aux)
+        if self.cfg.architecture == "batchtopk":
+            flat = values.detach().flatten()
+            keep = min(flat.numel(), self.cfg.k * x.shape[0])
+            cutoff = flat.topk(keep, sorted=False).values.min()
+            values = values * (values >= cutoff)
+            if self.training:
+                kept_min = values.detach()[values.detach() > 0]
+                if kept_min.numel():
+                    self.threshold.lerp_(kept_min.min(), 0.01)
+        return values, indices, aux_v, aux_i
+
+    def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return ops.sparse_decode(values, indices, self.W_dec, self.b_dec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction x̂ of x (no grad through the TopK selection; use encode_train to train)."""
+        return self.decode(*self.encode(x))
+
+    def dense_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Latent activations as a dense [N, d_sae] matrix (for small inputs, e.g. the app)."""
+        values, indices = self.encode(x)
+        return torch.zeros(x.shape[0], self.cfg.d_sae, dtype=values.dtype, device=x.device).scatter_(1, indices, values)
+
+    # ------------------------------------------------------------------ training helpers
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Drop the gradient component along each decoder row (rows stay unit-norm to first order)."""
+        if self.W_dec.grad is not None:
+            g, W = self.W_dec.grad, self.W_dec
+            g -= (g * W).sum(1, keepdim=True) * W
+
+    def folded(self, scale: float) -> SparseAutoencoder:
+        """A copy that works on raw activations x when this SAE was trained on x·scale.
+
+        Latents come out in raw units: b_enc, b_dec and the threshold divide by the scale; W_enc and the
+        unit-norm W_dec are unchanged, so the TopK selection is identical.
+        """
+        out = SparseAutoencoder(self.cfg, device=self.W_enc.device)
+        with torch.no_grad():
+            out.W_enc.copy_(self.W_enc)
+            out.W_dec.copy_(self.W_dec)
+            out.b_enc.copy_(self.b_enc / scale)
+            out.b_dec.copy_(self.b_dec / scale)
+            out.threshold.copy_(self.threshold / scale)
+        out.info = {**self.info, "input_scale_folded": scale}
+        return out
+
+    # ------------------------------------------------------------------ save / load
+    def weights(self) -> dict[str, torch.Tensor]:
+        w = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+        if self.cfg.architecture == "batchtopk":
+            w["threshold"] = self.threshold.expand(self.cfg.d_sae)  # SAELens JumpReLU: per-latent
+        return {k: v.detach().float().cpu() for k, v in w.items()}
+
+    def weights_hash(self) -> str:
+        return tensors_hash(self.weights())
+
+    def save(self, directory: str | Path, manifest: dict[str, Any] | None = None) -> Path:
+        """Write cfg.json + sae_weights.safetensors (atomically), readable by SAELens and saekit."""
+        directory = Path(directory)
+        weights = self.weights()
+        info = {**self.info, **(manifest or {})}
+        hook = info.get("hook")
+        cfg = {
+            # SAELens fields (sae_lens.SAE.load_from_disk); BatchTopK is JumpReLU with a threshold.
+            "architecture": "jumprelu" if self.cfg.architecture == "batchtopk" else "topk",
+            "d_in": self.cfg.d_in,
+            "d_sae": self.cfg.d_sae,
+            "k": self.cfg.k,
+            "dtype": "float32",
+            "device": "cpu",
+            "apply_b_dec_to_input": True,
+            "normalize_activations": "none",
+            "metadata": {"hook_name": hook, "model_name": info.get("model"), "sae_lens_training_version": None},
+            "saekit": {
+                "format_version": FORMAT_VERSION,
+                "sae": asdict(self.cfg),
+                "weights_sha256": tensors_hash(weights),
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **info,
+            },
+        }
+        write_tensors(directory / WEIGHTS_FILE, weights)
+        write_json(directory / CFG_FILE, cfg)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, device: torch.device | str = "cpu") -> SparseAutoencoder:
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileFormatError(f"{directory} is not an SAE directory (expected {CFG_FILE} and {WEIGHTS_FILE}).")
+        cfg = read_json(directory / CFG_FILE)
+        try:
+            own = cfg.get("saekit", {})
+            sae_cfg = SaeConfig(**own["sae"]) if "sae" in own else SaeConfig(
+                d_in=int(cfg["d_in"]), d_sae=int(cfg["d_sae"]), k=int(cfg["k"]),
+                architecture="batchtopk" if cfg.get("architecture") == "jumprelu" else "topk")
+        except (KeyError, TypeError, ValueError) as e:
+            raise FileFormatError(f"{directory / CFG_FILE} lacks or mangles a field ({e}); "
+                                  "a saekit/SAELens TopK cfg.json needs d_in, d_sae and k.") from e
+        if cfg.get("architecture", "topk") not in ("topk", "jumprelu"):
+            raise FileFormatError(f"{directory} holds a {cfg['architecture']!r} SAE; saekit loads TopK/BatchTopK only.")
+        w = read_tensors(directory / WEIGHTS_FILE, required=("W_enc", "b_enc", "W_dec", "b_dec"))
+        expect = {"W_enc": (sae_cfg.d_in, sae_cfg.d_sae), "b_enc": (sae_cfg.d_sae,),
+                  "W_dec": (sae_cfg.d_sae, sae_cfg.d_in), "b_dec": (sae_cfg.d_in,)}
+        for name, shape in expect.items():
+            if tuple(w[name].shape) != shape:
+                raise ShapeError(f"{directory / WEIGHTS_FILE}: {name} has shape {tuple(w[name].shape)} but cfg.json "
+                                 f"says {shape} (d_in {sae_cfg.d_in}, d_sae {sae_cfg.d_sae}).")
+        sae = cls(sae_cfg, device=device)
+        with torch.no_grad():
+            for name in expect:
+                getattr(sae, name).copy_(w[name])
+            if "threshold" in w:
+                sae.threshold.copy_(w["threshold"].float().mean())
+        sae.info = {k: v for k, v in cfg.get("saekit", {}).items()
+                    if k not in ("format_version", "sae", "weights_sha256", "saved_at")}
+        for name, t in w.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise FileFormatError(f"{directory / WEIGHTS_FILE}: {name} holds NaN or inf.")
+        return sae
+
+    @property
+    def hook(self) -> str | None:
+        return self.info.get("hook")
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return f"{c.architecture}, d_in={c.d_in}, d_sae={c.d_sae}, k={c.k}, hook={self.hook!r}"
+
+
+def load_sae(directory: str | Path, device: torch.device | str = "cpu") -> SparseAutoencoder:
+    """Load a saekit (or SAELens TopK) SAE directory."""
+    return SparseAutoencoder.load(directory, device=device)
+
+
+def lr_rule(d_sae: int) -> float:
+    """dictionary_learning's Adam lr rule: 2e-4 · sqrt(2^14 / d_sae)."""
+    return 2e-4 * math.sqrt(2**14 / d_sae)
