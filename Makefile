@@ -4,7 +4,7 @@ PY    := $(VENV)/bin/python
 PIP   := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.saekit-setup
 
-.PHONY: setup demo test bench browse bench-peers clean
+.PHONY: setup demo test bench browse bench-peers peers clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,25 @@ test: setup
 bench: setup
 	$(PY) benchmarks/quality.py
 	$(PY) benchmarks/harvest.py
+
+# The peers (sae-lens, eai-sparsify) live in their own venv: sae-lens pins transformer-lens < 4, which
+# would replace ours. torch first (the same CPU wheel), then the peers, then saekit itself without deps.
+PEERS       ?= .venv-peers
+PEERS_PY    := $(PEERS)/bin/python
+PEERS_PIP   := $(PEERS_PY) -m pip --disable-pip-version-check
+PEERS_STAMP := $(PEERS)/.saekit-peers
+
+peers: $(PEERS_STAMP)
+
+$(PEERS_STAMP): pyproject.toml Makefile
+	test -x $(PEERS_PY) || python3 -m venv $(PEERS)
+	$(PEERS_PY) -c "import torch" 2>/dev/null || $(PEERS_PIP) install -q torch==2.13.0
+	$(PEERS_PIP) install -q 'sae-lens>=6' 'eai-sparsify>=1.3'
+	$(PEERS_PIP) install -q --no-deps -e .
+	touch $(PEERS_STAMP)
+
+bench-peers: setup $(PEERS_STAMP)
+	$(PY) benchmarks/peers.py --peers-python $(PEERS_PY) --json runs/bench/peers.json
 
 browse: setup
 	$(VENV)/bin/saekit browse runs/demo/store

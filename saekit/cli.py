@@ -234,6 +234,12 @@ def cmd_eval(values: dict[str, Any]) -> int:
     return 0
 
 
+def cmd_convert(values: dict[str, Any]) -> int:
+    from .interop import cmd_convert as convert
+
+    return convert(values)
+
+
 def cmd_demo(values: dict[str, Any]) -> int:
     """The embedded default end to end: harvest → train → evaluate (→ feature store when available)."""
     values = {"out": DEMO_OUT, **values}
@@ -283,10 +289,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="override the dataset recorded in the SAE")
     p.add_argument("--device", help="auto, cpu or cuda")
     add_config_args(p, EvalConfig, prefix="eval_")
+
+    p = sub.add_parser("convert", help="convert an SAE between saekit, SAELens and sparsify formats")
+    p.add_argument("src", help="SAE directory: saekit/SAELens (cfg.json + sae_weights.safetensors) or sparsify "
+                               "(<hookpoint>/cfg.json + sae.safetensors, or the folder holding hookpoint folders)")
+    p.add_argument("out_dir", help="output directory (for sparsify: the folder that gets <hookpoint>/)")
+    p.add_argument("--to", choices=["saekit", "saelens", "sparsify"], default="saekit",
+                   help="target format (saekit and saelens write the same directory; default saekit)")
+    p.add_argument("--from", dest="from_format", choices=["auto", "saekit", "saelens", "sparsify"], default="auto",
+                   help="source format (default: detected)")
+    p.add_argument("--hookpoint", help="sparsify module name (picks one of several on import; names the folder on "
+                                       "export; default: mapped from the hook, blocks.L.hook_resid_pre → layers.L-1)")
+    p.add_argument("--hook", help="transformer-lens hook to record (default: from the source; sparsify layers.L → "
+                                  "blocks.L+1.hook_resid_pre)")
+    p.add_argument("--k", type=int, help="k for SAELens JumpReLU SAEs whose cfg.json records none")
+    p.add_argument("--n-layers", type=int, help="model depth: sparsify's last layers.L maps to hook_resid_post")
+    p.add_argument("--approximate-batchtopk", action="store_true", default=None,
+                   help="export a BatchTopK SAE to sparsify as TopK k (sparsify has no threshold activation)")
     return parser
 
 
-COMMANDS = {"harvest": cmd_harvest, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"harvest": cmd_harvest, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:

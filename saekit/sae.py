@@ -173,7 +173,11 @@ class SparseAutoencoder(nn.Module):
             "device": "cpu",
             "apply_b_dec_to_input": True,
             "normalize_activations": "none",
-            "metadata": {"hook_name": hook, "model_name": info.get("model"), "sae_lens_training_version": None},
+            # sae_lens_version marks the v6 cfg layout: without it SAELens re-reads the file as a pre-6
+            # config and drops this metadata (hook_name would load as None).
+            "metadata": {"hook_name": hook, "model_name": info.get("model"), "sae_lens_version": "6.0.0",
+                         "sae_lens_training_version": None, "prepend_bos": True,
+                         "context_size": info.get("context_size"), "dataset_path": info.get("dataset")},
             "saekit": {
                 "format_version": FORMAT_VERSION,
                 "sae": asdict(self.cfg),
