@@ -54,6 +54,15 @@ class InMemoryBatches:
         self.steps_per_epoch = len(acts) // batch_size
         self._perm: tuple[int, torch.Tensor] | None = None
 
+    @property
+    def tokens(self) -> int:
+        """All activations batches are drawn from (over every process, in saekit.distributed)."""
+        return len(self.acts)
+
+    def head(self, n: int) -> torch.Tensor:
+        """The first n activations of the stream (input scale and init sample)."""
+        return self.acts[:n]
+
     def batch(self, step: int) -> torch.Tensor:
         epoch, i = divmod(step, self.steps_per_epoch)
         if self._perm is None or self._perm[0] != epoch:
@@ -85,11 +94,12 @@ class Trainer:
             if c.d_in != d_in:
                 raise ShapeError(f"SAE {sae_name(c)} has d_in {c.d_in} but the activations have width {d_in}.")
         self.info = dict(info or {})
-        self.scale = input_scale(acts)
-        self.data = InMemoryBatches(acts.to(self.device), cfg.batch_size, cfg.seed)
-        self.total_steps = max(1, int(cfg.epochs * len(acts)) // cfg.batch_size)
+        self.writer = True  # this process writes metrics and wandb (False on ranks > 0 of a distributed run)
+        self.data = self._batches(acts)
+        self.scale = input_scale(self.data.head(65536))
+        self.total_steps = max(1, int(cfg.epochs * self.data.tokens) // cfg.batch_size)
         self.dead_tokens = cfg.dead_tokens or max(cfg.batch_size, min(10_000_000, self.total_steps * cfg.batch_size // 10))
-        sample = self.data.acts[: 16384] * self.scale
+        sample = self.data.head(16384) * self.scale
         self.saes = [SparseAutoencoder.initialized(c, sample, seed=cfg.seed + i, device=self.device)
                      for i, c in enumerate(cfg.saes)]
         self.names = [sae_name(c) for c in cfg.saes]
@@ -104,6 +114,10 @@ class Trainer:
             self.load_checkpoint()
 
     # ------------------------------------------------------------------ setup
+    def _batches(self, acts: torch.Tensor) -> InMemoryBatches:
+        """The batch source (saekit.distributed swaps in one that draws this process's share)."""
+        return InMemoryBatches(acts.to(self.device), self.cfg.batch_size, self.cfg.seed)
+
     def lr(self, sae: SparseAutoencoder) -> float:
         if self.cfg.lr is not None:
             return self.cfg.lr
@@ -170,7 +184,7 @@ class Trainer:
     def fit(self, progress: bool = True, stop_after: int | None = None) -> list[Path]:
         """Train to the end (or until `stop_after` steps, for tests), checkpointing; save the SAEs."""
         cfg = self.cfg
-        run = _wandb_run(cfg, self.info) if cfg.wandb else None
+        run = _wandb_run(cfg, self.info) if cfg.wandb and self.writer else None
         end = self.total_steps if stop_after is None else min(self.total_steps, stop_after)
         ckpt_steps = max(1, cfg.checkpoint_every // cfg.batch_size) if cfg.checkpoint_every else 0
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not progress,
@@ -187,8 +201,9 @@ class Trainer:
                 row = {"step": self.step, "tokens": self.step * cfg.batch_size, "tokens_per_s": tps,
                        **{f"{n}/{k}": v for n, st in zip(self.names, stats) for k, v in st.items()}}
                 self.history.append(row)
-                with open(self.out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                if self.writer:
+                    with open(self.out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(row) + "\n")
                 if run is not None:
                     run.log(row, step=self.step)
                 s = stats[0]
