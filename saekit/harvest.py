@@ -98,6 +98,22 @@ class Harvester:
                                          "check the model's dtype and weights.")
             yield out, chunk.to(self.device)[keep], pos, ctx + lo
 
+    def rows(self, contexts: torch.Tensor, hook: str, tokens: int, batch_contexts: int = 16,
+             max_norm: float | None = None) -> Iterator[torch.Tensor]:
+        """Stream exactly `tokens` activation rows of one hook (rows with norm > max_norm dropped first)."""
+        have = 0
+        for acts, *_ in self.batches(contexts, batch_contexts):
+            a = acts[hook]
+            if max_norm is not None:
+                a = a[a.norm(dim=1) <= max_norm]
+            a = a[: tokens - have]
+            have += len(a)
+            yield a
+            if have >= tokens:
+                return
+        raise DataError(f"the dataset gave only {have} usable tokens but {tokens} were asked for; "
+                        "lower --tokens or use more text.")
+
     def harvest(self, contexts: torch.Tensor, tokens: int, batch_contexts: int = 16, progress: bool = True) -> Harvest:
         """Exactly `tokens` activations per hook from the first contexts needed (in order)."""
         parts: list[tuple] = []

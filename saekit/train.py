@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ from tqdm.auto import tqdm
 from . import ops
 from .config import SaeConfig, TrainConfig
 from .errors import FileFormatError, NonFiniteError, SaekitError, ShapeError
-from .files import atomic_write, write_json
+from .files import atomic_write
+from .harvest import ShuffleBuffer
 from .optim import ScheduleFreeSignSGD
 from .sae import SparseAutoencoder, lr_rule
 
@@ -72,6 +74,44 @@ class InMemoryBatches:
         return self.acts[idx]
 
 
+class StreamBatches:
+    """Batches from a live harvest mixed by a bounded `ShuffleBuffer`, for token budgets that don't fit in
+    memory. `rows()` must replay the same stream each call (the harvest is deterministic), so a resumed
+    run replays and skips the batches it already trained on: exact, at the cost of re-running the model."""
+
+    def __init__(self, rows: Callable[[], Iterator[torch.Tensor]], tokens: int, batch_size: int,
+                 buffer_tokens: int = 262_144, seed: int = 0):
+        self.rows, self.tokens, self.batch_size = rows, tokens, batch_size
+        self.buffer_tokens, self.seed = buffer_tokens, seed
+        self.steps_per_epoch = tokens // batch_size
+        self._stream: Iterator[torch.Tensor] | None = None
+        self._next = 0
+
+    def head(self, n: int) -> torch.Tensor:
+        """The first n rows of the stream (input scale and init sample)."""
+        got, have = [], 0
+        for r in self.rows():
+            got.append(r)
+            have += len(r)
+            if have >= n:
+                break
+        return torch.cat(got)[:n]
+
+    def batch(self, step: int) -> torch.Tensor:
+        if self._stream is None or step != self._next:  # first call, or a resume: replay and skip
+            self._stream = ShuffleBuffer(self.buffer_tokens, self.seed).stream(self.rows(), self.batch_size)
+            for _ in range(step):
+                next(self._stream)
+            self._next = step
+        try:
+            out = next(self._stream)
+        except StopIteration:
+            raise SaekitError(f"the activation stream ended after {step} batches; it holds fewer than the "
+                              f"{self.tokens} tokens promised.") from None
+        self._next += 1
+        return out
+
+
 def input_scale(acts: torch.Tensor) -> float:
     """Scalar s with E‖s·x‖² = d_in (computed on the tokens we train on: massive ones would skew it)."""
     sample = acts[: 65536].float()
@@ -79,27 +119,30 @@ def input_scale(acts: torch.Tensor) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, acts: torch.Tensor, out_dir: str | Path,
+    def __init__(self, cfg: TrainConfig, acts: torch.Tensor | StreamBatches, out_dir: str | Path,
                  info: dict[str, Any] | None = None, resume: bool = False):
         self.cfg = cfg
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(cfg.device)
-        if acts.ndim != 2:
-            raise ShapeError(f"activations must be [tokens, d_in], not {tuple(acts.shape)}.")
-        if not torch.isfinite(acts).all():
+        if isinstance(acts, StreamBatches) and cfg.epochs != 1:
+            raise SaekitError("a streamed harvest is seen once: use epochs=1, or cache the harvest to reuse it.")
+        check = acts.head(65536) if isinstance(acts, StreamBatches) else acts
+        if check.ndim != 2:
+            raise ShapeError(f"activations must be [tokens, d_in], not {tuple(check.shape)}.")
+        if not torch.isfinite(check).all():
             raise NonFiniteError("the training activations hold NaN/inf; re-harvest or check the model.")
-        d_in = acts.shape[1]
+        d_in = check.shape[1]
         for c in cfg.saes:
             if c.d_in != d_in:
                 raise ShapeError(f"SAE {sae_name(c)} has d_in {c.d_in} but the activations have width {d_in}.")
         self.info = dict(info or {})
         self.writer = True  # this process writes metrics and wandb (False on ranks > 0 of a distributed run)
         self.data = self._batches(acts)
-        self.scale = input_scale(self.data.head(65536))
+        self.scale = input_scale(self.data.head(65536).to(self.device))
         self.total_steps = max(1, int(cfg.epochs * self.data.tokens) // cfg.batch_size)
         self.dead_tokens = cfg.dead_tokens or max(cfg.batch_size, min(10_000_000, self.total_steps * cfg.batch_size // 10))
-        sample = self.data.head(16384) * self.scale
+        sample = self.data.head(16384).to(self.device) * self.scale
         self.saes = [SparseAutoencoder.initialized(c, sample, seed=cfg.seed + i, device=self.device)
                      for i, c in enumerate(cfg.saes)]
         self.names = [sae_name(c) for c in cfg.saes]
@@ -112,10 +155,16 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         if resume:
             self.load_checkpoint()
+        # metrics.jsonl holds exactly the logged history up to the current step (a resumed run drops rows
+        # logged after its checkpoint; a fresh run starts a fresh file).
+        atomic_write(self.out / "metrics.jsonl",
+                     lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in self.history)))
 
     # ------------------------------------------------------------------ setup
-    def _batches(self, acts: torch.Tensor) -> InMemoryBatches:
+    def _batches(self, acts: torch.Tensor | StreamBatches) -> InMemoryBatches | StreamBatches:
         """The batch source (saekit.distributed swaps in one that draws this process's share)."""
+        if isinstance(acts, StreamBatches):
+            return acts
         return InMemoryBatches(acts.to(self.device), self.cfg.batch_size, self.cfg.seed)
 
     def lr(self, sae: SparseAutoencoder) -> float:
@@ -193,7 +242,7 @@ class Trainer:
         for sae in self.saes:
             sae.train()
         while self.step < end:
-            stats = self.train_step(self.data.batch(self.step))
+            stats = self.train_step(self.data.batch(self.step).to(self.device))
             self.step += 1
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == end:
