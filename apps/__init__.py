@@ -1,0 +1,1 @@
+"""The Streamlit feature browser (installed as saekit.apps)."""

@@ -1,0 +1,43 @@
+"""`saekit browse STORE [--port P]`: serve the Streamlit feature browser on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from saekit.errors import SaekitError
+from saekit.features import FeatureStore
+
+SCRIPT = Path(__file__).with_name("browse.py")
+
+
+def streamlit_command(store: Path, port: int) -> list[str]:
+    return [sys.executable, "-m", "streamlit", "run", str(SCRIPT),
+            "--server.address", "127.0.0.1", "--server.port", str(port), "--server.headless", "true",
+            "--browser.serverAddress", "127.0.0.1", "--browser.gatherUsageStats", "false",
+            "--server.fileWatcherType", "none", "--", "--store", str(store)]
+
+
+def browse(store: str | Path, port: int = 8501) -> int:
+    store = Path(store).resolve()
+    FeatureStore(store)  # a missing or foreign store fails here, with what to do, not inside the app
+    try:
+        import streamlit  # noqa: F401
+    except ImportError as e:
+        raise SaekitError("the browser needs streamlit: pip install 'saekit[app]'") from e
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise SaekitError(f"port {port} on 127.0.0.1 is in use; pass another with --port.") from e
+    print(f"saekit: browsing {store} at http://127.0.0.1:{port}  (Ctrl-C stops)", flush=True)
+    env = {**os.environ, "SAEKIT_STORE": str(store), "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    return subprocess.call(streamlit_command(store, port), env=env)
+
+
+def cmd_browse(values: dict[str, Any]) -> int:
+    return browse(values["store"], int(values.get("port") or 8501))
