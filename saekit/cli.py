@@ -240,6 +240,18 @@ def cmd_convert(values: dict[str, Any]) -> int:
     return convert(values)
 
 
+def cmd_analyze(values: dict[str, Any]) -> int:
+    from .features import cmd_analyze as analyze
+
+    return analyze(values)
+
+
+def cmd_browse(values: dict[str, Any]) -> int:
+    from .apps.serve import cmd_browse as browse
+
+    return browse(values)
+
+
 def cmd_demo(values: dict[str, Any]) -> int:
     """The embedded default end to end: harvest → train → evaluate (→ feature store when available)."""
     values = {"out": DEMO_OUT, **values}
@@ -248,6 +260,12 @@ def cmd_demo(values: dict[str, Any]) -> int:
     for p in paths:
         hook = json.loads((p / "cfg.json").read_text())["metadata"]["hook_name"]
         print(f"\nSAE saved in {p} (hook {hook}); eval.json beside it.")
+    from .features import FeatureConfig, analyze
+
+    for p in paths:  # the feature store, from the cached activations: no second model pass
+        store = Path(values["out"]) / ("store" if len(paths) == 1 else f"store-{p.name}")
+        analyze(p, store, FeatureConfig(), activations=json.loads((p / "cfg.json").read_text())["saekit"].get("activations"))
+        print(f"browse its features:  saekit browse {store}   (or: make browse)")
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
     return 0
 
@@ -306,10 +324,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-layers", type=int, help="model depth: sparsify's last layers.L maps to hook_resid_post")
     p.add_argument("--approximate-batchtopk", action="store_true", default=None,
                    help="export a BatchTopK SAE to sparsify as TopK k (sparsify has no threshold activation)")
+    from .features import FeatureConfig
+
+    p = sub.add_parser("analyze", help="build the feature store (one pass over text or a cached harvest) for `browse`")
+    p.add_argument("sae_dir")
+    p.add_argument("--out", help="store directory (default: SAE_DIR/../store)")
+    p.add_argument("--activations", help="read a cache written by `saekit harvest`/`train` instead of running the model")
+    p.add_argument("--model", help="override the model recorded in the SAE (or the cache)")
+    p.add_argument("--dataset", help="override the dataset recorded in the SAE (or the cache)")
+    add_config_args(p, FeatureConfig)
+
+    p = sub.add_parser("browse", help="serve the feature browser for a store on 127.0.0.1")
+    p.add_argument("store", help="a directory written by `saekit analyze`")
+    p.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1 (default 8501)")
     return parser
 
 
-COMMANDS = {"harvest": cmd_harvest, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "convert": cmd_convert}
+COMMANDS = {"harvest": cmd_harvest, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "convert": cmd_convert,
+            "analyze": cmd_analyze, "browse": cmd_browse}
 
 
 def main(argv: list[str] | None = None) -> int:
