@@ -1,0 +1,228 @@
+"""Exactness of steering edits: the hook alone on random activations (fast), then inside the real default
+model (integration, tiny sizes): residual changes, KV-cache and full-sequence generation, composition,
+and bit-for-bit restoration on leaving the context."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saekit import steer as S
+from saekit.config import SaeConfig
+from saekit.errors import SaekitError
+from saekit.sae import SparseAutoencoder
+
+HOOK = "blocks.15.hook_resid_pre"
+D_IN, D_SAE, K = 576, 512, 8
+
+
+@pytest.fixture(scope="module")
+def sae() -> SparseAutoencoder:
+    s = SparseAutoencoder.initialized(SaeConfig(d_in=D_IN, d_sae=D_SAE, k=K), seed=0)
+    s.info["hook"] = HOOK
+    return s
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    return torch.randn(3, 6, D_IN, generator=torch.Generator().manual_seed(1)) * 4
+
+
+def expected_change(sae, x, edits_by_feature, skip_pos0=True):
+    """decode(z′) − decode(z) built independently: dense codes, edit, decode both."""
+    B, T, d = x.shape
+    flat = x.reshape(-1, d)
+    z = sae.dense_codes(flat).view(B, T, -1)
+    z2 = z.clone()
+    for f, fn in edits_by_feature.items():
+        z2[..., f] = fn(z[..., f])
+    if skip_pos0:
+        z2[:, 0] = z[:, 0]
+    dec = lambda zz: sae.decode(zz.reshape(B * T, -1), torch.arange(zz.shape[-1]).expand(B * T, -1))  # noqa: E731
+    return (dec(z2) - dec(z)).view(B, T, d)
+
+
+def active_feature(sae, x) -> int:
+    """A latent that fires at some but not all positions (so edits have something to move)."""
+    z = sae.dense_codes(x.reshape(-1, D_IN))
+    return int((z > 0).sum(0).argmax())
+
+
+def silent_feature(sae, x) -> int:
+    z = sae.dense_codes(x.reshape(-1, D_IN))
+    return int(((z > 0).sum(0) == 0).nonzero()[0])
+
+
+@pytest.mark.parametrize("mode", ["clamp", "scale", "ablate"])
+def test_latent_edit_changes_residual_by_decode_difference(sae, x, mode):
+    f = active_feature(sae, x)
+    edit = {"clamp": S.clamp(f, 7.5), "scale": S.scale(f, 3.0), "ablate": S.ablate(f)}[mode]
+    fn = {"clamp": lambda z: torch.full_like(z, 7.5), "scale": lambda z: 3.0 * z, "ablate": torch.zeros_like}[mode]
+    y = S.Steering(sae, [edit])(x.clone())
+    want = expected_change(sae, x, {f: fn})
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(y - x, want, atol=1e-4, rtol=1e-5)
+    assert torch.equal(y[:, 0], x[:, 0])  # BOS position untouched
+
+
+def test_edit_of_silent_latent_changes_nothing_bit_for_bit(sae, x):
+    f = silent_feature(sae, x)
+    for edit in (S.scale(f, 10.0), S.ablate(f), S.clamp(f, 0.0)):
+        st = S.Steering(sae, [edit])
+        y = st(x)
+        assert y is x or torch.equal(y, x)
+
+
+def test_add_moves_along_decoder_row_in_scaled_units(sae, x):
+    f = 5
+    typical = torch.zeros(D_SAE)
+    typical[f] = 2.5
+    y = S.Steering(sae, [S.add(f, 4.0)], scale=typical)(x.clone())
+    want = torch.zeros_like(x)
+    want[:, 1:] = 4.0 * 2.5 * sae.W_dec[f].detach()
+    torch.testing.assert_close(y - x, want, atol=1e-5, rtol=0)
+    # raw units without a scale; a callable scale works too
+    y_raw = S.Steering(sae, [S.add(f, 4.0)])(x.clone())
+    torch.testing.assert_close(y_raw - x, want / 2.5, atol=1e-5, rtol=0)
+    y_fn = S.Steering(sae, [S.add(f, 4.0)], scale=lambda i: 2.5)(x.clone())
+    torch.testing.assert_close(y_fn, y)
+
+
+def test_edits_compose(sae, x):
+    f1 = active_feature(sae, x)
+    f2 = (f1 + 1) % D_SAE
+    e1, e2, e3 = S.scale(f1, 0.25), S.add(f2, 3.0), S.clamp(f2, 4.0)
+    single = [S.Steering(sae, [e])(x.clone()) - x for e in (e1, e2, e3)]
+    both = S.Steering(sae, [e1, e2, e3])(x.clone()) - x
+    torch.testing.assert_close(both, sum(single), atol=1e-4, rtol=1e-5)
+
+
+def test_same_feature_edits_apply_in_order(sae, x):
+    f = active_feature(sae, x)
+    y = S.Steering(sae, [S.clamp(f, 2.0), S.scale(f, 3.0)])(x.clone())
+    torch.testing.assert_close(y - x, expected_change(sae, x, {f: lambda z: torch.full_like(z, 6.0)}),
+                               atol=1e-4, rtol=1e-5)
+
+
+def test_positions_and_kv_cache_offsets(sae, x):
+    f, w = 3, sae.W_dec[3].detach()
+    gen = S.Steering(sae, [S.add(f, 1.0, positions="generated")], prompt_len=4)
+    prm = S.Steering(sae, [S.add(f, 1.0, positions="prompt")], prompt_len=4)
+    d_gen, d_prm = gen(x.clone()) - x, prm(x.clone()) - x  # a full 6-token forward: positions 0..5
+    assert torch.equal(d_gen[:, :4], torch.zeros_like(d_gen[:, :4]))
+    torch.testing.assert_close(d_gen[:, 4:], w.expand(3, 2, -1))
+    assert torch.equal(d_prm[:, 4:], torch.zeros_like(d_prm[:, 4:])) and torch.equal(d_prm[:, 0], 0 * d_prm[:, 0])
+    torch.testing.assert_close(d_prm[:, 1:4], w.expand(3, 3, -1))
+    # KV-cache pattern, no offsets given: a 4-token prefill is the prompt; then 1-token steps are generated
+    auto = S.Steering(sae, [S.add(f, 1.0, positions="generated")])
+    assert torch.equal(auto(x[:, :4].clone()), x[:, :4])
+    for t in (4, 5):
+        torch.testing.assert_close(auto(x[:, t: t + 1].clone()) - x[:, t: t + 1], w.expand(3, 1, -1))
+
+
+def test_per_row_values_and_nan_rows(sae, x):
+    f = active_feature(sae, x)
+    st = S.Steering(sae, [S.clamp(f, torch.tensor([float("nan"), 1.0, 5.0]))])
+    y = st(x.clone())
+    assert torch.equal(y[0], x[0])
+    for r, v in ((1, 1.0), (2, 5.0)):
+        torch.testing.assert_close(y[r] - x[r], expected_change(sae, x[r: r + 1], {f: lambda z, v=v: torch.full_like(z, v)})[0],
+                                   atol=1e-4, rtol=1e-5)
+    rows = S.Steering(sae, [S.add(1, 2.0)], rows=torch.tensor([True, False, True]))(x.clone())
+    assert torch.equal(rows[1], x[1]) and not torch.equal(rows[0], x[0])
+
+
+def test_feature_scale_sources_and_errors(sae):
+    class Store:
+        stats = {"mean": torch.tensor([0.0, 3.0]).numpy(), "act_max": torch.tensor([0.0, 9.0]).numpy()}
+
+    assert S.feature_scale(Store())(1) == 3.0
+    with pytest.raises(SaekitError, match="never fired"):
+        S.feature_scale(Store())(0)
+    with pytest.raises(SaekitError, match="out of range"):
+        S.Steering(sae, [S.add(D_SAE, 1.0)])
+    with pytest.raises(SaekitError, match="unknown steering mode"):
+        S.make_edit("boost", 1, 1.0)
+    with pytest.raises(SaekitError, match="batch has 3 rows"):
+        S.Steering(sae, [S.add(1, torch.ones(2))])(torch.zeros(3, 2, D_IN))
+
+
+# ----------------------------------------------------------------------------- the real model, tiny sizes
+
+@pytest.fixture(scope="module")
+def model():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the shared CPU is oversubscribed: one thread is ~5× faster here
+    from saekit.lm import load_model
+
+    yield load_model("default")
+    torch.set_num_threads(threads)
+
+
+def tokens(model, text="The market rose sharply after the"):
+    return torch.tensor([S.prompt_tokens(model.tokenizer, text)])
+
+
+def capture(model, toks, steering=None):
+    """The hook's activation as the rest of the model sees it (after the steering hook), and the logits."""
+    seen = {}
+
+    def grab(act, hook):
+        seen["x"] = act.detach().clone()
+
+    if steering is None:
+        with model.hooks(fwd_hooks=[(HOOK, grab)]):
+            logits = model(toks)
+    else:
+        with S.steer(model, steering.sae, steering), model.hooks(fwd_hooks=[(HOOK, grab)]):
+            logits = model(toks)
+    return seen["x"], logits
+
+
+@pytest.mark.integration
+def test_in_model_residual_change_and_restore(model, sae):
+    toks = tokens(model)
+    x0, logits0 = capture(model, toks)
+    f = active_feature(sae, x0)
+    x1, logits1 = capture(model, toks, S.Steering(sae, [S.scale(f, 4.0), S.add(7, 20.0)]))
+    want = expected_change(sae, x0, {f: lambda z: 4.0 * z})
+    want[:, 1:] += 20.0 * sae.W_dec[7].detach()
+    torch.testing.assert_close(x1 - x0, want, atol=1e-3, rtol=1e-5)
+    assert not torch.equal(logits1, logits0)
+    n_hooks = sum(len(hp._forward_hooks) for hp in model.hook_dict.values())
+    with S.steer(model, sae, [S.add(7, 50.0)]):
+        assert not torch.equal(model(toks), logits0)
+    assert torch.equal(model(toks), logits0)  # restored bit for bit
+    assert sum(len(hp._forward_hooks) for hp in model.hook_dict.values()) == n_hooks
+    with pytest.raises(RuntimeError), S.steer(model, sae, [S.add(7, 50.0)]):
+        raise RuntimeError("boom")
+    assert torch.equal(model(toks), logits0)  # also after an exception inside the context
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_add_reaches_generated_tokens(model, sae, use_cache):
+    prompt = S.prompt_tokens(model.tokenizer, "The market rose")
+    track = torch.arange(1000, 1100)
+    st = S.Steering(sae, [S.add(7, 40.0, positions="generated")], rows=torch.tensor([False, True]))
+    out = S.sample(model, prompt, 2, 3, seed=0, temperature=0.0, steering=st, use_cache=use_cache, track=track,
+                   stop_early=False)
+    # the first token is predicted from prompt positions only: identical; later ones see steered positions
+    torch.testing.assert_close(out.tracked[0, 0], out.tracked[1, 0], atol=1e-6, rtol=1e-5)
+    assert out.tokens[0, 0] == out.tokens[1, 0]
+    assert (out.tracked[0, 1:] - out.tracked[1, 1:]).abs().max() > 1e-4
+    assert st.calls == 3  # prefill + 2 one-token steps, or 3 full forwards
+
+
+@pytest.mark.integration
+def test_generate_kv_and_full_agree_and_log_probs(model, sae):
+    kw = dict(prompt="Stocks fell", edits=[S.add(7, 30.0)], seed=3, max_new_tokens=3, temperature=1.0)
+    a = S.generate(model, sae, use_cache=True, **kw)
+    b = S.generate(model, sae, use_cache=False, **kw)
+    assert a.steered_tokens == b.steered_tokens and a.baseline_tokens == b.baseline_tokens
+    torch.testing.assert_close(torch.tensor(a.steered_logprobs), torch.tensor(b.steered_logprobs), atol=1e-3, rtol=0)
+    assert len(a.steered_logprobs) == len(a.steered_tokens) and all(lp <= 0 for lp in a.steered_logprobs)
+    # same seed, no edit: the steered row is the baseline
+    c = S.generate(model, sae, "Stocks fell", [S.scale(7, 1.0)], seed=3, max_new_tokens=3)
+    assert c.steered_tokens == c.baseline_tokens == a.baseline_tokens
+    assert "baseline" in a.side_by_side() and "add feature 7 30" in a.side_by_side()
