@@ -225,6 +225,11 @@ def run_eval(sae_dir: Path, values: dict[str, Any], model=None) -> dict[str, Any
 
 
 def cmd_train(values: dict[str, Any]) -> int:
+    from .distributed import cmd_train as distributed_train
+    from .distributed import wants_distributed
+
+    if wants_distributed(values):  # --distributed, or launched by torchrun with several processes
+        return distributed_train(values)
     run_training(values)
     return 0
 
@@ -299,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_args(p, HarvestConfig)
         add_config_args(p, TrainConfig, skip=("saes",))
         add_config_args(p, EvalConfig, prefix="eval_")
+        if name == "train":
+            from .distributed import DistConfig
+
+            add_config_args(p, DistConfig)
 
     p = sub.add_parser("eval", help="evaluate an SAE directory on held-out text; writes eval.json")
     common(p)
