@@ -257,6 +257,18 @@ def cmd_browse(values: dict[str, Any]) -> int:
     return browse(values)
 
 
+def cmd_steer(values: dict[str, Any]) -> int:
+    from .steer import cmd_steer as steer
+
+    return steer(values)
+
+
+def cmd_steer_eval(values: dict[str, Any]) -> int:
+    from .steer_eval import cmd_steer_eval as steer_eval
+
+    return steer_eval(values)
+
+
 def cmd_demo(values: dict[str, Any]) -> int:
     """The embedded default end to end: harvest → train → evaluate (→ feature store when available)."""
     values = {"out": DEMO_OUT, **values}
@@ -346,11 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("browse", help="serve the feature browser for a store on 127.0.0.1")
     p.add_argument("store", help="a directory written by `saekit analyze`")
     p.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1 (default 8501)")
+    from .steer_eval import add_parsers as add_steer_parsers
+
+    add_steer_parsers(sub)  # saekit steer, saekit steer-eval
     return parser
 
 
 COMMANDS = {"harvest": cmd_harvest, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "convert": cmd_convert,
-            "analyze": cmd_analyze, "browse": cmd_browse}
+            "analyze": cmd_analyze, "browse": cmd_browse, "steer": cmd_steer, "steer-eval": cmd_steer_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,464 @@
+"""`saekit steer-eval`: does steering a feature work, and what does it cost?
+
+For each feature, strength sweep (strengths in units of the feature's typical activation: its mean
+activation when it fires), all rows of one prompt sampled in one batch from the same seed and the same
+Gumbel noise per step, so every row differs from the unsteered one only through its edit:
+  hit    fraction of generated tokens on which the feature fires when the *unsteered* model reads the
+         generated text and the SAE re-encodes it (any: fraction of generations with at least one);
+  act    its mean activation there;
+  p_top  probability the steered model puts on the feature's top logit tokens (W_dec[f]·diag(w_norm)·W_U),
+         averaged over generation steps;
+  ppl    perplexity of the generated tokens under the unsteered model (fluency), and ppl× its ratio to
+         the unsteered generations';
+  kl     KL(unsteered ‖ steered) of next-token distributions on neutral prompts (side effects).
+Baseline: a difference-of-means vector (mean activation on the feature's top-activating tokens minus the
+mean on random tokens), normalised and added at the same norm as the SAE edit — same strength, same norm.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import steer as S
+from .errors import DataError, SaekitError
+from .sae import SparseAutoencoder
+
+PROMPTS_FILE = "steer_prompts.json"
+PPL_LIMIT = 1.5
+
+
+@dataclass
+class SteerEvalConfig:
+    """Steering evaluation: a strength sweep per feature."""
+
+    features: list[int] = field(default_factory=list)
+    """Features to steer (comma list); empty picks `auto_features` features firing on 1 in 500 to 1 in 20 tokens."""
+    auto_features: int = 3
+    """How many features to pick when none are given."""
+    mode: str = "add"
+    """Edit swept: add (strength in typical activations), clamp (value in typical activations) or scale (factor)."""
+    strengths: list[float] = field(default_factory=lambda: [0.0, 2.0, 4.0, 8.0])
+    """Strengths swept (0, the unsteered row, is always included)."""
+    positions: str = "all"
+    """Steer prompt, generated or all positions."""
+    prompts: str = ""
+    """JSON file {"steer": [...], "neutral": [...]}; empty uses the prompts shipped with saekit."""
+    n_prompts: int = 8
+    """Steering prompts used (from the start of the list)."""
+    n_neutral: int = 8
+    """Neutral prompts used for the side-effect KL."""
+    max_new_tokens: int = 24
+    """Tokens generated per prompt."""
+    temperature: float = 1.0
+    """Sampling temperature (0: greedy)."""
+    seed: int = 0
+    """Sampling seed (prompt i uses seed + i; every strength shares it)."""
+    top_tokens: int = 10
+    """Top logit tokens of the feature whose probability is tracked."""
+    baseline: bool = True
+    """Also sweep the difference-of-means steering vector."""
+    dom_examples: int = 64
+    """Top-activating tokens averaged for the difference-of-means vector."""
+    activations: str = ""
+    """Activation cache for typical activations and the baseline; empty: the SAE's own cache, else a fresh harvest."""
+    reference_tokens: int = 50_000
+    """Tokens read from that cache (or harvested) for typical activations and the baseline."""
+    kv_cache: bool = True
+    """Generate with the KV cache (one token per step) rather than rerunning the sequence."""
+
+
+@dataclass
+class FeatureRef:
+    """What the sweep needs about one feature."""
+
+    feature: int
+    typical: float  # mean activation when it fires (raw units)
+    frequency: float  # fraction of reference tokens it fires on
+    top_tokens: torch.Tensor  # ids of its top logit tokens
+    top_strings: list[str]
+    dom: torch.Tensor | None = None  # unit difference-of-means direction
+
+
+def default_prompts(path: str | None = None) -> dict[str, list[str]]:
+    import json
+
+    text = Path(path).read_text() if path else resources.files("saekit").joinpath(PROMPTS_FILE).read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"prompts file {path or PROMPTS_FILE} is not valid JSON: {e}") from e
+    if not isinstance(data, dict) or not data.get("steer") or not data.get("neutral"):
+        raise DataError(f"prompts file {path or PROMPTS_FILE} needs non-empty lists 'steer' and 'neutral'.")
+    return {"steer": [str(p) for p in data["steer"]], "neutral": [str(p) for p in data["neutral"]]}
+
+
+# ----------------------------------------------------------------------------- reference activations
+
+def reference_activations(model, sae: SparseAutoencoder, cache: str | None, tokens: int, seed: int = 0,
+                          massive_multiple: float = 10.0) -> torch.Tensor:
+    """[N, d] activations at the SAE's hook (massive tokens left out): the first shards of an activation
+    cache, else a fresh harvest from the SAE's dataset."""
+    from .harvest import MANIFEST, massive_mask
+
+    cache = cache or sae.info.get("activations")
+    if cache and (Path(cache) / MANIFEST).is_file():
+        from .files import read_json, read_tensors
+
+        man = read_json(Path(cache) / MANIFEST)
+        if sae.hook not in man.get("hooks", []):
+            raise DataError(f"the activation cache {cache} holds {man.get('hooks')}, not the SAE's hook {sae.hook}.")
+        parts, have = [], 0
+        for shard in man["shards"]:  # only as many shards as needed: caches can be many GB
+            t = read_tensors(Path(cache) / shard["file"], required=(f"acts.{sae.hook}",))[f"acts.{sae.hook}"]
+            parts.append(t.float())
+            have += len(t)
+            if have >= tokens:
+                break
+        x = torch.cat(parts)[:tokens]
+    else:
+        from .data import load_contexts
+        from .harvest import Harvester
+
+        info = sae.info
+        train, _ = load_contexts(model.tokenizer, info.get("dataset", "default"), info.get("context_size", 128),
+                                 info.get("heldout_fraction", 0.05), info.get("seed", 0), info.get("text_column", "text"))
+        tokens = min(tokens, train.usable_tokens)
+        x = Harvester(model, [sae.hook]).harvest(train.tokens, tokens).acts[sae.hook]
+    return x[~massive_mask(x.norm(dim=1), massive_multiple)]
+
+
+@torch.no_grad()
+def feature_codes(sae: SparseAutoencoder, x: torch.Tensor, batch: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) [N, K] of the reference activations."""
+    dev = sae.W_enc.device
+    vs, ids = [], []
+    for i in range(0, len(x), batch):
+        v, j = sae.encode(x[i: i + batch].to(dev))
+        vs.append(v.cpu())
+        ids.append(j.cpu())
+    return torch.cat(vs), torch.cat(ids)
+
+
+def pick_features(values: torch.Tensor, indices: torch.Tensor, d_sae: int, n: int, seed: int = 0,
+                  band: tuple[float, float] = (0.002, 0.05)) -> list[int]:
+    """n features firing on a fraction of tokens inside `band` (random among them, by seed)."""
+    fires = torch.bincount(indices[values > 0], minlength=d_sae).float() / len(values)
+    ok = ((fires >= band[0]) & (fires <= band[1])).nonzero()[:, 0]
+    if len(ok) == 0:
+        raise SaekitError(f"no feature fires on {band[0]:.1%}–{band[1]:.0%} of the reference tokens; pass --features.")
+    order = torch.randperm(len(ok), generator=torch.Generator().manual_seed(seed))
+    return sorted(int(f) for f in ok[order[:n]])
+
+
+def top_logit_tokens(sae: SparseAutoencoder, f: int, W_U: torch.Tensor, w_norm: torch.Tensor | None,
+                     n: int = 10) -> torch.Tensor:
+    """Ids of the n tokens whose logits W_dec[f] raises most (through the final norm's weight)."""
+    w = sae.W_dec[f].detach().float().cpu()
+    logit = (w * w_norm.float().cpu() if w_norm is not None else w) @ W_U.float().cpu()
+    return logit.topk(n).indices
+
+
+def simple_ref(model, sae: SparseAutoencoder, f: int, typical: float, top_tokens: int = 10) -> FeatureRef:
+    """A FeatureRef without reference activations (no baseline): for the app's quick sweep."""
+    from .lm import unembedding
+
+    top = top_logit_tokens(sae, f, *unembedding(model), top_tokens)
+    return FeatureRef(f, typical, float("nan"), top, [model.tokenizer.decode([int(t)]) for t in top])
+
+
+@torch.no_grad()
+def feature_refs(model, sae: SparseAutoencoder, x: torch.Tensor, features: list[int], top_tokens: int = 10,
+                 dom_examples: int = 64, baseline: bool = True, store=None, seed: int = 0,
+                 codes: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[FeatureRef]:
+    from .lm import unembedding
+
+    values, indices = codes if codes is not None else feature_codes(sae, x)
+    W_U, w_norm = unembedding(model)
+    scale = S.feature_scale(store) if store is not None else None
+    gen = torch.Generator().manual_seed(seed)
+    rand = x[torch.randperm(len(x), generator=gen)[: max(dom_examples * 16, 1024)]]
+    refs = []
+    for f in features:
+        if not 0 <= f < sae.cfg.d_sae:
+            raise SaekitError(f"feature {f} is out of range: the SAE has {sae.cfg.d_sae} latents.")
+        acts = (values * (indices == f)).sum(1)
+        on = acts > 0
+        if scale is not None:
+            typical = scale(f)
+        elif on.any():
+            typical = float(acts[on].mean())
+        else:
+            raise SaekitError(f"feature {f} never fires on the {len(x):,} reference tokens, so it has no typical "
+                              "activation; pick another, or raise --reference-tokens.")
+        top = top_logit_tokens(sae, f, W_U, w_norm, top_tokens)
+        dom = None
+        if baseline and on.any():
+            sel = acts.topk(min(dom_examples, int(on.sum()))).indices
+            v = x[sel].mean(0) - rand.mean(0)
+            dom = v / v.norm().clamp_min(1e-8)
+        refs.append(FeatureRef(f, typical, float(on.float().mean()), top,
+                               [model.tokenizer.decode([int(t)]) for t in top], dom))
+    return refs
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+@torch.no_grad()
+def _score(model, sae: SparseAutoencoder, prompt: list[int], s: S.Sampled, feature: int) -> dict[str, torch.Tensor]:
+    """Per row: NLL of the generated tokens and the feature's activation on them, under the unsteered model."""
+    device = next(model.parameters()).device
+    P, N = len(prompt), s.tokens.shape[1]
+    seq = torch.cat([torch.tensor([prompt] * len(s.tokens)), s.tokens], 1).to(device)
+    seen = {}
+
+    def grab(act, hook):
+        seen["x"] = act.detach()
+
+    logits = model.run_with_hooks(seq, fwd_hooks=[(sae.hook, grab)])
+    logp = torch.log_softmax(logits[:, P - 1: P - 1 + N].float(), -1)
+    nll = -logp.gather(2, s.tokens.to(device)[..., None])[..., 0].cpu()
+    xg = seen["x"][:, P:].float()
+    v, i = sae.encode(xg.reshape(-1, xg.shape[-1]).to(sae.W_enc.device))
+    act = (v * (i == feature)).sum(1).view(len(s.tokens), N).cpu()
+    valid = torch.arange(N)[None] < s.lengths[:, None]
+    return {"nll": nll, "act": act, "valid": valid}
+
+
+def _rows(strengths: list[float], methods: list[str]) -> list[tuple[str, float]]:
+    nz = [float(s) for s in strengths if s != 0]
+    return [("none", 0.0)] + [(m, s) for m in methods for s in nz]
+
+
+def _steering(sae: SparseAutoencoder, ref: FeatureRef, rows: list[tuple[str, float]], mode: str,
+              positions: str) -> S.Steering:
+    nan = float("nan")
+    raw = lambda s: s if mode == "scale" else s * ref.typical  # noqa: E731
+    sae_vals = torch.tensor([raw(s) if m == "sae" else nan for m, s in rows])
+    edits = [S.Edit(ref.feature, mode, sae_vals, positions)]  # type: ignore[arg-type]
+    if ref.dom is not None and any(m == "dom" for m, _ in rows):
+        dom_vals = torch.tensor([s * ref.typical if m == "dom" else nan for m, s in rows])
+        edits.append(S.add_vector(ref.dom, dom_vals, positions))  # type: ignore[arg-type]
+    return S.Steering(sae, edits)
+
+
+@torch.no_grad()
+def sweep_feature(model, sae: SparseAutoencoder, ref: FeatureRef, strengths: list[float], prompts: list[str],
+                  neutral: list[str], mode: str = "add", positions: str = "all", max_new_tokens: int = 24,
+                  temperature: float = 1.0, seed: int = 0, kv_cache: bool = True, progress: bool = True
+                  ) -> list[dict[str, Any]]:
+    """One row of metrics per (method, strength) for one feature (see the module doc)."""
+    methods = ["sae"] + (["dom"] if ref.dom is not None and mode != "scale" else [])
+    rows = _rows(strengths, methods)
+    B = len(rows)
+    steering = _steering(sae, ref, rows, mode, positions)
+    acc = {k: torch.zeros(B, dtype=torch.float64) for k in ("nll", "tok", "act", "fire", "any", "ptop", "kl", "klpos")}
+    device = next(model.parameters()).device
+    bar = tqdm(total=len(prompts) * max_new_tokens + len(neutral), desc=f"steer-eval f{ref.feature}",
+               unit="tok", disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    for i, text in enumerate(prompts):
+        ids = S.prompt_tokens(model.tokenizer, text)
+        s = S.sample(model, ids, B, max_new_tokens, seed + i, temperature, steering, kv_cache,
+                     track=ref.top_tokens, stop_early=False)
+        sc = _score(model, sae, ids, s, ref.feature)
+        valid = sc["valid"]
+        acc["nll"] += (sc["nll"] * valid).sum(1)
+        acc["tok"] += valid.sum(1)
+        acc["act"] += (sc["act"] * valid).sum(1)
+        acc["fire"] += ((sc["act"] > 0) & valid).sum(1)
+        acc["any"] += ((sc["act"] > 0) & valid).any(1)
+        acc["ptop"] += (s.tracked * valid).sum(1)
+        bar.update(max_new_tokens)
+    for text in neutral:
+        toks = torch.tensor([S.prompt_tokens(model.tokenizer, text)], device=device)
+        clean = torch.log_softmax(model(toks)[0, 1:].float(), -1)  # predictions after steered positions
+        # side effects of the edit wherever it would act: "generated" edits act on every position here
+        steering.offset, steering.prompt_len = 0, (1 if positions == "generated" else toks.shape[1])
+        with S.steer(model, sae, steering):
+            steered = torch.log_softmax(model(toks.expand(B, -1))[:, 1:].float(), -1)
+        kl = (clean.exp() * (clean - steered)).sum(-1)  # [B, T-1]
+        acc["kl"] += kl.sum(1).double().cpu()
+        acc["klpos"] += kl.shape[1]
+        bar.update(1)
+    bar.close()
+    tok = acc["tok"].clamp_min(1)
+    ppl = torch.exp(acc["nll"] / tok)
+    out = []
+    for r, (method, strength) in enumerate(rows):
+        out.append({
+            "feature": ref.feature, "method": method, "strength": strength, "mode": mode,
+            "hit": float(acc["fire"][r] / tok[r]), "any": float(acc["any"][r] / max(len(prompts), 1)),
+            "act": float(acc["act"][r] / tok[r]), "p_top": float(acc["ptop"][r] / tok[r]),
+            "ppl": float(ppl[r]), "ppl_ratio": float(ppl[r] / ppl[0]),
+            "kl": float(acc["kl"][r] / max(float(acc["klpos"][r]), 1.0)), "tokens": int(acc["tok"][r]),
+            "typical": ref.typical, "frequency": ref.frequency,
+        })
+    out[0]["seconds"] = time.perf_counter() - start
+    return out
+
+
+def verdict(rows: list[dict[str, Any]], ppl_limit: float = PPL_LIMIT) -> list[dict[str, Any]]:
+    """Per (feature, method): the strength with the highest hit rate whose perplexity stays within
+    `ppl_limit` × the unsteered one, and the hit-rate gain there."""
+    out = []
+    for f in dict.fromkeys(r["feature"] for r in rows):
+        base = next(r for r in rows if r["feature"] == f and r["method"] == "none")
+        for m in ("sae", "dom"):
+            cand = [r for r in rows if r["feature"] == f and r["method"] == m and r["ppl_ratio"] <= ppl_limit]
+            if not any(r["feature"] == f and r["method"] == m for r in rows):
+                continue
+            best = max(cand, key=lambda r: (r["hit"], -r["strength"]), default=None)
+            out.append({"feature": f, "method": m, "strength": best["strength"] if best else None,
+                        "hit_base": base["hit"], "hit": best["hit"] if best else None,
+                        "gain": (best["hit"] - base["hit"]) if best else None,
+                        "ppl_ratio": best["ppl_ratio"] if best else None, "kl": best["kl"] if best else None})
+    return out
+
+
+TABLE = [("feature", "feature", 7, "{}"), ("method", "method", 9, "{}"), ("strength", "strength", 8, "{:g}"),
+         ("hit", "hit", 6, "{:.3f}"), ("any", "any", 5, "{:.2f}"), ("act", "act", 7, "{:.2f}"),
+         ("p_top", "p_top", 7, "{:.4f}"), ("ppl", "ppl", 8, "{:.2f}"), ("ppl_ratio", "ppl×", 6, "{:.2f}"),
+         ("kl", "KL", 7, "{:.4f}")]
+
+
+def method_name(r: dict[str, Any]) -> str:
+    return {"none": "unsteered", "dom": "diff-mean"}.get(r["method"], f"sae-{r['mode']}")
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = " ".join(f"{name:>{w}}" for _, name, w, _ in TABLE)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(" ".join(f"{(method_name(r) if key == 'method' else fmt.format(r[key])):>{w}}"
+                              for key, _, w, fmt in TABLE))
+    return "\n".join(lines)
+
+
+def figure(rows: list[dict[str, Any]], path: str | Path, title: str = "steering trade-off",
+           ppl_limit: float = PPL_LIMIT) -> Path:
+    """Plotly HTML: hit rate against perplexity ratio (fluency) and against KL (side effects)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from .files import atomic_write
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("hit rate vs fluency cost", "hit rate vs side effects"))
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"]
+    for k, f in enumerate(dict.fromkeys(r["feature"] for r in rows)):
+        base = next(r for r in rows if r["feature"] == f and r["method"] == "none")
+        for m, dash, sym in (("sae", "solid", "circle"), ("dom", "dot", "diamond")):
+            pts = [base] + sorted((r for r in rows if r["feature"] == f and r["method"] == m), key=lambda r: r["strength"])
+            if len(pts) == 1:
+                continue
+            name = f"f{f} {'SAE ' + pts[1]['mode'] if m == 'sae' else 'diff-of-means'}"
+            text = [f"{r['strength']:g}" for r in pts]
+            hover = "strength %{text}<br>hit %{y:.3f}<br>%{x:.3f}<extra>" + name + "</extra>"
+            for col, key in ((1, "ppl_ratio"), (2, "kl")):
+                fig.add_trace(go.Scatter(x=[r[key] for r in pts], y=[r["hit"] for r in pts], text=text,
+                                         mode="lines+markers+text", textposition="top center", name=name,
+                                         legendgroup=name, showlegend=col == 1, hovertemplate=hover,
+                                         line=dict(color=palette[k % len(palette)], dash=dash),
+                                         marker=dict(symbol=sym, size=8)), row=1, col=col)
+    fig.add_vline(x=ppl_limit, line_dash="dash", line_color="grey", row=1, col=1,
+                  annotation_text=f"{ppl_limit}× perplexity", annotation_position="top left")
+    fig.update_xaxes(title_text="perplexity of generations / unsteered (unsteered model)", row=1, col=1)
+    fig.update_xaxes(title_text="KL(unsteered ‖ steered), neutral prompts (nats/token)", row=1, col=2)
+    fig.update_yaxes(title_text="hit rate (feature fires on generated tokens)", row=1, col=1)
+    fig.update_layout(title=title, template="plotly_white", height=520, width=1200)
+    return atomic_write(path, lambda p: fig.write_html(str(p), include_plotlyjs=True))
+
+
+def run(model, sae: SparseAutoencoder, cfg: SteerEvalConfig, x: torch.Tensor | None = None, store=None,
+        progress: bool = True) -> dict[str, Any]:
+    """The whole evaluation: reference activations → features → sweeps. Returns rows, verdicts and meta."""
+    if cfg.mode not in ("add", "clamp", "scale"):
+        raise SaekitError(f"steer-eval sweeps add, clamp or scale, not {cfg.mode!r}.")
+    if cfg.positions not in S.POSITIONS:
+        raise SaekitError(f"--positions must be one of {', '.join(S.POSITIONS)}.")
+    prompts = default_prompts(cfg.prompts or None)
+    steer_p, neutral = prompts["steer"][: cfg.n_prompts], prompts["neutral"][: cfg.n_neutral]
+    start = time.perf_counter()
+    if x is None:
+        x = reference_activations(model, sae, cfg.activations or None, cfg.reference_tokens, cfg.seed)
+    codes = feature_codes(sae, x)
+    features = list(cfg.features) or pick_features(*codes, sae.cfg.d_sae, cfg.auto_features, cfg.seed)
+    refs = feature_refs(model, sae, x, features, cfg.top_tokens, cfg.dom_examples, cfg.baseline, store, cfg.seed, codes)
+    strengths = sorted({0.0, *map(float, cfg.strengths)})
+    rows: list[dict[str, Any]] = []
+    for ref in refs:
+        rows += sweep_feature(model, sae, ref, strengths, steer_p, neutral, cfg.mode, cfg.positions,
+                              cfg.max_new_tokens, cfg.temperature, cfg.seed, cfg.kv_cache, progress)
+    return {"rows": rows, "verdict": verdict(rows), "config": asdict(cfg), "features": [
+        {"feature": r.feature, "typical": r.typical, "frequency": r.frequency, "top_tokens": r.top_strings,
+         "baseline": r.dom is not None} for r in refs],
+        "reference_tokens": len(x), "seconds": time.perf_counter() - start}
+
+
+def cmd_steer_eval(values: dict[str, Any]) -> int:
+    from .cli import build_config
+    from .files import write_json
+    from .lm import model_id
+
+    cfg = build_config(SteerEvalConfig, values)
+    cfg.features = [int(f) for f in cfg.features]
+    cfg.strengths = [float(s) for s in cfg.strengths]
+    model, sae, store = S.load_for_steering(values["sae"], values.get("model"), values.get("store"))
+    out = Path(values.get("out") or Path(values["sae"]) / "steer-eval")
+    res = run(model, sae, cfg, store=store)
+    res |= {"sae": str(values["sae"]), "model": model_id(model), "hook": sae.hook, "weights_sha256": sae.weights_hash()}
+    write_json(out / "steer_eval.json", res)
+    fig = figure(res["rows"], out / "steer_eval.html",
+                 title=f"steering trade-off — {Path(values['sae']).name} at {sae.hook}")
+    print()
+    for f in res["features"]:
+        print(f"feature {f['feature']}: fires on {f['frequency']:.2%} of reference tokens, typical activation "
+              f"{f['typical']:.2f}; top logit tokens {' '.join(repr(t) for t in f['top_tokens'][:6])}")
+    print(f"\n{cfg.mode} sweep, strengths in {'factors' if cfg.mode == 'scale' else 'typical activations'}; "
+          f"{cfg.n_prompts} prompts × {cfg.max_new_tokens} tokens, T={cfg.temperature:g}, seed {cfg.seed}\n")
+    print(table(res["rows"]))
+    print(f"\nbest hit rate with perplexity ≤ {PPL_LIMIT}× the unsteered generations:")
+    for v in res["verdict"]:
+        if v["strength"] is None:
+            print(f"  feature {v['feature']} {v['method']}: no strength keeps perplexity within {PPL_LIMIT}×")
+        else:
+            print(f"  feature {v['feature']} {v['method']}: strength {v['strength']:g}: hit {v['hit_base']:.3f} → "
+                  f"{v['hit']:.3f} (+{v['gain']:.3f}), ppl× {v['ppl_ratio']:.2f}, KL {v['kl']:.4f}")
+    print(f"\nwrote {out / 'steer_eval.json'} and {fig} ({res['seconds']:.0f} s)")
+    return 0
+
+
+
+def add_parsers(sub) -> None:
+    """`saekit steer` and `saekit steer-eval` (wired into cli.build_parser)."""
+    from .cli import add_config_args
+
+    p = sub.add_parser("steer", help="generate baseline and steered continuations side by side")
+    p.add_argument("--sae", required=True, help="SAE directory")
+    p.add_argument("--feature", type=int, required=True, help="latent to edit")
+    p.add_argument("--mode", choices=S.MODES, default="add", help="add, clamp, scale or ablate (default add)")
+    p.add_argument("--strength", type=float, help="add: strength (typical activations with --store, else raw); "
+                                                  "clamp: value (raw); scale: factor")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, shared by both continuations (default 0)")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default 40)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 is greedy (default 1)")
+    p.add_argument("--positions", choices=S.POSITIONS, default="all", help="steer prompt, generated or all tokens")
+    p.add_argument("--store", help="feature store (`saekit analyze`): add strengths in units of typical activation")
+    p.add_argument("--model", help="override the model recorded in the SAE")
+    p.add_argument("--no-kv-cache", action="store_true", default=None, help="rerun the sequence at every step")
+    p.add_argument("--width", type=int, default=110, help="terminal width for the side-by-side view")
+
+    p = sub.add_parser("steer-eval", help="sweep steering strengths: hit rate, fluency, side effects vs a "
+                                          "difference-of-means baseline; table + plotly HTML")
+    p.add_argument("--sae", required=True, help="SAE directory")
+    p.add_argument("--out", help="output directory (default SAE_DIR/steer-eval)")
+    p.add_argument("--store", help="feature store: typical activations from it instead of the reference tokens")
+    p.add_argument("--model", help="override the model recorded in the SAE")
+    add_config_args(p, SteerEvalConfig)
