@@ -241,7 +241,7 @@ def steer(model, sae: SparseAutoencoder, edits: Sequence[Edit] | Edit, hook: str
           scale: Scale | None = None, prompt_len: int | None = None, rows: torch.Tensor | None = None,
           edit_bos: bool = False) -> Iterator[Steering]:
     """`with steer(model, sae, edits): model(tokens)` runs steered; on exit the hook is removed and the
-    model is exactly as before (no weights are touched)."""
+    model is exactly as before (no weights are touched). `edits` may also be a ready `Steering`."""
     from .lm import check_hooks
 
     steering = edits if isinstance(edits, Steering) else Steering(
@@ -337,36 +337,37 @@ def sample(model, prompt: list[int], rows: int, max_new_tokens: int, seed: int =
     tracked = torch.zeros(rows, max_new_tokens, device=device) if track is not None else None
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
-    if steering is not None:
-        steering.prompt_len = P
-    ctx = steer(model, steering.sae, steering) if steering is not None else _nullcontext()
     kv = KVCache(model) if use_cache else None
-    with ctx:
-        for step in range(max_new_tokens):
+    n = max_new_tokens
+    with steer(model, steering.sae, steering) if steering is not None else _nullcontext():
+        if steering is not None:
+            steering.prompt_len = P
+        try:
+            for step in range(max_new_tokens):
+                if steering is not None:  # absolute position of the first token fed this step
+                    steering.offset = P + step - 1 if (kv is not None and step > 0) else 0
+                if kv is not None:
+                    logits = kv.forward(ids if step == 0 else out[:, step - 1: step])
+                else:
+                    logits = model(torch.cat([ids, out[:, :step]], 1))
+                logp = torch.log_softmax(logits[:, -1].float(), -1)
+                u = torch.rand(logp.shape[-1], generator=gen).clamp_(1e-20, 1 - 1e-7).to(device)
+                tok = (logp / temperature - torch.log(-torch.log(u))).argmax(-1) if temperature > 0 else logp.argmax(-1)
+                out[:, step] = tok
+                logprobs[:, step] = logp.gather(1, tok[:, None])[:, 0]
+                if tracked is not None:
+                    tracked[:, step] = logp[:, track.to(device)].exp().sum(-1)
+                newly = torch.isin(tok, stops) & ~done
+                lengths[newly] = step + 1
+                done |= newly
+                if stop_early and done.all():
+                    n = step + 1
+                    break
+        finally:
             if steering is not None:
-                steering.offset = P + step - 1 if (kv is not None and step > 0) else 0
-            if kv is not None:
-                logits = kv.forward(ids if step == 0 else out[:, step - 1: step])
-            else:
-                logits = model(torch.cat([ids, out[:, :step]], 1))
-            logp = torch.log_softmax(logits[:, -1].float(), -1)
-            u = torch.rand(logp.shape[-1], generator=gen).clamp_(1e-20, 1 - 1e-7).to(device)
-            if temperature > 0:
-                tok = (logp / temperature - torch.log(-torch.log(u))).argmax(-1)
-            else:
-                tok = logp.argmax(-1)
-            out[:, step] = tok
-            logprobs[:, step] = logp.gather(1, tok[:, None])[:, 0]
-            if tracked is not None:
-                tracked[:, step] = logp[:, track.to(device)].exp().sum(-1)
-            newly = torch.isin(tok, stops) & ~done
-            lengths[newly] = step + 1
-            done |= newly
-            if stop_early and done.all():
-                out, logprobs = out[:, : step + 1], logprobs[:, : step + 1]
-                tracked = tracked[:, : step + 1] if tracked is not None else None
-                break
-    return Sampled(prompt, out.cpu(), logprobs.cpu(), lengths.cpu(), tracked.cpu() if tracked is not None else None)
+                steering.offset = None  # back to inferred positions for any later use of this Steering
+    return Sampled(prompt, out[:, :n].cpu(), logprobs[:, :n].cpu(), lengths.cpu(),
+                   tracked[:, :n].cpu() if tracked is not None else None)
 
 
 @contextmanager
