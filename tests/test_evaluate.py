@@ -1,0 +1,150 @@
+"""Metric definitions (FVU, nmse, CE recovered, dead/dense) on constructed cases, and the splice-in
+evaluation on the real model at a tiny token budget."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import HOOK
+
+from saekit.config import EvalConfig, SaeConfig
+from saekit.errors import DataError, HookError, ShapeError
+from saekit.evaluate import ce_recovered, evaluate, fvu, nmse, reconstruction_metrics, report
+from saekit.sae import SparseAutoencoder
+
+REQUIRED = {"fvu", "fvu_excl_massive", "nmse", "l0", "dead_fraction", "dense_fraction", "ce_clean", "ce_sae",
+            "ce_zero_ablation", "ce_mean_ablation", "ce_recovered_zero", "ce_recovered_mean", "kl", "tokens"}
+
+
+def test_fvu_of_the_mean_is_one_and_of_a_perfect_reconstruction_zero():
+    x = torch.randn(500, 8) * torch.linspace(0.1, 5, 8) + 3
+    assert fvu(x, x.mean(0).expand_as(x)) == pytest.approx(1.0, abs=1e-12)
+    assert fvu(x, x) == 0.0
+    # variance about the mean, not about zero: predicting zero scores far worse than 1 with an offset
+    assert fvu(x, torch.zeros_like(x)) > 1.5
+    # half the error → a quarter of the unexplained variance
+    noise = torch.randn_like(x)
+    assert fvu(x, x + noise / 2) == pytest.approx(fvu(x, x + noise) / 4, rel=1e-6)
+
+
+def lookup_sae() -> SparseAutoencoder:
+    """d_in 3, d_sae 4, k 1: latent j < 3 reads axis j; latent 3 reads −(sum) and can never be positive."""
+    sae = SparseAutoencoder(SaeConfig(d_in=3, d_sae=4, k=1))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.tensor([[1.0, 0, 0, -1], [0, 1, 0, -1], [0, 0, 1, -1]]))
+        sae.W_dec.copy_(torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [-1, -1, -1]]) /
+                        torch.tensor([1, 1, 1, math.sqrt(3)])[:, None])
+    return sae
+
+
+def test_fvu_accumulates_over_batches_not_a_mean_of_batch_ratios():
+    torch.manual_seed(0)
+    sae = lookup_sae()
+    x = torch.cat([torch.rand(300, 3) * 10, torch.rand(100, 3) * 0.1])  # batches of very different variance
+    m = reconstruction_metrics(sae, x, batch=100)
+    x_hat = sae(x)
+    assert m["fvu"] == pytest.approx(fvu(x, x_hat), rel=1e-12)
+    per_batch = [fvu(x[i: i + 100], x_hat[i: i + 100]) for i in range(0, 400, 100)]
+    assert abs(sum(per_batch) / 4 - m["fvu"]) > 0.05
+    assert reconstruction_metrics(sae, x, batch=7)["fvu"] == pytest.approx(m["fvu"], rel=1e-12)
+
+
+def test_nmse_is_the_mean_of_per_token_ratios_to_the_raw_norm():
+    x = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 10.0]])
+    x_hat = torch.tensor([[3.0, 3.0], [0.0, 0.0], [0.0, 10.0]])
+    # per token: 1/25, 1/1, 0/100 → mean 0.3466…
+    assert nmse(x, x_hat) == pytest.approx((1 / 25 + 1 + 0) / 3)
+    assert nmse(x, x_hat) != pytest.approx(fvu(x, x_hat))
+    assert nmse(x, x) == 0.0
+
+
+def test_ce_recovered_formula():
+    assert ce_recovered(ce_ablated=8.0, ce_sae=4.0, ce_clean=3.0) == pytest.approx(0.8)
+    assert ce_recovered(8.0, 3.0, 3.0) == 1.0
+    assert ce_recovered(8.0, 8.0, 3.0) == 0.0
+    assert ce_recovered(8.0, 9.0, 3.0) == pytest.approx(-0.2)  # worse than ablating: negative
+    assert math.isnan(ce_recovered(3.0, 4.0, 3.0))
+
+
+def test_reconstruction_metrics_dead_dense_and_massive():
+    sae = lookup_sae()
+    rows = [[1.0, 0, 0]] * 16 + [[0, 2.0, 0]] * 2 + [[0, 0, 1.0]] * 2  # 20 tokens
+    x = torch.tensor(rows + [[100.0, 0, 0]])  # a massive token: norm 100 vs median 1
+    m = reconstruction_metrics(sae, x, massive_multiple=10.0, dense_threshold=0.1)
+    # latent 0 fires on 17/21 (dense), 1 and 2 on 2/21 each (< 10%), latent 3 never (dead)
+    assert m["dead_fraction"] == 0.25
+    assert m["dense_fraction"] == 0.25
+    assert m["l0"] == 1.0
+    assert m["massive_tokens"] == 1 and m["tokens"] == 21
+    assert m["fvu"] == pytest.approx(0.0, abs=1e-12) and m["fvu_excl_massive"] == pytest.approx(0.0, abs=1e-12)
+    # a reconstruction that is perfect on the massive token only: the two FVUs part ways
+    with torch.no_grad():
+        sae.W_dec[1:3] = 0.0
+    m = reconstruction_metrics(sae, x)
+    assert m["fvu_excl_massive"] > 10 * m["fvu"]
+    x_n = x[:20]
+    assert m["fvu_excl_massive"] == pytest.approx(fvu(x_n, sae(x_n)), rel=1e-12)
+
+
+def test_report_lists_headline_metrics():
+    text = report({"fvu": 0.25, "ce_recovered_mean": 0.9, "tokens": 100, "unrelated": 1.0})
+    assert "FVU (all tokens but pos 0)" in text and "0.2500" in text and "100" in text and "unrelated" not in text
+
+
+# ----------------------------------------------------------------------------- the real model
+
+@pytest.fixture(scope="module")
+def random_sae():
+    """A random-init SAE on the default hook (enough to exercise every code path of evaluate)."""
+    sae = SparseAutoencoder.initialized(SaeConfig(d_in=576, d_sae=256, k=8), seed=0)
+    sae.info = {"hook": HOOK}
+    return sae
+
+
+def test_evaluate_on_the_real_model(model, default_contexts, random_sae):
+    from saekit.harvest import Harvester, keep_mask
+    from saekit.lm import special_token_ids
+
+    _, held = default_contexts
+    ctx = held.tokens[:8]
+    cfg = EvalConfig(tokens=300, batch_contexts=2)
+    m = evaluate(model, random_sae, ctx, cfg, progress=False)
+    assert REQUIRED <= set(m)
+    assert m["tokens"] == 300 and m["hook"] == HOOK
+    assert m["ce_zero_ablation"] > m["ce_clean"] and m["ce_mean_ablation"] > m["ce_clean"]
+    assert 2.0 < m["ce_clean"] < 6.0  # SmolLM2-135M on BBC news
+    assert m["kl"] >= 0 and 0 <= m["dead_fraction"] <= 1 and m["l0"] <= 8
+    assert m["ce_recovered_zero"] == pytest.approx(
+        (m["ce_zero_ablation"] - m["ce_sae"]) / (m["ce_zero_ablation"] - m["ce_clean"]))
+    # the same tokens through the harvester give the same reconstruction metrics
+    h = Harvester(model, [HOOK]).harvest(ctx, 300, batch_contexts=2, progress=False)
+    direct = reconstruction_metrics(random_sae, h.acts[HOOK])
+    for key in ("fvu", "fvu_excl_massive", "nmse", "l0", "dead_fraction"):
+        assert m[key] == pytest.approx(direct[key], rel=1e-4, abs=1e-6), key
+    # clean CE equals a plain full forward over the evaluated predictions
+    used = ctx[: int(h.context_ids.max()) + 1]
+    keep = keep_mask(used, special_token_ids(model.tokenizer))
+    keep &= keep.flatten().cumsum(0).view_as(keep) <= 300
+    with torch.no_grad():
+        logits = model(used)
+    pred = keep[:, :-1]
+    ce = F.cross_entropy(logits[:, :-1][pred].float(), used[:, 1:][pred]).item()
+    assert m["ce_tokens"] == int(pred.sum())
+    assert m["ce_clean"] == pytest.approx(ce, rel=1e-4)
+
+
+def test_evaluate_errors(model, default_contexts, random_sae):
+    _, held = default_contexts
+    with pytest.raises(DataError, match="fewer than the 100000 asked"):
+        evaluate(model, random_sae, held.tokens[:2], EvalConfig(tokens=100_000), progress=False)
+    with pytest.raises(HookError, match="blocks.15.hook_resid_pre"):
+        evaluate(model, random_sae, held.tokens[:2], EvalConfig(tokens=10), hook="blocks.15.hook_resid_pree",
+                 progress=False)
+    narrow = SparseAutoencoder.initialized(SaeConfig(d_in=64, d_sae=128, k=4))
+    with pytest.raises(ShapeError, match="d_in 64 but blocks.15.hook_resid_pre has width 576"):
+        evaluate(model, narrow, held.tokens[:2], EvalConfig(tokens=10), hook=HOOK, progress=False)
+    with pytest.raises(HookError, match="records no hook"):
+        evaluate(model, narrow, held.tokens[:2], EvalConfig(tokens=10), progress=False)
