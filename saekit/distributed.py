@@ -516,6 +516,9 @@ def launch(values: dict[str, Any], dcfg: DistConfig) -> int:
     print(f"saekit: launching {n} processes ({'NCCL' if device.type == 'cuda' else 'gloo'})", flush=True)
     cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
                        rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5)
+    import logging
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # we report failures ourselves
     try:
         elastic_launch(cfg, _worker)(values, threads)
     except ChildFailedError as e:
@@ -532,7 +535,8 @@ def _worker(values: dict[str, Any], threads: int) -> None:
     try:
         run_rank(values, _dist_config(values))
     except SaekitError as e:
-        print(f"saekit: error: {e}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"saekit: error: {e}\n")  # one write: ranks' lines must not interleave
+        sys.stderr.flush()
         os._exit(2)  # skip teardown: the peers may be gone
 
 
@@ -590,7 +594,7 @@ def run_training(values: dict[str, Any], dcfg: DistConfig, comm: Comm) -> list[P
             write_cache_shard(h.acts, h.token_ids, h.positions, h.context_ids, h.meta, cache_dir,
                               {**data_info, "harvest_config": dataclasses.asdict(hcfg)}, comm)
             n = sum(comm.all_gather_sizes(len(h), "counting harvested tokens"))
-            say(f"harvest: {n:,} tokens on {comm.world} processes at {n / (time.perf_counter() - start):,.0f} tokens/s")
+            say(f"harvest: {n:,} tokens on {comm.world} processes in {time.perf_counter() - start:.0f} s (data loading included)")
     modules = dcfg.distribute_modules
     if modules and len(hooks) < comm.world:
         raise SaekitError(f"--distribute-modules gives each process its own hooks, but there are {len(hooks)} hook(s) "
