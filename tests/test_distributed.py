@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -109,7 +108,7 @@ def test_a_dead_or_stuck_rank_stops_the_others_with_a_clear_error(tmp_path):
         for p in procs:
             p.kill()
             p.join()
-    for how, (rank, msg, seconds) in results.items():
+    for how, (rank, msg, _) in results.items():
         assert rank == 0, (how, msg)
         assert msg.startswith("rank 0 of 2: reducing") and "Another process has probably died or is stuck" in msg, msg
         assert "--dist-timeout" in msg
