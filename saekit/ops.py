@@ -11,6 +11,7 @@ the encoder forward GEMM (2·d·n). Everything after TopK touches k latents per 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,52 @@ def backend() -> str | None:
     return _last_backend
 
 
+# ----------------------------------------------------------------------------- sparse products (torch path)
+
+def _row_dots(g: torch.Tensor, indices: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """out[t, j] = ⟨g[t], W[indices[t, j]]⟩: a sampled dense-dense product (SDDMM) on the CSR pattern of
+    the codes; no [N, k, d] gather."""
+    N, K = indices.shape
+    crow = torch.arange(0, N * K + 1, K, device=indices.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        pattern = torch.sparse_csr_tensor(crow, indices.reshape(-1), torch.zeros(N * K, dtype=W.dtype, device=W.device),
+                                          (N, W.shape[0]), check_invariants=False)
+        out = torch.sparse.sampled_addmm(pattern, g.to(W.dtype), W.t(), beta=0.0)
+    return out.values().view(N, K)
+
+
+def _latent_rows(indices: torch.Tensor, coef: torch.Tensor, X: torch.Tensor, n: int) -> torch.Tensor:
+    """out[m] = Σ_{(t, j): indices[t, j] = m} coef[t, j] · X[t] → [n, d], as a COO sparse × dense product
+    (the gradient of W_dec, and of W_enc transposed). On CPU ≈20× faster than index_add over an N×k×d
+    outer-product tensor, and ~3× faster than embedding_bag's own weight backward."""
+    N, K = indices.shape
+    rows = torch.arange(N, device=X.device).repeat_interleave(K)
+    G = torch.sparse_coo_tensor(torch.stack([indices.reshape(-1), rows]), coef.reshape(-1).to(X.dtype), (n, N),
+                                check_invariants=False)
+    return torch.sparse.mm(G, X)
+
+
+class _SparseDecode(torch.autograd.Function):
+    """out = embedding_bag(indices, W_dec, values); backward: _row_dots for the values, _latent_rows for
+    W_dec (embedding_bag's own backward is 2-3× slower on CPU)."""
+
+    @staticmethod
+    def forward(ctx, values, indices, W_dec):
+        ctx.save_for_backward(values, indices, W_dec)
+        return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, indices, W_dec = ctx.saved_tensors
+        grad_values = grad_W = None
+        if ctx.needs_input_grad[0]:
+            grad_values = _row_dots(grad_out, indices, W_dec).to(values.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_W = _latent_rows(indices, values, grad_out, W_dec.shape[0]).to(W_dec.dtype)
+        return grad_values, None, grad_W
+
+
 # ----------------------------------------------------------------------------- decode
 
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,
@@ -59,9 +106,7 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
         from .kernels import sparse_decode as triton_decode
         out = triton_decode(values, indices, W_dec)
     else:
-        # embedding_bag's backward is already sparse: per-sample-weight grads are k dot products per
-        # token, and the weight grad is an index_add over the k selected rows.
-        out = F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+        out = _SparseDecode.apply(values, indices, W_dec)
     return out if b_dec is None else out + b_dec
 
 
@@ -97,8 +142,13 @@ class _EncodeTopK(torch.autograd.Function):
         values = values.relu()
         aux_values = aux_indices = None
         if aux_mask is not None and k_aux > 0:
-            masked = pre.masked_fill_(~aux_mask, float("-inf"))  # pre no longer needed: reuse its memory
-            aux_values, aux_indices = masked.topk(k_aux, dim=-1, sorted=False)
+            eligible = aux_mask.nonzero().squeeze(1)
+            if 2 * eligible.numel() <= aux_mask.numel():  # few (dead) latents: top-k over their columns only
+                aux_values, local = pre.index_select(1, eligible).topk(k_aux, dim=-1, sorted=False)
+                aux_indices = eligible[local]
+            else:
+                masked = pre.masked_fill_(~aux_mask, float("-inf"))  # pre no longer needed: reuse its memory
+                aux_values, aux_indices = masked.topk(k_aux, dim=-1, sorted=False)
             aux_values = aux_values.relu()
         del pre
         ctx.save_for_backward(xc, W_enc, indices, values, aux_indices, aux_values)
@@ -129,11 +179,7 @@ def sparse_encoder_backward(grad: torch.Tensor, indices: torch.Tensor, xc: torch
         from .kernels import encoder_backward
         return encoder_backward(grad, indices, xc, W_enc)
     grad_x = F.embedding_bag(indices, W_enc.t().contiguous(), per_sample_weights=grad, mode="sum")
-    N, k = indices.shape
-    rows = torch.arange(N, device=xc.device).repeat_interleave(k)
-    G_t = torch.sparse_coo_tensor(torch.stack([indices.reshape(-1), rows]), grad.reshape(-1), (n, N),
-                                  check_invariants=False)
-    grad_W_enc = torch.sparse.mm(G_t, xc).t()
+    grad_W_enc = _latent_rows(indices, grad, xc, n).t()
     grad_b_enc = torch.zeros(n, dtype=grad.dtype, device=grad.device).index_add_(0, indices.reshape(-1), grad.reshape(-1))
     grad_b_dec = -grad_x.sum(0)
     return grad_x, grad_W_enc, grad_b_enc, grad_b_dec
@@ -145,10 +191,10 @@ def encode_topk(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec
 
     aux_* are None unless `aux_mask` ([n] bool, True = eligible) and k_aux > 0 are given.
     """
+    if aux_mask is not None:
+        k_aux = min(k_aux, int(aux_mask.sum()))
+        aux_mask = aux_mask if k_aux > 0 else None
     if _pick(x.device) == "triton":
         from .kernels import encode_topk as triton_encode_topk
         return triton_encode_topk(x, W_enc, b_enc, b_dec, k, aux_mask, k_aux)
-    if aux_mask is not None:
-        k_aux = min(k_aux, int(aux_mask.sum()))
-        aux_mask = aux_mask.expand(x.shape[0], -1) if k_aux > 0 else None
     return _EncodeTopK.apply(x, W_enc, b_enc, b_dec, k, aux_mask, k_aux)

@@ -1,0 +1,149 @@
+"""saekit.ops: which path runs, and the torch path against dense autograd (float64, fresh random inputs)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from saekit import ops
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    seed = random.SystemRandom().randrange(2**31)
+    print(f"seed {seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def auto(monkeypatch):
+    monkeypatch.delenv("SAEKIT_KERNELS", raising=False)
+
+
+def randn(gen, *shape):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+
+def close(a, b, tol=1e-9):
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol * (1 + b.abs().max().item()))
+
+
+def dense_step(x, W, b, bd, Wd, k, eligible, k_aux):
+    """Textbook dense autograd: full pre-activations, topk, dense codes, dense decode; AuxK among `eligible`."""
+    pre = (x - bd) @ W + b
+    v, i = pre.topk(k, dim=1)
+    z = torch.zeros_like(pre).scatter(1, i, v.relu())
+    loss = (z @ Wd + bd - x).pow(2).sum()
+    if eligible is not None:
+        av, ai = pre.masked_fill(~eligible, float("-inf")).topk(k_aux, dim=1)
+        za = torch.zeros_like(pre).scatter(1, ai, av.relu())
+        loss = loss + 0.5 * (za @ Wd - x).pow(2).sum()
+    return loss
+
+
+def sparse_step(x, W, b, bd, Wd, k, eligible, k_aux):
+    v, i, av, ai = ops.encode_topk(x, W, b, bd, k, eligible, k_aux)
+    loss = (ops.sparse_decode(v, i, Wd, bd) - x).pow(2).sum()
+    if av is not None:
+        loss = loss + 0.5 * (ops.sparse_decode(av, ai, Wd) - x).pow(2).sum()
+    return loss
+
+
+def test_cpu_tensors_run_on_torch(gen, auto):
+    ops.sparse_decode(randn(gen, 3, 2), torch.randint(0, 5, (3, 2), generator=gen), randn(gen, 5, 4))
+    assert ops.backend() == "torch"
+
+
+def test_env_forces_torch(gen, monkeypatch):
+    monkeypatch.setenv("SAEKIT_KERNELS", "torch")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = randn(gen, 4, 6).to(device)
+    ops.topk_preacts(x, randn(gen, 6, 9).to(device), randn(gen, 9).to(device), randn(gen, 6).to(device), 2)
+    assert ops.backend() == "torch"
+
+
+def test_env_is_checked(gen, monkeypatch):
+    monkeypatch.setenv("SAEKIT_KERNELS", "fast")
+    with pytest.raises(ValueError, match="SAEKIT_KERNELS"):
+        ops.sparse_decode(randn(gen, 3, 2), torch.randint(0, 5, (3, 2), generator=gen), randn(gen, 5, 4))
+    monkeypatch.setenv("SAEKIT_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        ops.sparse_decode(randn(gen, 3, 2), torch.randint(0, 5, (3, 2), generator=gen), randn(gen, 5, 4))
+
+
+# (N, d, n, k, fraction of latents eligible for AuxK): one token, k = 1, few eligible (their columns
+# only) and many eligible (masked in place), AuxK off
+CASES = [(9, 7, 40, 3, 0.2), (1, 5, 30, 1, 0.3), (8, 6, 50, 4, 0.8), (6, 6, 24, 5, None)]
+
+
+@pytest.mark.parametrize("N,d,n,k,fraction", CASES)
+def test_torch_path_matches_dense_autograd(gen, auto, N, d, n, k, fraction):
+    eligible, k_aux = None, 0
+    if fraction is not None:
+        eligible = torch.rand(n, generator=gen) < fraction
+        eligible[:4] = True
+        k_aux = 3
+    params = [randn(gen, *s).requires_grad_() for s in ((N, d), (d, n), (n,), (d,), (n, d))]
+    loss = sparse_step(*params, k, eligible, k_aux)
+    grads = torch.autograd.grad(loss, params)
+    assert ops.backend() == "torch"
+    ref = dense_step(*params, k, eligible, k_aux)
+    ref_grads = torch.autograd.grad(ref, params)
+    close(loss, ref)
+    for got, want in zip(grads, ref_grads):
+        close(got, want)
+
+
+def test_k_aux_clamped_to_eligible(gen, auto):
+    eligible = torch.zeros(20, dtype=torch.bool)
+    eligible[[3, 7]] = True
+    v, i, av, ai = ops.encode_topk(randn(gen, 4, 5), randn(gen, 5, 20), randn(gen, 20), randn(gen, 5), 2, eligible, 10)
+    assert av.shape == (4, 2) and set(ai.flatten().tolist()) <= {3, 7}
+    v, i, av, ai = ops.encode_topk(randn(gen, 4, 5), randn(gen, 5, 20), randn(gen, 20), randn(gen, 5), 2,
+                                   torch.zeros(20, dtype=torch.bool), 10)
+    assert av is None and ai is None
+
+
+def test_sparse_decode_duplicates_and_unused(gen, auto):
+    """Repeated latents in a row add up; latents no token uses get zero gradient."""
+    N, k, n, d = 5, 4, 12, 7
+    i = torch.randint(0, n - 3, (N, k), generator=gen)
+    i[:, 1] = i[:, 0]
+    v, W, bd = randn(gen, N, k).requires_grad_(), randn(gen, n, d).requires_grad_(), randn(gen, d)
+    out = ops.sparse_decode(v, i, W, bd)
+    g = randn(gen, N, d)
+    gv, gW = torch.autograd.grad(out, (v, W), g)
+    dense = torch.zeros(N, n, dtype=torch.float64).index_put((torch.arange(N)[:, None].expand(N, k), i), v,
+                                                             accumulate=True)
+    ref = dense @ W + bd
+    rv, rW = torch.autograd.grad(ref, (v, W), g)
+    close(out, ref)
+    close(gv, rv)
+    close(gW, rW)
+    assert (gW[n - 3:] == 0).all()
+
+
+def test_sparse_encoder_backward(gen, auto):
+    N, d, n, K = 6, 5, 30, 4
+    xc, W, grad = randn(gen, N, d), randn(gen, d, n), randn(gen, N, K)
+    i = torch.randint(0, n - 2, (N, K), generator=gen)
+    i[:, 2] = i[:, 3]
+    gx, gW, gb, gbd = ops.sparse_encoder_backward(grad, i, xc, W)
+    G = torch.zeros(N, n, dtype=torch.float64).index_put((torch.arange(N)[:, None].expand(N, K), i), grad,
+                                                         accumulate=True)
+    close(gx, G @ W.t())
+    close(gW, xc.t() @ G)
+    close(gb, G.sum(0))
+    close(gbd, -(G @ W.t()).sum(0))
+    assert (gW[:, n - 2:] == 0).all()
+
+
+def test_topk_preacts(gen, auto):
+    x, W, b, bd = randn(gen, 7, 5), randn(gen, 5, 40), randn(gen, 40), randn(gen, 5)
+    v, i = ops.topk_preacts(x, W, b, bd, 6)
+    ref = ((x - bd) @ W + b).topk(6, dim=1)
+    close(v.sort(1).values, ref.values.sort(1).values)
+    assert torch.equal(i.sort(1).values, ref.indices.sort(1).values)
