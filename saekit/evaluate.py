@@ -114,6 +114,10 @@ def evaluate(model, sae: SparseAutoencoder, contexts: torch.Tensor, cfg: EvalCon
         keep = keep_mask(toks, special)
         csum = keep.flatten().cumsum(0).view_as(keep)
         keep &= csum <= cfg.tokens - have  # exact budget: drop kept tokens past it
+        rows = keep.any(1)  # contexts with nothing to evaluate would cost 5 forwards for nothing
+        if not rows.any():
+            continue
+        toks, keep = toks[rows], keep[rows]
         act = splice.activations(toks).float()
         if act.shape[-1] != sae.cfg.d_in:
             from .errors import ShapeError
