@@ -11,7 +11,16 @@ from conftest import HOOK
 
 from saekit.data import pack, read_documents, split_documents
 from saekit.errors import DataError, FileFormatError, HookError, NonFiniteError, ShapeError
-from saekit.harvest import MANIFEST, Harvest, Harvester, ShuffleBuffer, keep_mask, massive_mask, read_cache, write_cache
+from saekit.harvest import (
+    MANIFEST,
+    Harvest,
+    Harvester,
+    ShuffleBuffer,
+    keep_mask,
+    massive_mask,
+    read_cache,
+    write_cache,
+)
 
 DOCS = ["The bank raised rates.", "Shares fell sharply on Monday after the report.", "A short one.",
         "The striker scored twice in the final, and the club won the cup for the third time in five years."]
