@@ -21,7 +21,7 @@ from saekit.apps.labels import Conflict, Labels
 from saekit.apps.steering_panel import steering_panel
 
 from saekit.errors import SaekitError
-from saekit.features import FeatureStore
+from saekit.features import FeatureStore, display_token
 
 PAGES = {"overview": "Overview", "feature": "Feature", "text": "Your text", "search": "Search"}
 SLUG = {v: k for k, v in PAGES.items()}
@@ -63,6 +63,16 @@ def base_table(path: str) -> pd.DataFrame:
         "feature": np.arange(store.d_sae), "density": s["density"], "fires": s["count"], "max": s["act_max"],
         "mean": s["mean"], "top tokens": [store.top_tokens_text(i) for i in range(store.d_sae)],
     })
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def map_figure(path: str, stamp: tuple[int, int]):
+    """The feature map (tens of thousands of points): rebuilt only when a label changes."""
+    store = get_store(path)
+    names = get_labels(path, store.manifest.get("sae_weights_sha256")).all_labels()
+    tops = base_table(path)["top tokens"]
+    hover = [f"#{i} · {tops[i]}" + (f" · {names[i]}" if i in names else "") for i in range(store.d_sae)]
+    return render.map_figure(store.stats["map_xy"], store.stats["density"], hover, store.manifest.get("map_method", "pca"))
 
 
 # ----------------------------------------------------------------------------- navigation
@@ -125,10 +135,8 @@ def overview_page(path: str, store: FeatureStore, labels: Labels) -> None:
     left, right = st.columns([2, 3])
     left.plotly_chart(render.density_figure(density), key="density_hist")
     all_labels = labels.all_labels()
-    hover = [f"#{i} · {store.top_tokens_text(i)}" + (f" · {all_labels[i]}" if i in all_labels else "")
-             for i in range(store.d_sae)]
-    right.plotly_chart(render.map_figure(s["map_xy"], density, hover, man.get("map_method", "pca")), key="map",
-                       on_select=lambda: _from_selection("map"), selection_mode="points")
+    right.plotly_chart(map_figure(path, labels.stamp()), key="map", on_select=lambda: _from_selection("map"),
+                       selection_mode="points")
     if man.get("map_method") == "pca":
         right.caption("Map: PCA of the decoder directions (install `umap-learn` and rebuild for a UMAP map).")
 
@@ -191,13 +199,13 @@ def feature_page(path: str, store: FeatureStore, labels: Labels) -> None:
         st.subheader("Logit effects")
         st.caption("(W_dec[f] ⊙ final-norm weight) · W_U: tokens this direction promotes and suppresses.")
         lc = st.columns(2)
-        lc[0].dataframe(pd.DataFrame({"promoted": [repr(t)[1:-1] for _, t, _ in f.logits_top],
+        lc[0].dataframe(pd.DataFrame({"promoted": [display_token(t) for _, t, _ in f.logits_top],
                                       "logit": [v for _, _, v in f.logits_top]}), hide_index=True, key="logits_top")
-        lc[1].dataframe(pd.DataFrame({"suppressed": [repr(t)[1:-1] for _, t, _ in f.logits_bottom],
+        lc[1].dataframe(pd.DataFrame({"suppressed": [display_token(t) for _, t, _ in f.logits_bottom],
                                       "logit": [v for _, _, v in f.logits_bottom]}), hide_index=True, key="logits_bottom")
         st.subheader("Token profile")
         st.caption("Tokens it fires on, ranked by fires / (occurrences + prior): normalised by token frequency.")
-        st.dataframe(pd.DataFrame([{"token": repr(p["string"])[1:-1], "fires": p["fires"], "occurrences": p["token_count"],
+        st.dataframe(pd.DataFrame([{"token": display_token(p["string"]), "fires": p["fires"], "occurrences": p["token_count"],
                                     "rate": p["rate"], "mean act": p["mean_act"]} for p in f.profile]),
                      hide_index=True, key="profile")
         st.subheader("Neighbours")
@@ -262,7 +270,7 @@ def text_page(path: str, store: FeatureStore, labels: Labels) -> None:
     positions = [t for t in range(len(res.tokens)) if res.kept[t]]
     best = max(positions, key=lambda t: res.values[t].max(), default=0)
     pos = st.selectbox("Token", positions, index=positions.index(best) if positions else 0, key="text_token",
-                       format_func=lambda t: f"{t}: {render.visible(res.pieces[t])!r}")
+                       format_func=lambda t: f"{t}: {display_token(res.pieces[t])}")
     ranked = res.ranked(int(pos)) if positions else []
     table = pd.DataFrame([{"feature": i, "activation": v, "label": names.get(i, ""),
                            "density": float(store.stats["density"][i]), "top tokens": store.top_tokens_text(i)}
@@ -278,7 +286,7 @@ def search_page(path: str, store: FeatureStore, labels: Labels) -> None:
     c = st.columns([3, 1])
     q = c[0].text_input("Token string (matches token profiles and top logit tokens)", key="search_token")
     exact = c[1].checkbox("whole token", key="search_exact", help="match the whole token (spaces ignored), not a substring")
-    if q.strip():
+    if q:
         hits = store.search_tokens(q, exact=exact)
         st.caption(f"{len(hits)} features")
         frame = pd.DataFrame(hits, columns=["feature", "tokens", "profile_rate", "logit", "density"])

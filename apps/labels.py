@@ -92,6 +92,11 @@ class Labels:
                 raise
         return new
 
+    def stamp(self) -> tuple[int, int]:
+        """Changes whenever any label is saved (for caching what shows labels)."""
+        with closing(self._connect()) as db:
+            return tuple(db.execute("SELECT COUNT(*), COALESCE(SUM(version), 0) FROM labels").fetchone())
+
     def all_labels(self) -> dict[int, str]:
         with closing(self._connect()) as db:
             return dict(db.execute("SELECT feature, label FROM labels WHERE label != ''").fetchall())

@@ -35,6 +35,7 @@ import codecs
 import dataclasses
 import json
 import math
+import threading
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -148,6 +149,12 @@ def vocab_bytes(tokenizer) -> list[bytes]:
         else:
             out.append(tokenizer.decode([i]).encode())
     return out
+
+
+def display_token(s: str) -> str:
+    """A token shown on its own: spaces as ␣, newline ↵, tab ⇥, other control characters as \\xNN."""
+    s = s.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥").replace("\r", "⏎")
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in s)
 
 
 class Vocab:
@@ -533,6 +540,9 @@ def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = No
         if cache.acts[hook].shape[1] != sae.cfg.d_in:
             raise ShapeError(f"the cache in {activations} has width {cache.acts[hook].shape[1]} at {hook}, "
                              f"but the SAE's d_in is {sae.cfg.d_in}.")
+        if cache.meta.get("model") and info.get("model") and cache.meta["model"] != info["model"]:
+            raise DataError(f"the cache in {activations} holds activations of {cache.meta['model']}, but the SAE was "
+                            f"trained on {info['model']}; use a cache of the SAE's model (or drop --activations).")
         model_arg = chosen_model or cache.meta.get("model_arg", model_arg)
         data |= {k: cache.meta[k] for k in data if k in cache.meta and not (k == "dataset" and dataset)}
     if model is None:
@@ -547,6 +557,9 @@ def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = No
     budget = cfg.tokens
     seen = massive = 0
     forward_s = 0.0
+    t_data = time.perf_counter()
+    contexts = _contexts_for(tokenizer, data) if cache is None else None
+    data_s = time.perf_counter() - t_data
     start = time.perf_counter()
     bar = tqdm(total=budget, desc="analyze", unit="tok", disable=not progress, dynamic_ncols=True)
 
@@ -563,7 +576,6 @@ def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = No
         return seen >= budget
 
     if cache is None:
-        contexts = _contexts_for(tokenizer, data)
         from .harvest import Harvester
 
         harvester = Harvester(model, [hook], device=device)
@@ -614,11 +626,11 @@ def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = No
         "config": dataclasses.asdict(cfg), "map_method": finfo.pop("map_method"),
         "hist": {"log10_lo": HIST_LO, "log10_hi": HIST_HI, "bins_per_decade": BINS_PER_DECADE},
         "final_norm_applied": norm_weight is not None,
-        "timings": {"pass_seconds": pass_s, "forward_seconds": forward_s if cache is None else 0.0,
+        "timings": {"data_seconds": data_s, "pass_seconds": pass_s, "forward_seconds": forward_s if cache is None else 0.0,
                     "tokens_per_s": seen / max(pass_s, 1e-9), **finfo,
                     "total_seconds": time.perf_counter() - start},
     }
-    write_store(out, manifest, stats, feats, used_contexts, vocab)
+    write_store(out, manifest, stats, feats, used_contexts, vocab, started=start)
     print(f"feature store: {builder.tokens:,} tokens ({massive} massive left out), {sae.cfg.d_sae} latents, "
           f"{seen / max(pass_s, 1e-9):,.0f} tokens/s, map {manifest['map_method']} → {out}")
     return out
@@ -651,13 +663,17 @@ def _contexts_from_cache(cache, contexts: torch.Tensor | None, tokenizer, T: int
 
 
 def write_store(out: str | Path, manifest: dict[str, Any], stats: dict[str, torch.Tensor],
-                feats: dict[str, torch.Tensor], contexts: torch.Tensor, vocab: Vocab) -> Path:
-    """Write every array (atomically), then the manifest last; labels.sqlite in `out` is left alone."""
+                feats: dict[str, torch.Tensor], contexts: torch.Tensor, vocab: Vocab, started: float | None = None) -> Path:
+    """Write every array (atomically), then the manifest last; labels.sqlite in `out` is left alone.
+    With `started` (a perf_counter time), the manifest's timings get the write time and the total."""
     out = Path(out)
+    t0 = time.perf_counter()
     write_tensors(out / STATS, stats)
     write_tensors(out / FEATURES, feats)
     write_tensors(out / CONTEXTS, {"tokens": contexts.to(torch.int32)})
     write_tensors(out / VOCAB, vocab.tensors())
+    if started is not None:
+        manifest["timings"] |= {"write_seconds": time.perf_counter() - t0, "total_seconds": time.perf_counter() - started}
     write_json(out / MANIFEST, manifest)
     return out
 
@@ -722,17 +738,18 @@ class FeatureStore:
                                   "upgrade saekit.")
         self.d_sae = int(self.manifest["d_sae"])
         self.tokens = int(self.manifest["tokens"])
-        self._handles: dict[str, Any] = {}
+        self._local = threading.local()  # safetensors handles per thread: app sessions are threads
 
     def _open(self, name: str):
         from safetensors import safe_open
 
-        if name not in self._handles:
+        handles = self._local.__dict__.setdefault("handles", {})
+        if name not in handles:
             path = self.path / name
             if not path.is_file():
                 raise FileFormatError(f"{path} is missing; rebuild the store with `saekit analyze`.")
-            self._handles[name] = safe_open(str(path), framework="pt")
-        return self._handles[name]
+            handles[name] = safe_open(str(path), framework="pt")
+        return handles[name]
 
     def _all(self, name: str) -> dict[str, torch.Tensor]:
         f = self._open(name)
@@ -764,7 +781,7 @@ class FeatureStore:
 
     def top_tokens_text(self, i: int, n: int = 3) -> str:
         ids = self.stats["top_tokens"][i][:n]
-        return " · ".join(repr(self.vocab.token_str(t))[1:-1] for t in ids if t >= 0)
+        return " · ".join(display_token(self.vocab.token_str(t)) for t in ids if t >= 0)
 
     def _examples(self, prefix: str, i: int, keep=None) -> list[Example]:
         value, ctx, pos, acts = (self._row(f"{prefix}_{k}", i) for k in ("value", "ctx", "pos", "acts"))
@@ -834,11 +851,13 @@ class FeatureStore:
     def search_tokens(self, query: str, exact: bool = False, limit: int = 100) -> list[dict[str, Any]]:
         """Latents whose token profile or top logit tokens hold a token matching `query` (stripped,
         case-insensitive; `exact` or substring)."""
-        q = query.strip().lower()
-        if not q:
+        if not query:
             return []
+        q = query.lower()
+        qs = q.strip() or q  # a query of only whitespace looks for whitespace tokens
         strings = self.vocab.strings
-        match = np.array([(s.strip().lower() == q) if exact else (q in s.lower()) for s in strings], dtype=bool)
+        match = np.array([(s.lower().strip() == qs or s.lower() == q) if exact else (qs in s.lower())
+                          for s in strings], dtype=bool)
         if not match.any():
             return []
         rows: dict[int, dict[str, Any]] = {}
@@ -858,7 +877,7 @@ class FeatureStore:
                 r["tokens"].add(strings[lt[f, j]])
         out = sorted(rows.values(), key=lambda r: (-r["profile_rate"], -(r["logit"] or -np.inf)))[:limit]
         for r in out:
-            r["tokens"] = " · ".join(sorted(repr(t)[1:-1] for t in r["tokens"]))
+            r["tokens"] = " · ".join(sorted(display_token(t) for t in r["tokens"]))
             r["density"] = float(self.stats["density"][r["feature"]])
         return out
 
