@@ -1,0 +1,87 @@
+"""A tiny, self-contained world for the feature-store and browser tests: a byte-level BPE tokenizer and a
+2-layer random Llama built on the spot (no download, no default model), a few text files with multi-byte
+characters, a random TopK SAE on blocks.1.hook_resid_pre, and the store `saekit analyze` builds from them.
+Built once per pytest session (every test module that asks finds it in the session's base temp dir)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+HOOK = "blocks.1.hook_resid_pre"
+TEXTS = [
+    "The central bank raised interest rates on Thursday. Markets fell as shares in banks slid.\n"
+    "Analysts said the bank would raise rates again in March.",
+    "Le café était fermé. Naïve visitors paid 3€ for a crêpe — “délicieux”, they said.\n"
+    "日本語のテキストも少し。 Emoji: 🙂🙂.",
+    "The striker scored twice as the club won the cup final 3-1 in front of 80,000 fans.\n"
+    "The coach said the team had played its best football of the season.",
+    "Shares in the mobile phone firm rose 5% after it reported record profits of £2bn.\n"
+    "The firm said sales of phones grew in Europe and Asia.",
+    "The film won three awards, including best actress, at a ceremony in London on Sunday.\n"
+    "Critics said the film was the best British drama in years.",
+]
+
+
+def build_world(root: Path, texts: list[str] = TEXTS) -> dict[str, Path]:
+    """Tokenizer + tiny model dir, dataset dir and SAE dir under root (idempotent)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from saekit.config import SaeConfig
+    from saekit.sae import SparseAutoencoder
+
+    data, lm, sae_dir = root / "data", root / "tinylm", root / "sae"
+    if (sae_dir / "cfg.json").is_file():
+        return {"data": data, "model": lm, "sae": sae_dir}
+    data.mkdir(parents=True, exist_ok=True)
+    for i, t in enumerate(texts * 6):  # several copies: enough tokens for dozens of contexts
+        (data / f"doc{i:02d}.txt").write_text(t.replace("The", ["The", "A", "This"][i % 3], 1) + f" Item {i}.")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # a visible final-norm weight, so tests can tell whether it was applied
+        model.model.norm.weight.copy_(torch.linspace(0.2, 3.0, 32))
+    model.save_pretrained(lm)
+    fast.save_pretrained(lm)
+    sae = SparseAutoencoder.initialized(SaeConfig(d_in=32, d_sae=64, k=4), seed=0)
+    with torch.no_grad():
+        sae.b_enc.fill_(0.5)  # most latents fire sometimes
+    sae.info = {"hook": HOOK, "model": "tiny-llama", "model_arg": str(lm), "dataset": str(data),
+                "text_column": "text", "context_size": 32, "heldout_fraction": 0.1, "seed": 0}
+    sae.save(sae_dir)
+    return {"data": data, "model": lm, "sae": sae_dir}
+
+
+def build_store(root: Path, tokens: int = 1500) -> dict[str, Path]:
+    from saekit.features import FeatureConfig, analyze
+
+    world = build_world(root)
+    store = root / "store"
+    if not (store / "manifest.json").is_file():
+        analyze(world["sae"], store, FeatureConfig(tokens=tokens, top_n=6, sample_size=12, quantile_groups=3,
+                                                   batch_contexts=4, device="cpu"), progress=False)
+    return {**world, "store": store}
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory) -> dict[str, Path]:
+    """{data, model, sae, store}: shared by every module of the session (built by whichever asks first)."""
+    return build_store(tmp_path_factory.getbasetemp() / "feature_world")
+
+
+def manifest(store: Path) -> dict:
+    return json.loads((store / "manifest.json").read_text())

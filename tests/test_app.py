@@ -1,0 +1,117 @@
+"""Every page of the feature browser under Streamlit's AppTest, on the tiny store (tiny model for 'Your text')."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import saekit.apps
+from feature_fixtures import tiny_store  # noqa: F401
+from saekit.apps.labels import Labels
+from streamlit.testing.v1 import AppTest
+
+from saekit.features import FeatureStore
+
+SCRIPT = str(Path(saekit.apps.__file__).with_name("browse.py"))
+
+
+@pytest.fixture
+def app(tiny_store, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("SAEKIT_STORE", str(tiny_store["store"]))
+    return AppTest.from_file(SCRIPT, default_timeout=60)
+
+
+def ok(at: AppTest) -> AppTest:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    return at
+
+
+def alive_feature(store_dir) -> int:
+    store = FeatureStore(store_dir)
+    return int(np.argsort(-store.stats["count"])[0])
+
+
+def test_overview(app, tiny_store):  # noqa: F811
+    at = ok(app.run())
+    assert at.title[0].value == "Features"
+    assert [m.value for m in at.metric][:2] == ["64", "1,500"]
+    table = at.dataframe[0].value
+    assert len(table) == int((FeatureStore(tiny_store["store"]).stats["count"] > 0).sum())
+    assert {"feature", "label", "density", "fires", "max", "mean", "top tokens"} <= set(table.columns)
+    at.text_input(key="table_filter").set_value("zzzz-no-such-token").run()
+    assert len(ok(at).dataframe[0].value) == 0
+    fid = alive_feature(tiny_store["store"])
+    at.number_input(key="overview_open").set_value(fid).run()
+    at.button(key="overview_open_btn").click().run()
+    assert ok(at).title[0].value.startswith(f"Feature {fid}")
+    assert at.query_params["page"] in ("feature", ["feature"]) and str(at.query_params["feature"]).strip("[]'") == str(fid)
+
+
+def test_feature_page_shows_everything_and_saves_labels(app, tiny_store):  # noqa: F811
+    fid = alive_feature(tiny_store["store"])
+    app.query_params["page"] = "feature"
+    app.query_params["feature"] = str(fid)
+    at = ok(app.run())
+    assert at.title[0].value == f"Feature {fid}"
+    html = "".join(m.value for m in at.markdown)
+    assert html.count('class="sk-ex"') >= 2 and "sk-focus" in html and "activation" in html  # examples + hover
+    subheaders = [s.value for s in at.subheader]
+    for name in ("Top activations", "Quantile groups", "Logit effects", "Token profile", "Neighbours", "Label and notes"):
+        assert name in subheaders
+    frames = {tuple(d.value.columns)[0]: d.value for d in at.dataframe}
+    assert len(frames["promoted"]) == 10 and len(frames["suppressed"]) == 10 and len(frames["token"]) > 0
+    assert len(at.expander) == 3  # quantile groups of the tiny store
+    nb = [b for b in at.button if b.key and b.key.startswith("nb_")]
+    assert len(nb) == 10
+    target = int(nb[0].key[3:])
+    nb[0].click().run()
+    assert ok(at).title[0].value.startswith(f"Feature {target}")
+
+    at.text_input(key=f"label_{target}").set_value("bank words")
+    at.text_area(key=f"notes_{target}").set_value("fires on finance")
+    next(b for b in at.button if b.label == "Save").click().run()  # the form's Save
+    assert ok(at).title[0].value == f"Feature {target} — bank words"
+    assert Labels(tiny_store["store"]).get(target).notes == "fires on finance"
+
+
+def test_your_text_runs_the_model(app, tiny_store):  # noqa: F811
+    app.query_params["page"] = "text"
+    at = ok(app.run())
+    at.text_area(key="user_text").set_value("The central bank raised rates. Le café était fermé.")
+    at.button(key="text_run").click().run(timeout=120)
+    ok(at)
+    opens = [b for b in at.button if b.key and b.key.startswith("text_open_")]
+    assert opens, "the strongest features should be listed"
+    table = at.dataframe[0].value
+    assert len(table) > 0 and (table["activation"] > 0).all()
+    assert list(table["activation"]) == sorted(table["activation"], reverse=True)
+    options = at.selectbox(key="text_token").options
+    assert any("caf" in o or "é" in o for o in options)
+    at.selectbox(key="text_token").set_value(2).run()
+    ok(at)
+    target = int(opens[0].key[len("text_open_"):])
+    at.button(key=f"text_open_{target}").click().run()
+    assert ok(at).title[0].value.startswith(f"Feature {target}")
+
+
+def test_search_by_token_and_label(app, tiny_store):  # noqa: F811
+    store = FeatureStore(tiny_store["store"])
+    fid = alive_feature(tiny_store["store"])
+    token = next(p["string"] for p in store.feature(fid).profile if p["string"].strip())
+    Labels(tiny_store["store"]).save(fid, "searchable label", "a note about money")
+    app.query_params["page"] = "search"
+    at = ok(app.run())
+    at.text_input(key="search_token").set_value(token.strip()).run()
+    frame = ok(at).dataframe[0].value
+    assert fid in set(frame["feature"])
+    at.text_input(key="search_label").set_value("about money").run()
+    at.button(key=f"label_open_{fid}").click().run()
+    assert ok(at).title[0].value == f"Feature {fid} — searchable label"
+
+
+def test_missing_store_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setenv("SAEKIT_STORE", str(tmp_path))
+    at = AppTest.from_file(SCRIPT, default_timeout=30).run()
+    assert at.error and "saekit analyze" in at.error[0].value
