@@ -79,6 +79,10 @@ def run_saekit(job: dict, data: dict[str, torch.Tensor], device: torch.device):
                       epochs=steps * B / len(train), lr=job["lr"], warmup_steps=job["warmup_steps"],
                       decay_fraction=job["decay_fraction"], auxk_coef=job["auxk_coef"] if job["auxk"] else 0.0,
                       dead_tokens=job["dead_tokens"], seed=job["seed"], device=str(device), log_every=10**9)
+    if job.get("saekit_set"):  # recipe experiments: --saekit-set grad_clip=0
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, **job["saekit_set"])
     trainer = Trainer(cfg, train, tempfile.mkdtemp(prefix="saekit-bench-"), info={"hook": job["hook"]})
     trainer.total_steps = steps  # the schedule's length, exactly
     aux_steps = 0
@@ -93,7 +97,7 @@ def run_saekit(job: dict, data: dict[str, torch.Tensor], device: torch.device):
         sae = trainer.trained_sae(0).cpu()  # folded: works on raw activations
         return ((lambda x: sae.encode(x)), sae, 1.0,
                 {"dead_train": (trainer.since_fired[0] >= trainer.dead_tokens).float().mean().item(),
-                 "aux_steps": aux_steps, "input_scale": trainer.scale})
+                 "aux_steps": aux_steps, "input_scale": trainer.scale}, lambda path: sae.save(path))
 
     return step, finish
 
@@ -128,12 +132,16 @@ def run_saelens(job: dict, data: dict[str, torch.Tensor], device: torch.device):
 
     def finish():
         sae.eval()
-
         def encode(x):
             acts = sae.encode(x)
             return acts.topk(job["k"], dim=-1)
 
-        return encode, sae, scale, {"dead_train": trainer.dead_neurons.float().mean().item(), "aux_steps": aux_steps}
+        def save(path):  # fold the input scale (as SAELens's fold_activation_norm_scaling_factor), inference layout
+            sae.fold_activation_norm_scaling_factor(scale)
+            sae.cfg.metadata.hook_name = job["hook"]
+            sae.save_inference_model(path)
+
+        return encode, sae, scale, {"dead_train": trainer.dead_neurons.float().mean().item(), "aux_steps": aux_steps}, save
 
     return step, finish
 
@@ -178,12 +186,19 @@ def run_sparsify(job: dict, data: dict[str, torch.Tensor], device: torch.device)
         state["step"] += 1
 
     def finish():
+        def save(path):  # sparsify's layout <path>/<hookpoint>/, the input scale folded into the biases
+            with torch.no_grad():
+                sae.encoder.bias.div_(scale)
+                sae.b_dec.div_(scale)
+            layer = int(job["hook"].split(".")[1])  # blocks.L.hook_resid_pre is the output of layers.(L-1)
+            sae.save_to_disk(Path(path) / f"layers.{layer - 1}")
+
         def encode(x):
             out = sae.encode(x)
             return out.top_acts, out.top_indices
 
         return encode, (lambda x: sae(x).sae_out), scale, {
-            "dead_train": (since > job["dead_tokens"]).float().mean().item(), "aux_steps": state["aux_steps"]}
+            "dead_train": (since > job["dead_tokens"]).float().mean().item(), "aux_steps": state["aux_steps"]}, save
 
     return step, finish
 
@@ -209,7 +224,7 @@ def worker(job_path: str) -> None:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     wall = time.perf_counter() - start
-    encode, forward, scale, extra = finish()
+    encode, forward, scale, extra, save = finish()
     held = data["heldout"].cpu() * scale  # FVU, L0 and dead are unchanged by one scalar
     result = {"lib": job["lib"], "repeat": job["repeat"], "steps": job["steps"], "tokens": job["steps"] * B,
               "median_step_s": statistics.median(times[TIMING_SKIP:] or times),
@@ -217,6 +232,8 @@ def worker(job_path: str) -> None:
               "mean_tokens_per_s": B * len(times) / wall, "step_times": times,
               **quality(encode, forward, held, data["heldout_normal"].cpu().bool(), job["d_sae"]), **extra,
               "versions": _versions(job["lib"])}
+    if job.get("save_dir"):
+        save(job["save_dir"])
     Path(job["result"]).write_text(json.dumps(result))
 
 
@@ -266,6 +283,8 @@ def run_one(lib: str, repeat: int, args, data: Path, info: dict[str, Any]) -> di
            "decay_fraction": args.decay_fraction, "auxk": args.auxk, "auxk_coef": 1 / 32,
            "dead_tokens": info["dead_tokens"], "seed": args.seed, "scale": info["scale"], "hook": args.hook,
            "threads": args.threads, "device": args.device,
+           "save_dir": str(Path(args.save_dir) / f"{lib}-{repeat}") if args.save_dir else None,
+           "saekit_set": dict(_setting(s) for s in args.saekit_set),
            "result": str(Path(args.workdir) / f"{lib}-{repeat}.json")}
     job_path = Path(args.workdir) / f"{lib}-{repeat}.job.json"
     job_path.write_text(json.dumps(job))
@@ -280,6 +299,24 @@ def run_one(lib: str, repeat: int, args, data: Path, info: dict[str, Any]) -> di
     result = json.loads(Path(job["result"]).read_text())
     result["process_s"] = time.perf_counter() - t0
     return result
+
+
+def check_imports(results: list[dict[str, Any]], args, data: Path) -> None:
+    """Open every saved SAE (each in its library's own format) with saekit.interop and re-measure its held-out
+    FVU on raw activations: it must match what the library itself computed."""
+    from saekit.interop import load_any
+
+    held = load_file(str(data))
+    x, normal = held["heldout"], held["heldout_normal"].bool()
+    for r in results:
+        sae = load_any(Path(args.save_dir) / f"{r['lib']}-{r['repeat']}")
+        with torch.no_grad():
+            x_hat = torch.cat([sae(x[i: i + 4096]) for i in range(0, len(x), 4096)])
+        a, b = x[normal].double(), x_hat[normal].double()
+        r["fvu_imported"] = ((a - b).pow(2).sum() / (a - a.mean(0)).pow(2).sum()).item()
+        r["imported_hook"] = sae.hook
+        print(f"  {r['lib']}-{r['repeat']}: imported into saekit, held-out FVU {r['fvu_imported']:.4f} "
+              f"(the library measured {r['fvu']:.4f}), hook {sae.hook}", flush=True)
 
 
 def summarize(results: list[dict[str, Any]], libs: list[str]) -> dict[str, Any]:
@@ -338,6 +375,10 @@ def main() -> None:
     p.add_argument("--peers-python", default=str(ROOT / ".venv-peers" / "bin" / "python"))
     p.add_argument("--saekit-in-peers", action="store_true", help="run saekit's worker with the peers' python too")
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
+    p.add_argument("--save-dir", help="keep each run's trained SAE here in its library's own format "
+                                      "(DIR/<lib>-<repeat>; peers' inputs were scaled by data.scale)")
+    p.add_argument("--saekit-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a saekit TrainConfig field for saekit's runs (recipe experiments; repeatable)")
     p.add_argument("--json", help="write the table and every run here")
     args = p.parse_args()
     if args.worker:
@@ -369,6 +410,8 @@ def main() -> None:
             results.append(r)
             print(f"  run {rep + 1}/{args.repeats} {lib:<9} {r['tokens_per_s']:>8,.0f} tok/s  fvu {r['fvu']:.3f}  "
                   f"L0 {r['l0']:.1f}  dead {r['dead_heldout']:.1%}  ({r['process_s']:.0f} s)", flush=True)
+    if args.save_dir:
+        check_imports(results, args, data)
     rows = summarize(results, libs)
     print()
     print(table(rows))
@@ -383,6 +426,14 @@ def main() -> None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1, default=str))
         print(f"wrote {args.json}")
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    key, _, value = text.partition("=")
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.replace("-", "_"), value
 
 
 def _machine() -> str:
