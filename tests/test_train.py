@@ -293,3 +293,26 @@ def test_batches_are_a_pure_function_of_step():
     with pytest.raises(SaekitError, match="only 1000 activations for a batch of 2000"):
         InMemoryBatches(acts, 2000, seed=0)
 
+
+
+def test_streamed_training_resumes_exactly(synthetic, tmp_path):
+    """StreamBatches (a live harvest through the shuffle buffer) replays and skips on resume: exact too."""
+    from saekit.train import StreamBatches
+
+    acts = synthetic.acts[:4096]
+
+    def stream():
+        return StreamBatches(lambda: iter(acts.split(100)), tokens=4096, batch_size=256, buffer_tokens=1024, seed=0)
+
+    assert torch.equal(stream().head(300), acts[:300])
+    cfg = config(dead_tokens=512, checkpoint_every=4 * 256)
+    whole = Trainer(cfg, stream(), tmp_path / "whole")
+    whole.fit(progress=False)
+    part = Trainer(cfg, stream(), tmp_path / "part")
+    part.fit(progress=False, stop_after=7)
+    resumed = Trainer(cfg, stream(), tmp_path / "part", resume=True)
+    resumed.fit(progress=False)
+    for name, t in weights_of(whole).items():
+        assert torch.equal(t, weights_of(resumed)[name]), name
+    with pytest.raises(SaekitError, match="epochs=1"):
+        Trainer(config(epochs=2.0), stream(), tmp_path / "two")
