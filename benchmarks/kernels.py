@@ -8,11 +8,14 @@ plain autograd), torch sparse (saekit.ops with SAEKIT_KERNELS=torch) and Triton 
            auxk_coef·AuxK FVU (as saekit.train.Trainer), backward; no optimizer
 Reported per row: median time, tokens/s, the FLOPs and bytes that computation must do (formulas below),
 the achieved fraction of the roofline ceiling (max(FLOPs / peak FLOP/s, bytes / peak bandwidth) over the
-measured time; peaks are measured in this process: a large matmul in the working dtype and a large copy),
-and the speed ratio against the dense row of the same operation.
+measured time; peaks are measured in this process: a large matmul in the working dtype — bf16 on CUDA,
+where encode and step run under bf16 autocast as the Trainer does — and a large copy), and the speed ratio
+against the dense row of the same operation (wall time, and process CPU time). Step rows also give Δgrad:
+the largest relative difference of a parameter gradient from the dense step's (same results?).
 
     python benchmarks/kernels.py                      # CPU shape on CPU, GPU shape on CUDA
     python benchmarks/kernels.py --json runs/bench/kernels.json
+    TRITON_INTERPRET=1 python benchmarks/kernels.py --shape tiny --methods torch,triton   # smoke test
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from saekit import ops  # noqa: E402
 from saekit.config import SaeConfig  # noqa: E402
 from saekit.sae import SparseAutoencoder  # noqa: E402
 
-SHAPES = {"gpu": dict(d=768, n=32768, k=32, tokens=16384), "cpu": dict(d=576, n=4608, k=32, tokens=4096)}
+SHAPES = {"gpu": dict(d=768, n=32768, k=32, tokens=16384), "cpu": dict(d=576, n=4608, k=32, tokens=4096),
+          "tiny": dict(d=48, n=256, k=8, tokens=32)}  # tiny: a smoke test (TRITON_INTERPRET=1 --methods …,triton)
 AUXK_COEF = 1 / 32
 
 
@@ -102,27 +106,35 @@ def dense_encode(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor | N
     return z, z_aux
 
 
+def autocast(device: torch.device):
+    """As saekit.train.Trainer: bf16 autocast for the SAE forward on CUDA."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def step_loss(x: torch.Tensor, x_hat: torch.Tensor, aux_hat: Callable[[], torch.Tensor] | None) -> torch.Tensor:
     """saekit.train.Trainer's loss: FVU + AUXK_COEF · FVU of the dead latents' fit to the residual."""
-    err = x - x_hat
+    err = x - x_hat.float()
     loss = err.pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     if aux_hat is not None:
         e = err.detach()
-        loss = loss + AUXK_COEF * (e - aux_hat()).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+        loss = loss + AUXK_COEF * (e - aux_hat().float()).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
     return loss
 
 
 def make_step(method: str, sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor | None, k_aux: int):
     def dense():
-        z, z_aux = dense_encode(sae, x, dead, k_aux)
-        loss = step_loss(x, z @ sae.W_dec + sae.b_dec, None if z_aux is None else (lambda: z_aux @ sae.W_dec))
+        with autocast(x.device):
+            z, z_aux = dense_encode(sae, x, dead, k_aux)
+            x_hat = z @ sae.W_dec + sae.b_dec
+        loss = step_loss(x, x_hat, None if z_aux is None else (lambda: z_aux @ sae.W_dec))
         loss.backward()
 
     def sparse():
         with kernels(method):
-            v, i, av, ai = sae.encode_train(x, dead, k_aux)
-            loss = step_loss(x, sae.decode(v, i),
-                             None if av is None else (lambda: ops.sparse_decode(av, ai, sae.W_dec)))
+            with autocast(x.device):
+                v, i, av, ai = sae.encode_train(x, dead, k_aux)
+                x_hat = sae.decode(v, i)
+            loss = step_loss(x, x_hat, None if av is None else (lambda: ops.sparse_decode(av, ai, sae.W_dec)))
             loss.backward()
 
     def run():
@@ -131,6 +143,17 @@ def make_step(method: str, sae: SparseAutoencoder, x: torch.Tensor, dead: torch.
         (dense if method == "dense" else sparse)()
 
     return run
+
+
+def step_difference(fns: dict[str, Callable[[], None]], sae: SparseAutoencoder) -> dict[str, float]:
+    """Same results? Each method's parameter gradients after one step, as the largest relative difference
+    (‖Δ‖ / ‖g‖ per parameter) from the dense step's."""
+    grads = {}
+    for method, fn in fns.items():
+        fn()
+        grads[method] = [p.grad.detach().float().clone() for p in sae.parameters() if p.grad is not None]
+    return {m: max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(g, grads["dense"]))
+            for m, g in grads.items()}
 
 
 def make_decode(method: str, sae: SparseAutoencoder, v: torch.Tensor, i: torch.Tensor, g: torch.Tensor):
@@ -150,6 +173,7 @@ def make_decode(method: str, sae: SparseAutoencoder, v: torch.Tensor, i: torch.T
 
 def make_encode(method: str, sae: SparseAutoencoder, x: torch.Tensor):
     @torch.no_grad()
+    @autocast(x.device)
     def run():
         if method == "dense":
             ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).topk(sae.cfg.k, dim=-1)
@@ -189,11 +213,16 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, help="override the shape's tokens per batch")
     ap.add_argument("--dead-fraction", type=float, default=0.1,
                     help="latents marked dead for AuxK in the step (k_aux = d/2, clamped to the dead count)")
+    ap.add_argument("--methods", default="dense,torch" + (",triton" if torch.cuda.is_available() else ""),
+                    help="comma-separated: dense, torch, triton (triton on CPU needs TRITON_INTERPRET=1)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--json", type=Path, help="also write the table and environment here")
     args = ap.parse_args()
 
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shape = dict(SHAPES[args.shape or ("gpu" if device.type == "cuda" else "cpu")])
     if args.tokens:
         shape["tokens"] = args.tokens
@@ -209,8 +238,8 @@ def main() -> None:
         v = v.relu()
     g = torch.randn(N, d, device=device)
 
-    methods = ["dense", "torch"] + (["triton"] if device.type == "cuda" else [])
-    ceil = ceilings(device, torch.float32)
+    methods = ["dense"] + [m for m in args.methods.split(",") if m != "dense"]
+    ceil = ceilings(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     rows = []
     for op in ("decode", "encode", "step", "step_noaux"):
         fns = {}
@@ -222,12 +251,14 @@ def main() -> None:
             else:
                 fns[method] = make_step(method, sae, x, dead if op == "step" else None, k_aux)
         times = timeit(fns, device, args.repeats)
+        diff = step_difference(fns, sae) if op.startswith("step") else {}
         for method, (t, c) in times.items():
             flops, nbytes = cost(op.split("_")[0], method, N, d, n, k, k_aux, op == "step", 4)
             roof = max(flops / ceil["flops"], nbytes / ceil["bytes_per_s"])
             rows.append(dict(op=op, method=method, ms=t * 1e3, cpu_ms=c * 1e3, tokens_per_s=N / t,
                              gflop=flops / 1e9, gbyte=nbytes / 1e9, ceiling_fraction=roof / t,
-                             speedup_vs_dense=times["dense"][0] / t, cpu_speedup_vs_dense=times["dense"][1] / c))
+                             speedup_vs_dense=times["dense"][0] / t, cpu_speedup_vs_dense=times["dense"][1] / c,
+                             grad_rel_diff=diff.get(method)))
             print(f"  {op:10s} {method:6s} {t * 1e3:9.1f} ms", file=sys.stderr, flush=True)
 
     env = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -243,11 +274,12 @@ def main() -> None:
           f"AuxK: {env['dead_fraction']:.1%} dead, k_aux {k_aux}; measured peaks {env['peak_gflops']:.0f} GFLOP/s, "
           f"{env['peak_gbytes_per_s']:.0f} GB/s")
     print(f"{'op':11s} {'method':7s} {'ms':>9s} {'tokens/s':>11s} {'GFLOP':>8s} {'GB':>7s} {'of ceiling':>10s} "
-          f"{'vs dense':>9s} {'CPU ms':>9s} {'vs dense':>9s}")
+          f"{'vs dense':>9s} {'CPU ms':>9s} {'vs dense':>9s} {'Δgrad':>8s}")
     for r in rows:
         print(f"{r['op']:11s} {r['method']:7s} {r['ms']:9.1f} {r['tokens_per_s']:11,.0f} {r['gflop']:8.2f} "
               f"{r['gbyte']:7.3f} {r['ceiling_fraction']:10.1%} {r['speedup_vs_dense']:8.2f}x "
-              f"{r['cpu_ms']:9.1f} {r['cpu_speedup_vs_dense']:8.2f}x")
+              f"{r['cpu_ms']:9.1f} {r['cpu_speedup_vs_dense']:8.2f}x "
+              + (f"{r['grad_rel_diff']:8.1e}" if r["grad_rel_diff"] is not None else ""))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(env=env, rows=rows), indent=2))

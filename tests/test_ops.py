@@ -126,9 +126,13 @@ def test_sparse_decode_duplicates_and_unused(gen, auto):
     assert (gW[n - 3:] == 0).all()
 
 
-def test_sparse_encoder_backward(gen, auto):
+@pytest.mark.parametrize("zeros", [0.0, 0.6])  # many zero gradients (ReLU-clipped): the compacted path
+def test_sparse_encoder_backward(gen, auto, zeros):
     N, d, n, K = 6, 5, 30, 4
     xc, W, grad = randn(gen, N, d), randn(gen, d, n), randn(gen, N, K)
+    grad[torch.rand(N, K, generator=gen) < zeros] = 0
+    if zeros:
+        grad[2] = 0  # a token with no gradient at all: an empty bag
     i = torch.randint(0, n - 2, (N, K), generator=gen)
     i[:, 2] = i[:, 3]
     gx, gW, gb, gbd = ops.sparse_encoder_backward(grad, i, xc, W)
