@@ -215,7 +215,8 @@ def read_cache(directory: str | Path, hooks: list[str] | None = None) -> Harvest
     missing = [h for h in hooks if h not in man["hooks"]]
     if missing:
         raise ShapeError(f"the cache in {directory} holds hooks {man['hooks']}, not {missing}.")
-    parts = [read_tensors(directory / s["file"], required=tuple(f"acts.{h}" for h in hooks) + ("token_ids",))
+    parts = [read_tensors(directory / s["file"], required=tuple(f"acts.{h}" for h in hooks) +
+                         ("token_ids", "positions", "context_ids"))
              for s in man["shards"]]
     h = Harvest(
         acts={hk: torch.cat([p[f"acts.{hk}"] for p in parts]).float() for hk in hooks},

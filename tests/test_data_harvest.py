@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from conftest import HOOK
+from safetensors.torch import save_file
 
 from saekit.data import pack, read_documents, split_documents
 from saekit.errors import DataError, FileFormatError, HookError, NonFiniteError, ShapeError
@@ -260,6 +261,12 @@ def test_corrupt_cache(tmp_path):
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 3])
     with pytest.raises(FileFormatError, match="shard_00001.safetensors is not a readable safetensors file"):
+        read_cache(tmp_path)
+    shard.write_bytes(data)
+    # a foreign shard without the token bookkeeping
+    save_file({"acts.blocks.1.hook_resid_pre": torch.zeros(100, 8), "acts.blocks.2.hook_resid_pre": torch.zeros(100, 8),
+               "token_ids": torch.zeros(100, dtype=torch.long)}, str(shard))
+    with pytest.raises(FileFormatError, match=r"lacks tensors \['positions', 'context_ids'\]"):
         read_cache(tmp_path)
     shard.write_bytes(data)
     man = json.loads((tmp_path / MANIFEST).read_text())
