@@ -4,9 +4,9 @@ Three kernels, each also used by the encoder backward (encode.py):
   gather_rows   out[t] = Σ_j c[t, j] · W[i[t, j]]            (decode forward; encoder grad_x)
   row_dots      out[t, j] = ⟨g[t], W[i[t, j]]⟩               (grad of the decode values)
   segment_rows  out[m] += Σ_{e: lat[e] = m} c[e] · X[tok[e]]  (grad of W_dec / W_enc)
-segment_rows walks the (token, slot) pairs sorted by latent (sorted COO, as in OpenAI's kernels): each
-program keeps one fp32 row accumulator over a contiguous chunk and flushes it with one atomic add per
-latent change, so atomics happen only at segment boundaries and no N×k×d temporary exists.
+segment_rows reduces the (token, slot) pairs sorted by latent (sorted COO, as in OpenAI's kernels): each
+program takes a contiguous chunk, a running sum over it, and adds to the output only at segment
+(latent) boundaries, so atomics happen per segment, not per entry, and no N×k×d temporary exists.
 All accumulate in fp32 whatever the storage dtype (fp32 or bf16).
 """
 
@@ -61,31 +61,31 @@ def _row_dots_kernel(g_ptr, idx_ptr, w_ptr, out_ptr, K, D, stride_w,
 @triton.jit
 def _segment_rows_kernel(lat_ptr, tok_ptr, c_ptr, x_ptr, out_ptr, bias_ptr, E, D, stride_x,
                          CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr):
-    start = tl.program_id(0).to(tl.int64) * CHUNK
-    end = tl.minimum(start + CHUNK, E)
+    # A chunk of sorted entries at once: S = running sum of the rows c·X[tok]. A segment (one latent)
+    # ending at entry e adds S[e] to its latent's row, and the segment after it (same chunk) starts by
+    # subtracting S[e]: the sums telescope to each segment's total, with two atomic adds per segment
+    # boundary and none per entry. All CHUNK rows load in parallel (no serial walk).
+    offs_e = tl.program_id(0).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+    emask = offs_e < E
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    cur = tl.load(lat_ptr + start)
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    bacc = tl.zeros([1], tl.float32)  # Σ c over the segment: the bias gradient
-    first_d = (tl.arange(0, 1) + pid_d) == 0  # only the first d-block adds it
-    for e in range(start, end):
-        lat = tl.load(lat_ptr + e)
-        if lat != cur:  # segment boundary: flush (the first/last segment may be shared with a neighbour)
-            tl.atomic_add(out_ptr + cur * D + offs_d, acc, mask=dmask)
-            if HAS_BIAS:
-                tl.atomic_add(bias_ptr + cur + tl.arange(0, 1), bacc, mask=first_d)
-            acc = tl.zeros([BLOCK_D], tl.float32)
-            bacc = tl.zeros([1], tl.float32)
-            cur = lat
-        c = tl.load(c_ptr + e).to(tl.float32)
-        tok = tl.load(tok_ptr + e)
-        acc += c * tl.load(x_ptr + tok * stride_x + offs_d, mask=dmask, other=0).to(tl.float32)
-        bacc += c
-    tl.atomic_add(out_ptr + cur * D + offs_d, acc, mask=dmask)
-    if HAS_BIAS:
-        tl.atomic_add(bias_ptr + cur + tl.arange(0, 1), bacc, mask=first_d)
+    lat = tl.load(lat_ptr + offs_e, mask=emask, other=-1)
+    nxt = tl.load(lat_ptr + offs_e + 1, mask=offs_e + 1 < E, other=-1)
+    chunk_last = tl.arange(0, CHUNK) == CHUNK - 1
+    end = emask & ((lat != nxt) | chunk_last)  # closes its segment's part in this chunk
+    opens = end & (nxt >= 0) & ~chunk_last     # … and the next entry, in this chunk, opens another
+    c = tl.load(c_ptr + offs_e, mask=emask, other=0).to(tl.float32)
+    tok = tl.load(tok_ptr + offs_e, mask=emask, other=0)
+    x = tl.load(x_ptr + tok[:, None] * stride_x + offs_d[None, :], mask=emask[:, None] & dmask[None, :], other=0)
+    S = tl.cumsum(c[:, None] * x.to(tl.float32), axis=0)
+    tl.atomic_add(out_ptr + lat[:, None] * D + offs_d[None, :], S, mask=end[:, None] & dmask[None, :])
+    tl.atomic_add(out_ptr + nxt[:, None] * D + offs_d[None, :], -S, mask=opens[:, None] & dmask[None, :])
+    if HAS_BIAS:  # Σ c per latent, the same way (first d-block only)
+        Sc = tl.cumsum(c, axis=0)
+        first_d = (tl.arange(0, CHUNK) * 0 + pid_d) == 0
+        tl.atomic_add(bias_ptr + lat, Sc, mask=end & first_d)
+        tl.atomic_add(bias_ptr + nxt, -Sc, mask=opens & first_d)
 
 
 def _check(c: torch.Tensor, indices: torch.Tensor, W: torch.Tensor) -> None:
@@ -141,7 +141,8 @@ def segment_rows(lat: torch.Tensor, tok: torch.Tensor, c: torch.Tensor, X: torch
                  with_bias: bool = False, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """out[m] = Σ_{e: lat[e] = m} c[e] · X[tok[e]] → fp32 [n, D]; with_bias also Σ c[e] per latent → [n].
 
-    `lat` must be sorted. Latents that never occur get exact zeros. `chunk`: entries per program.
+    `lat` must be sorted. Latents that never occur get exact zeros. `chunk`: entries per program (a power
+    of two).
     """
     D = X.shape[1]
     out = torch.zeros(n, D, device=X.device, dtype=torch.float32)
@@ -150,9 +151,10 @@ def segment_rows(lat: torch.Tensor, tok: torch.Tensor, c: torch.Tensor, X: torch
     if E and D:
         if X.stride(1) != 1:
             X = X.contiguous()
-        # GPU: short chunks give enough programs; the interpreter pays ~ms per program, so fewer.
-        chunk = chunk or (1024 if _interpreting() else 64)
-        BD = min(triton.next_power_of_2(D), 256)
+        # GPU: [16, 128] rows per program (~150 registers, no spills on sm_90; larger tiles spill: the
+        # 2-D int64 addresses of the gathers and atomics dominate). The interpreter pays ~ms per program.
+        chunk = chunk or (256 if _interpreting() else 16)
+        BD = min(triton.next_power_of_2(D), 128)
         _segment_rows_kernel[(triton.cdiv(E, chunk), triton.cdiv(D, BD))](
             lat, tok, c.contiguous(), X, out, out if bias is None else bias, E, D, X.stride(0),
             CHUNK=chunk, BLOCK_D=BD, HAS_BIAS=with_bias)

@@ -127,16 +127,17 @@ def test_row_dots(K, gen, poison, N, k, n, d):
     close(K.dec.row_dots(g, i, W), ref_row_dots(g, i, W))
 
 
-@pytest.mark.parametrize("chunk", [None, 1, 3, 16])  # small chunks: segments that span programs meet in atomics
-def test_segment_rows(K, gen, poison, chunk):
+@pytest.mark.parametrize("chunk", [None, 1, 4, 16])  # small chunks: segments that span programs meet in atomics
+@pytest.mark.parametrize("unused", [10, 45])  # 45: five latents, long segments across many chunks
+def test_segment_rows(K, gen, poison, chunk, unused):
     N, k, n, d = 9, 4, 50, 37
-    c, i = codes(gen, N, k, n, unused=10)
+    c, i = codes(gen, N, k, n, unused=unused)
     X = randn(gen, N, d)
     lat, tok, cs = K.dec.sort_by_latent(i, c)
     out, bias = K.dec.segment_rows(lat, tok, cs, X, n, with_bias=True, chunk=chunk)
     close(out, ref_segment(lat, tok, cs, X, n))
     close(bias, torch.zeros(n, dtype=torch.float64, device=DEVICE).index_add_(0, lat, cs.double()))
-    assert (out[n - 10:] == 0).all() and (bias[n - 10:] == 0).all(), "never-selected latents must get exact zeros"
+    assert (out[n - unused:] == 0).all() and (bias[n - unused:] == 0).all(), "unselected latents must get exact zeros"
 
 
 def test_decode_bf16(K, gen, poison):
@@ -351,7 +352,7 @@ for P in ("*fp32", "*bf16"):
     build(D._row_dots_kernel, dict(g_ptr=P, idx_ptr="*i64", w_ptr=P, out_ptr="*fp32", K="i32", D="i32",
           stride_w="i32"), dict(BLOCK_K=32, BLOCK_D=256))
     build(D._segment_rows_kernel, dict(lat_ptr="*i64", tok_ptr="*i64", c_ptr="*fp32", x_ptr=P, out_ptr="*fp32",
-          bias_ptr="*fp32", E="i32", D="i32", stride_x="i32"), dict(CHUNK=64, BLOCK_D=256, HAS_BIAS=True))
+          bias_ptr="*fp32", E="i32", D="i32", stride_x="i32"), dict(CHUNK=16, BLOCK_D=128, HAS_BIAS=True))
     build(E._encode_topk_kernel, dict(x_ptr=P, w_ptr=P, b_ptr="*fp32", mask_ptr="*i8", key_ptr="*i64",
           akey_ptr="*i64", N="i32", D="i32", n="i32", n_tiles="i32", tiles_per_split="i32", stride_x="i32",
           stride_wd="i32", stride_wn="i32"), dict(KP=32, KPA=2, HAS_AUX=False, BM=64, BN=128, BK=32,
