@@ -4,8 +4,9 @@ its sparse backward.
 Forward (`fused_encode_topk`): program (m, s) computes the pre-activation tiles xc[rows]·W_enc[:, cols] +
 b_enc for the column tiles of split s, one tile at a time, and folds each tile into a running top-k of its
 rows. Every element of the global top-k is in the top-k of its split, so a second small step (a torch.topk
-over n_splits·k candidates per row) is exact. With an aux mask the same tile also feeds a second running
-top-k over the masked (dead) latents: AuxK costs no second GEMM.
+over n_splits·k candidates per row) is exact. AuxK (top-k_aux among masked, dead latents): when many are
+eligible, the same tile feeds a second running top-k (no second GEMM); when few (≤ n/4, the usual case),
+a second launch over just their columns is cheaper than carrying a k_aux-wide top-k through every tile.
 
 Top-k in registers: a value and its column are packed into one int64 key (order-preserving bits of the
 fp32 value in the high word, the column in the low word), so selecting keys selects values and indices
@@ -158,7 +159,7 @@ def _unpack(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _kp(k: int) -> int:
-    return max(2, triton.next_power_of_2(k))  # ≥ 2: triton 3.6's tl.topk breaks for k = 1
+    return max(2, triton.next_power_of_2(k))  # ≥ 2: the sorting network's stages split runs in two
 
 
 def _config(N: int, n: int, kp_max: int, device: torch.device) -> dict[str, int]:
