@@ -204,9 +204,10 @@ def feature_page(path: str, store: FeatureStore, labels: Labels) -> None:
         lc[1].dataframe(pd.DataFrame({"suppressed": [display_token(t) for _, t, _ in f.logits_bottom],
                                       "logit": [v for _, _, v in f.logits_bottom]}), hide_index=True, key="logits_bottom")
         st.subheader("Token profile")
-        st.caption("Tokens it fires on, ranked by fires / (occurrences + prior): normalised by token frequency.")
+        st.caption("Tokens it fires on, ranked by the harmonic mean of its rate on the token (fires / occurrences, "
+                   "normalised by token frequency) and the share of its firings on the token.")
         st.dataframe(pd.DataFrame([{"token": display_token(p["string"]), "fires": p["fires"], "occurrences": p["token_count"],
-                                    "rate": p["rate"], "mean act": p["mean_act"]} for p in f.profile]),
+                                    "rate": p["rate"], "share": p["share"], "mean act": p["mean_act"]} for p in f.profile]),
                      hide_index=True, key="profile")
         st.subheader("Neighbours")
         st.caption("Latents with the most similar decoder direction (cosine).")

@@ -146,7 +146,8 @@ def test_token_profile_is_frequency_normalised(built):
                 if dense[c, p, f] > 0:
                     fires[tokens[c, p]] += 1
                     sums[tokens[c, p]] += float(dense[c, p, f])
-        score = fires / (tok_count + CFG.profile_prior)
+        rate, share = fires / (tok_count + CFG.profile_prior), fires / max(fires.sum(), 1)
+        score = np.where(fires > 0, 2 * rate * share / np.maximum(rate + share, 1e-30), 0)
         cand = np.nonzero(fires)[0]
         best = np.sort(score[cand])[::-1][: CFG.profile_tokens]
         got = [int(t) for t in feats["profile_token"][f] if t >= 0]
