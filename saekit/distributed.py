@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib
 import math
 import os
 import sys
@@ -200,6 +201,12 @@ def setup(cfg: DistConfig | None = None, device: str = "auto", rank: int | None 
     backend = "nccl" if dev.type == "cuda" else "gloo"
     comm = Comm(rank, world, local_rank, dev, backend, cfg.dist_timeout)
     if not dist.is_initialized():
+        # torch._dynamo (imported lazily by the optimizers) keeps a reference to a process group that exists
+        # when it is first imported, so destroy_process_group can't free it and its gloo threads crash the
+        # interpreter's exit now and then (SIGABRT, "terminate called without an active exception"). Import
+        # it first.
+        importlib.import_module("torch._dynamo")
+
         with comm.guard("joining the process group"):
             dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=world,
                                     timeout=datetime.timedelta(seconds=cfg.dist_timeout))
