@@ -20,6 +20,7 @@ import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -55,9 +56,13 @@ class Edit:
         if self.direction is not None and self.mode != "add":
             raise SaekitError("a steering direction can only be added (mode 'add').")
 
-    def describe(self) -> str:
+    def describe(self, unit: float | None = None) -> str:
+        """e.g. "add feature 12 4"; with `unit` (the typical activation an add strength is scaled by)
+        "add feature 12 4 × 9.87"."""
         v = self.value
         v = f"{v:g}" if isinstance(v, (int, float)) else f"tensor{tuple(v.shape)}"
+        if unit is not None and self.mode == "add" and self.direction is None:
+            v = f"{v} × {unit:.3g}"
         what = "vector" if self.direction is not None else f"feature {self.feature}"
         arg = "" if self.mode == "ablate" else f" {v}"
         where = "" if self.positions == "all" else f" ({self.positions} tokens)"
@@ -428,25 +433,42 @@ def generate(model, sae: SparseAutoencoder, prompt: str, edits: Sequence[Edit] |
         parts.append((tok.decode(t, skip_special_tokens=True), t, [tok.decode([i]) for i in t],
                       s.logprobs[r, :n].tolist()))
     (bt, btok, bp, bl), (st, stok, sp, sl) = parts
-    return Generation(prompt, [e.describe() for e in edits], seed, temperature, bt, st, btok, stok, bp, sp, bl, sl)
+    described = [e.describe(steering.scale(e.feature) if steering.scale and e.mode == "add" and e.direction is None
+                            else None) for e in edits]
+    return Generation(prompt, described, seed, temperature, bt, st, btok, stok, bp, sp, bl, sl)
 
 
 # ----------------------------------------------------------------------------- CLI: saekit steer
 
+def find_store(sae_dir: str | Path, sae: SparseAutoencoder) -> Path | None:
+    """The feature store `saekit analyze` writes by default (SAE_DIR/../store), if it was built from
+    these very weights."""
+    from .files import read_json
+
+    cand = Path(sae_dir).resolve().parent / "store"
+    try:
+        man = read_json(cand / "manifest.json")
+    except SaekitError:
+        return None
+    same_dir = Path(man.get("sae_dir", "")).resolve() == Path(sae_dir).resolve()
+    return cand if same_dir and man.get("sae_weights_sha256") == sae.weights_hash() else None
+
+
 def load_for_steering(sae_dir: str, model_name: str | None = None, store: str | None = None):
-    """(model, sae, scale or None) for the CLI and the app; the model is the one the SAE records."""
+    """(model, sae, feature store or None) for the CLI. store: a path, "none" (raw strengths), or None to
+    use SAE_DIR/../store when it was built from this SAE."""
     from .lm import load_model
     from .sae import load_sae
 
     sae = load_sae(sae_dir)
+    path = None if store == "none" else (Path(store) if store else find_store(sae_dir, sae))
     model = load_model(model_name or sae.info.get("model_arg") or "default")
     sae = sae.to(next(model.parameters()).device)
-    scale_src = None
-    if store:
-        from .features import open_store
+    if path is None:
+        return model, sae, None
+    from .features import open_store
 
-        scale_src = open_store(store)
-    return model, sae, scale_src
+    return model, sae, open_store(path)
 
 
 def cmd_steer(values: dict[str, Any]) -> int:
@@ -457,7 +479,8 @@ def cmd_steer(values: dict[str, Any]) -> int:
         raise SaekitError(f"--mode {mode} needs --strength (add: strength; clamp: value; scale: factor).")
     model, sae, store = load_for_steering(values["sae"], values.get("model"), values.get("store"))
     edit = make_edit(mode, values["feature"], values.get("strength") or 0.0, values.get("positions") or "all")
-    units = "typical activations (from the feature store)" if store is not None and mode == "add" else "raw units"
+    units = (f"typical activations (from the feature store {store.path})" if store is not None and mode == "add"
+             else "raw units")
     g = generate(model, sae, values.get("prompt") or "", edit, int(values.get("seed") or 0),
                  int(values.get("max_new_tokens") or 40), float(values.get("temperature", 1.0) or 0.0),
                  scale=store, use_cache=not values.get("no_kv_cache"))

@@ -412,7 +412,8 @@ def cmd_steer_eval(values: dict[str, Any]) -> int:
     model, sae, store = S.load_for_steering(values["sae"], values.get("model"), values.get("store"))
     out = Path(values.get("out") or Path(values["sae"]) / "steer-eval")
     res = run(model, sae, cfg, store=store)
-    res |= {"sae": str(values["sae"]), "model": model_id(model), "hook": sae.hook, "weights_sha256": sae.weights_hash()}
+    res |= {"sae": str(values["sae"]), "model": model_id(model), "hook": sae.hook, "weights_sha256": sae.weights_hash(),
+            "typical_from": str(store.path) if store is not None else "reference tokens"}
     write_json(out / "steer_eval.json", res)
     fig = figure(res["rows"], out / "steer_eval.html",
                  title=f"steering trade-off — {Path(values['sae']).name} at {sae.hook}")
@@ -420,7 +421,8 @@ def cmd_steer_eval(values: dict[str, Any]) -> int:
     for f in res["features"]:
         print(f"feature {f['feature']}: fires on {f['frequency']:.2%} of reference tokens, typical activation "
               f"{f['typical']:.2f}; top logit tokens {' '.join(repr(t) for t in f['top_tokens'][:6])}")
-    print(f"\n{cfg.mode} sweep, strengths in {'factors' if cfg.mode == 'scale' else 'typical activations'}; "
+    print(f"\ntypical activations from {res['typical_from']}")
+    print(f"{cfg.mode} sweep, strengths in {'factors' if cfg.mode == 'scale' else 'typical activations'}; "
           f"{cfg.n_prompts} prompts × {cfg.max_new_tokens} tokens, T={cfg.temperature:g}, seed {cfg.seed}\n")
     print(table(res["rows"]))
     print(f"\nbest hit rate with perplexity ≤ {PPL_LIMIT}× the unsteered generations:")
@@ -443,14 +445,15 @@ def add_parsers(sub) -> None:
     p.add_argument("--sae", required=True, help="SAE directory")
     p.add_argument("--feature", type=int, required=True, help="latent to edit")
     p.add_argument("--mode", choices=S.MODES, default="add", help="add, clamp, scale or ablate (default add)")
-    p.add_argument("--strength", type=float, help="add: strength (typical activations with --store, else raw); "
+    p.add_argument("--strength", type=float, help="add: strength (in typical activations when a feature store is found, else raw); "
                                                   "clamp: value (raw); scale: factor")
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, shared by both continuations (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default 40)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 is greedy (default 1)")
     p.add_argument("--positions", choices=S.POSITIONS, default="all", help="steer prompt, generated or all tokens")
-    p.add_argument("--store", help="feature store (`saekit analyze`): add strengths in units of typical activation")
+    p.add_argument("--store", help="feature store (`saekit analyze`) whose typical activations scale add strengths; "
+                                   "default SAE_DIR/../store when built from this SAE; 'none': raw strengths")
     p.add_argument("--model", help="override the model recorded in the SAE")
     p.add_argument("--no-kv-cache", action="store_true", default=None, help="rerun the sequence at every step")
     p.add_argument("--width", type=int, default=110, help="terminal width for the side-by-side view")
@@ -459,6 +462,7 @@ def add_parsers(sub) -> None:
                                           "difference-of-means baseline; table + plotly HTML")
     p.add_argument("--sae", required=True, help="SAE directory")
     p.add_argument("--out", help="output directory (default SAE_DIR/steer-eval)")
-    p.add_argument("--store", help="feature store: typical activations from it instead of the reference tokens")
+    p.add_argument("--store", help="feature store whose typical activations to use (default SAE_DIR/../store when "
+                                   "built from this SAE; 'none': measure them on the reference tokens)")
     p.add_argument("--model", help="override the model recorded in the SAE")
     add_config_args(p, SteerEvalConfig)

@@ -226,3 +226,20 @@ def test_generate_kv_and_full_agree_and_log_probs(model, sae):
     c = S.generate(model, sae, "Stocks fell", [S.scale(7, 1.0)], seed=3, max_new_tokens=3)
     assert c.steered_tokens == c.baseline_tokens == a.baseline_tokens
     assert "baseline" in a.side_by_side() and "add feature 7 30" in a.side_by_side()
+
+
+def test_find_store_only_for_the_same_weights(sae, tmp_path):
+    import json
+
+    sae_dir = tmp_path / "k8-d512"
+    sae.save(sae_dir)
+    assert S.find_store(sae_dir, sae) is None
+    (tmp_path / "store").mkdir()
+    man = {"kind": "saekit-feature-store", "sae_dir": str(sae_dir), "sae_weights_sha256": sae.weights_hash()}
+    (tmp_path / "store" / "manifest.json").write_text(json.dumps(man))
+    assert S.find_store(sae_dir, sae) == (tmp_path / "store").resolve()
+    man["sae_weights_sha256"] = "0" * 16  # rebuilt SAE, stale store: not used
+    (tmp_path / "store" / "manifest.json").write_text(json.dumps(man))
+    assert S.find_store(sae_dir, sae) is None
+    assert S.add(3, 2.0).describe(9.87) == "add feature 3 2 × 9.87"
+    assert S.clamp(3, 2.0, "generated").describe(9.87) == "clamp feature 3 2 (generated tokens)"

@@ -63,7 +63,7 @@ def test_generate_side_by_side(app):
     assert not app.exception, app.exception
     blocks = [m.value for m in app.markdown]
     assert any("<b>baseline</b>" in b for b in blocks)
-    assert any("steered: add feature 5 8" in b for b in blocks)
+    assert any("steered: add feature 5 8 × 3" in b for b in blocks)  # strength × typical activation
     assert any("mean log-prob" in b for b in blocks)
 
 
