@@ -214,15 +214,16 @@ def worker(job_path: str) -> None:
     data = {k: v.to(device) for k, v in data.items()}
     step, finish = RUNNERS[job["lib"]](job, data, device)
     B = job["batch_size"]
-    times = []
+    times, cpu_times = [], []
     start = time.perf_counter()
     for i in range(job["steps"]):
         batch = data["train"][i * B: (i + 1) * B]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)  # all threads: steadier than wall time on a shared CPU
     wall = time.perf_counter() - start
     encode, forward, scale, extra, save = finish()
     held = data["heldout"].cpu() * scale  # FVU, L0 and dead are unchanged by one scalar
@@ -230,6 +231,7 @@ def worker(job_path: str) -> None:
               "median_step_s": statistics.median(times[TIMING_SKIP:] or times),
               "tokens_per_s": B / statistics.median(times[TIMING_SKIP:] or times),
               "mean_tokens_per_s": B * len(times) / wall, "step_times": times,
+              "tokens_per_cpu_s": B / statistics.median(cpu_times[TIMING_SKIP:] or cpu_times), "cpu_step_times": cpu_times,
               **quality(encode, forward, held, data["heldout_normal"].cpu().bool(), job["d_sae"]), **extra,
               "versions": _versions(job["lib"])}
     if job.get("save_dir"):
@@ -324,7 +326,9 @@ def summarize(results: list[dict[str, Any]], libs: list[str]) -> dict[str, Any]:
     for lib in libs:
         rs = [r for r in results if r["lib"] == lib]
         tps = [r["tokens_per_s"] for r in rs]
+        cps = [r.get("tokens_per_cpu_s", float("nan")) for r in rs]
         rows[lib] = {"tokens_per_s": statistics.median(tps), "tokens_per_s_min": min(tps), "tokens_per_s_max": max(tps),
+                     "tokens_per_cpu_s": statistics.median(cps),
                      **{m: statistics.median(r[m] for r in rs) for m in
                         ("median_step_s", "fvu", "fvu_with_massive", "l0", "dead_heldout", "dead_train", "aux_steps")},
                      "fvu_min": min(r["fvu"] for r in rs), "fvu_max": max(r["fvu"] for r in rs),
@@ -333,18 +337,19 @@ def summarize(results: list[dict[str, Any]], libs: list[str]) -> dict[str, Any]:
     for lib in libs:
         rows[lib]["speed_vs_saekit"] = rows[lib]["tokens_per_s"] / base
         rows[lib]["saekit_speedup"] = base / rows[lib]["tokens_per_s"]
+        rows[lib]["saekit_speedup_cpu_time"] = rows.get("saekit", rows[libs[0]])["tokens_per_cpu_s"] / rows[lib]["tokens_per_cpu_s"]
     return rows
 
 
 def table(rows: dict[str, Any]) -> str:
     head = (f"{'library':<10}{'tok/s (median)':>16}{'min–max':>18}{'saekit ×':>10}{'FVU':>8}{'FVU spread':>16}"
-            f"{'FVU+massive':>12}{'L0':>7}{'dead held':>10}{'dead train':>11}{'aux steps':>10}")
+            f"{'FVU+massive':>12}{'L0':>7}{'dead held':>10}{'dead train':>11}{'aux steps':>10}{'saekit × (CPU s)':>18}")
     lines = [head, "-" * len(head)]
     for lib, r in rows.items():
         lines.append(f"{lib:<10}{r['tokens_per_s']:>16,.0f}{r['tokens_per_s_min']:>9,.0f}–{r['tokens_per_s_max']:<8,.0f}"
                      f"{r['saekit_speedup']:>10.2f}{r['fvu']:>8.3f}{r['fvu_min']:>8.3f}–{r['fvu_max']:<7.3f}"
                      f"{r['fvu_with_massive']:>12.3f}{r['l0']:>7.1f}{r['dead_heldout']:>10.1%}{r['dead_train']:>11.1%}"
-                     f"{r['aux_steps']:>10.0f}")
+                     f"{r['aux_steps']:>10.0f}{r['saekit_speedup_cpu_time']:>18.2f}")
     return "\n".join(lines)
 
 
@@ -416,7 +421,8 @@ def main() -> None:
     print()
     print(table(rows))
     print(f"\nsaekit × = saekit tokens/s ÷ the library's (medians over {args.repeats} interleaved runs; each run's "
-          f"step time is its median over steps {TIMING_SKIP}+). FVU on held-out normal tokens; dead held = fired "
+          f"step time is its median over steps {TIMING_SKIP}+); '(CPU s)' compares process CPU time per step instead "
+          f"of wall time (steadier when others share the CPU). FVU on held-out normal tokens; dead held = fired "
           f"on none of {info['heldout_tokens']:,} held-out tokens; dead train = the library's own counter.")
     if args.json:
         out = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": _machine(), "command": " ".join(sys.argv),
