@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .config import DataConfig, EvalConfig, HarvestConfig, SaeConfig, TrainConfig, config_fields
 from .errors import SaekitError
 
@@ -151,6 +153,8 @@ def run_training(values: dict[str, Any]) -> list[Path]:
     out = Path(values.get("out") or "runs/train")
     hcfg = build_config(HarvestConfig, values)
     model = None
+    if values.get("stream"):
+        return _train_streamed(values, hcfg, out)
     if values.get("activations"):
         harvest = read_cache(values["activations"], hooks=values.get("hooks"))
         data_info = {k: harvest.meta[k] for k in ("model", "model_arg", "dataset", "text_column", "context_size",
@@ -162,8 +166,8 @@ def run_training(values: dict[str, Any]) -> list[Path]:
         model = _load_model(values)
         data_info = _data_manifest(hcfg, model)
         hooks = hcfg.hooks
-        from .harvest import MANIFEST
         from .files import read_json
+        from .harvest import MANIFEST
 
         reuse = (cache_dir / MANIFEST).is_file() and read_json(cache_dir / MANIFEST).get("harvest_config") == \
             dataclasses.asdict(hcfg)
@@ -196,6 +200,34 @@ def run_training(values: dict[str, Any]) -> list[Path]:
     if not values.get("no_eval"):
         for path in paths:
             model = model or _load_model({**values, "model": data_info.get("model_arg", "default")})
+            run_eval(path, values, model)
+    return paths
+
+
+def _train_streamed(values: dict[str, Any], hcfg: HarvestConfig, out: Path) -> list[Path]:
+    """Train while harvesting, through a bounded shuffle buffer; nothing is cached (one epoch)."""
+    from .harvest import Harvester
+    from .train import StreamBatches, Trainer
+
+    if len(hcfg.hooks) != 1:
+        raise SaekitError("--stream trains on one hook at a time; cache a multi-hook harvest with `saekit harvest`.")
+    hook = hcfg.hooks[0]
+    model = _load_model(values)
+    train_ctx, _ = _contexts(model, hcfg)
+    harvester = Harvester(model, [hook])
+    tcfg = build_config(TrainConfig, {**values, "epochs": 1.0})
+    max_norm = None
+    if tcfg.exclude_massive:  # the median is estimated on the stream's first 16k tokens
+        head = torch.cat(list(harvester.rows(train_ctx.tokens, hook, 16384, hcfg.batch_contexts)))
+        max_norm = hcfg.massive_multiple * head.norm(dim=1).median().item()
+    stream = StreamBatches(lambda: harvester.rows(train_ctx.tokens, hook, hcfg.tokens, hcfg.batch_contexts, max_norm),
+                           hcfg.tokens, tcfg.batch_size, seed=tcfg.seed)
+    tcfg = dataclasses.replace(tcfg, saes=sae_configs(values, model.cfg.d_model))
+    info = {**_data_manifest(hcfg, model), "hook": hook, "harvest_tokens": hcfg.tokens, "streamed": True,
+            "massive_max_norm": max_norm}
+    paths = Trainer(tcfg, stream, out, info=info, resume=bool(values.get("resume"))).fit()
+    if not values.get("no_eval"):
+        for path in paths:
             run_eval(path, values, model)
     return paths
 
@@ -310,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--activations", help="train on a cache written by `saekit harvest` (no model pass)")
         p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/checkpoint.pt")
         p.add_argument("--no-eval", action="store_true", default=None, help="skip the held-out evaluation")
+        p.add_argument("--stream", action="store_true", default=None,
+                       help="train while harvesting through a bounded shuffle buffer (one epoch, no cache)")
         p.add_argument("--k", help="active latents per token; a comma list trains one SAE per value")
         p.add_argument("--d-sae", help="number of latents; a comma list trains one SAE per value")
         p.add_argument("--architecture", choices=["topk", "batchtopk"], help="SAE activation (default topk)")
