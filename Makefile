@@ -24,8 +24,11 @@ test: setup
 	$(VENV)/bin/pytest -q
 
 bench: setup
-	$(PY) benchmarks/quality.py
-	$(PY) benchmarks/harvest.py
+	$(PY) benchmarks/quality.py --json runs/bench/quality.json
+	$(PY) benchmarks/harvest.py --json runs/bench/harvest.json
+	$(PY) benchmarks/kernels.py --json runs/bench/kernels.json
+	$(PY) benchmarks/features.py --json runs/bench/features.json
+	$(PY) benchmarks/scale.py --json runs/bench/scale.json
 
 # The peers (sae-lens, eai-sparsify) live in their own venv: sae-lens pins transformer-lens < 4, which
 # would replace ours. torch first (the same CPU wheel), then the peers, then saekit itself without deps.
