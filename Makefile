@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/saekit demo
 
-test: setup
+test: setup peers  # the peers' venv lets the interop tests load our SAEs in real SAELens and sparsify
 	$(VENV)/bin/pytest -q
 
 bench: setup
