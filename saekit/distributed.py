@@ -442,16 +442,10 @@ def read_cache_slice(directory: str | Path, hooks: list[str] | None, lo: int, hi
     """Rows [lo, hi) of an activation cache, reading only the shards (and rows) that hold them."""
     from safetensors import safe_open
 
-    from .harvest import MANIFEST
+    from .harvest import read_manifest
 
     directory = Path(directory)
-    man = read_json(directory / MANIFEST)
-    if man.get("kind") != "saekit-activations":
-        raise FileFormatError(f"{directory} is not a saekit activation cache (manifest kind {man.get('kind')!r}).")
-    hooks = hooks or man["hooks"]
-    missing = [h for h in hooks if h not in man["hooks"]]
-    if missing:
-        raise ShapeError(f"the cache in {directory} holds hooks {man['hooks']}, not {missing}.")
+    man, hooks = read_manifest(directory, hooks)
     parts: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
     start = 0
     for s in man["shards"]:

@@ -205,9 +205,8 @@ def write_cache(harvest: Harvest, directory: str | Path, manifest: dict[str, Any
     return directory
 
 
-def read_cache(directory: str | Path, hooks: list[str] | None = None) -> Harvest:
-    """Load an activation cache written by `write_cache` (or `saekit harvest`) into memory."""
-    directory = Path(directory)
+def read_manifest(directory: Path, hooks: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """A cache's manifest and the hooks to read (all by default), checked to be a saekit cache holding them."""
     man = read_json(directory / MANIFEST)
     if man.get("kind") != "saekit-activations":
         raise FileFormatError(f"{directory} is not a saekit activation cache (manifest kind {man.get('kind')!r}).")
@@ -215,6 +214,13 @@ def read_cache(directory: str | Path, hooks: list[str] | None = None) -> Harvest
     missing = [h for h in hooks if h not in man["hooks"]]
     if missing:
         raise ShapeError(f"the cache in {directory} holds hooks {man['hooks']}, not {missing}.")
+    return man, hooks
+
+
+def read_cache(directory: str | Path, hooks: list[str] | None = None) -> Harvest:
+    """Load an activation cache written by `write_cache` (or `saekit harvest`) into memory."""
+    directory = Path(directory)
+    man, hooks = read_manifest(directory, hooks)
     parts = [read_tensors(directory / s["file"], required=tuple(f"acts.{h}" for h in hooks) +
                          ("token_ids", "positions", "context_ids"))
              for s in man["shards"]]
