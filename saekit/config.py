@@ -5,13 +5,24 @@ from __future__ import annotations
 
 import ast
 import inspect
+import json
 import textwrap
 from dataclasses import dataclass, field, fields
 from functools import cache
-from typing import Literal
+from typing import Any, Literal
 
 
 @cache
+def parse_override(text: str) -> tuple[str, Any]:
+    """'field=value' → (field, value), the value read as JSON when it parses (numbers, true, lists), else a
+    string. For benchmark scripts that try one config change (`--set enc_init_scale=0.5`)."""
+    key, _, value = text.partition("=")
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.replace("-", "_"), value
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """The string literal that follows each field of a dataclass, keyed by field name."""
     docs: dict[str, str] = {}
@@ -97,6 +108,9 @@ class TrainConfig:
     """Linear warm-up steps."""
     decay_fraction: float = 0.2
     """Final fraction of training over which the lr decays linearly to 0 (adam)."""
+    enc_init_scale: float = 3 ** -0.5
+    """W_enc starts as this × W_decᵀ (decoder rows unit-norm). Gao et al. use 1; 1/√3 (what sparsify's
+    nn.Linear init amounts to) reaches a lower FVU at short budgets (README, benchmarks/quality.py)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
     auxk_coef: float = 1 / 32
@@ -104,7 +118,8 @@ class TrainConfig:
     k_aux: int | None = None
     """Latents used by AuxK; default d_in/2."""
     dead_tokens: int | None = None
-    """A latent is dead if it has not fired in this many tokens; default min(10M, training tokens/10)."""
+    """A latent is dead (and AuxK trains it) if it has not fired in this many tokens; default min(10M, training
+    tokens/50)."""
     exclude_massive: bool = True
     """Leave massive-activation tokens out of training (they hold most of the variance on few tokens)."""
     checkpoint_every: int = 0

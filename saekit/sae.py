@@ -61,15 +61,16 @@ class SparseAutoencoder(nn.Module):
     # ------------------------------------------------------------------ init
     @classmethod
     def initialized(cls, cfg: SaeConfig, sample: torch.Tensor | None = None, seed: int = 0,
-                    device: torch.device | str | None = None) -> SparseAutoencoder:
-        """Random unit-norm decoder rows, W_enc = W_decᵀ, b_enc = 0, b_dec = geometric median of `sample`."""
+                    device: torch.device | str | None = None, enc_scale: float = 1.0) -> SparseAutoencoder:
+        """Random unit-norm decoder rows, W_enc = enc_scale·W_decᵀ, b_enc = 0, b_dec = geometric median of
+        `sample`."""
         sae = cls(cfg, device=device)
         gen = torch.Generator().manual_seed(seed)
         W = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
         W /= W.norm(dim=1, keepdim=True)
         with torch.no_grad():
             sae.W_dec.copy_(W)
-            sae.W_enc.copy_(W.t())
+            sae.W_enc.copy_(W.t() * enc_scale)
             if sample is not None:
                 if sample.shape[-1] != cfg.d_in:
                     raise ShapeError(f"sample has width {sample.shape[-1]} but the SAE's d_in is {cfg.d_in}.")

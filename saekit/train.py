@@ -141,9 +141,10 @@ class Trainer:
         self.data = self._batches(acts)
         self.scale = input_scale(self.data.head(65536).to(self.device))
         self.total_steps = max(1, int(cfg.epochs * self.data.tokens) // cfg.batch_size)
-        self.dead_tokens = cfg.dead_tokens or max(cfg.batch_size, min(10_000_000, self.total_steps * cfg.batch_size // 10))
+        self.dead_tokens = cfg.dead_tokens or max(cfg.batch_size, min(10_000_000, self.total_steps * cfg.batch_size // 50))
         sample = self.data.head(16384).to(self.device) * self.scale
-        self.saes = [SparseAutoencoder.initialized(c, sample, seed=cfg.seed + i, device=self.device)
+        self.saes = [SparseAutoencoder.initialized(c, sample, seed=cfg.seed + i, device=self.device,
+                                                  enc_scale=cfg.enc_init_scale)
                      for i, c in enumerate(cfg.saes)]
         self.names = [sae_name(c) for c in cfg.saes]
         if len(set(self.names)) != len(self.names):
@@ -236,8 +237,8 @@ class Trainer:
         run = _wandb_run(cfg, self.info) if cfg.wandb and self.writer else None
         end = self.total_steps if stop_after is None else min(self.total_steps, stop_after)
         ckpt_steps = max(1, cfg.checkpoint_every // cfg.batch_size) if cfg.checkpoint_every else 0
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train [{ops.training_path(self.device)}]",
+                   unit="step", disable=not progress, dynamic_ncols=True)
         t0, s0 = time.perf_counter(), self.step
         for sae in self.saes:
             sae.train()
@@ -289,7 +290,8 @@ class Trainer:
         for i, name in enumerate(self.names):
             manifest = {"training": {"config": asdict(self.cfg), "steps": self.step,
                                      "tokens_seen": self.step * self.cfg.batch_size,
-                                     "input_scale": self.scale, "dead_tokens": self.dead_tokens},
+                                     "input_scale": self.scale, "dead_tokens": self.dead_tokens,
+                                     "path": ops.training_path(self.device)},
                         "saekit_version": _version()}
             paths.append(self.trained_sae(i).save(self.out / name, manifest))
         return paths

@@ -186,3 +186,11 @@ def test_bad_config_files_exit_2(tmp_path, capsys):
     assert "must hold a mapping" in capsys.readouterr().err
     with pytest.raises(SaekitError, match="comma-separated list of integers"):
         cli.sae_configs({"k": "eight"}, 576)
+
+
+def test_parse_override():
+    from saekit.config import parse_override
+
+    assert parse_override("enc-init-scale=0.5") == ("enc_init_scale", 0.5)
+    assert parse_override("exclude_massive=false") == ("exclude_massive", False)
+    assert parse_override("optimizer=signum") == ("optimizer", "signum")

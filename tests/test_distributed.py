@@ -42,9 +42,11 @@ def synthetic(n: int = sum(SIZES), d: int = D_IN, seed: int = 0) -> torch.Tensor
 
 
 def train_config() -> TrainConfig:
-    # AuxK on (a short dead window), one TopK and one BatchTopK SAE: every reduced quantity is exercised.
+    # AuxK on (a short dead window; Gao's W_enc = W_decᵀ init leaves latents dead early here), one TopK and
+    # one BatchTopK SAE: every reduced quantity is exercised.
     return TrainConfig(saes=[SaeConfig(d_in=D_IN, d_sae=128, k=4), SaeConfig(d_in=D_IN, d_sae=96, k=4, architecture="batchtopk")],
-                       batch_size=256, epochs=3, warmup_steps=5, dead_tokens=512, log_every=5, device="cpu", seed=3)
+                       batch_size=256, epochs=3, warmup_steps=5, dead_tokens=512, enc_init_scale=1.0, log_every=5,
+                       device="cpu", seed=3)
 
 
 def _dp_rank(rank: int, world: int, store: str, out: str, stop_at: int) -> None:

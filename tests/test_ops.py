@@ -143,6 +143,44 @@ def test_sparse_encoder_backward(gen, auto, zeros):
     close(gb, G.sum(0))
     close(gbd, -(G @ W.t()).sum(0))
     assert (gW[:, n - 2:] == 0).all()
+    none, *rest = ops.sparse_encoder_backward(grad, i, xc, W, need_grad_x=False)  # training: x is data
+    assert none is None
+    for got, want in zip(rest, (gW, gb, gbd)):
+        close(got, want)
+
+
+def test_bf16_selection_keeps_fp32_values(gen, auto, monkeypatch):
+    """The bf16 GEMM only shortlists latents: the pick is the fp32 top-k, the kept values and all gradients
+    are the fp32 ones."""
+    monkeypatch.setenv("SAEKIT_ENCODER_GEMM", "bf16")
+    N, d, n, k, k_aux = 64, 48, 300, 8, 6
+    x, W, b, bd, Wd = (randn(gen, *s).float().requires_grad_() for s in ((N, d), (d, n), (n,), (d,), (n, d)))
+    eligible = torch.rand(n, generator=gen) < 0.3
+    v, i, av, ai = ops.encode_topk(x, W, b, bd, k, eligible, k_aux)
+    assert ops.selection_dtype(x) == torch.bfloat16
+    pre = (x - bd) @ W + b
+    close(v, pre.gather(1, i).relu(), tol=1e-5)
+    close(av, pre.gather(1, ai).relu(), tol=1e-5)
+    assert torch.equal(i.sort(1).values, pre.topk(k, dim=1).indices.sort(1).values)
+    assert torch.equal(ai.sort(1).values, pre.masked_fill(~eligible, float("-inf")).topk(k_aux, dim=1).indices.sort(1).values)
+    params = (x, W, b, bd, Wd)
+    loss = (ops.sparse_decode(v, i, Wd, bd) - x).pow(2).sum() + (ops.sparse_decode(av, ai, Wd) - x).pow(2).sum()
+    z = torch.zeros_like(pre).scatter(1, i, pre.gather(1, i).relu())
+    za = torch.zeros_like(pre).scatter(1, ai, pre.gather(1, ai).relu())
+    ref = (z @ Wd + bd - x).pow(2).sum() + (za @ Wd - x).pow(2).sum()
+    for got, want in zip(torch.autograd.grad(loss, params), torch.autograd.grad(ref, params)):
+        close(got, want, tol=1e-4)
+
+
+def test_selection_dtype(monkeypatch):
+    x = torch.zeros(2, 3)
+    monkeypatch.setenv("SAEKIT_ENCODER_GEMM", "fp32")
+    assert ops.selection_dtype(x) == torch.float32
+    monkeypatch.setenv("SAEKIT_ENCODER_GEMM", "bf16")
+    assert ops.selection_dtype(x.double()) == torch.float64  # only fp32 training is ever rounded down
+    monkeypatch.setenv("SAEKIT_ENCODER_GEMM", "half")
+    with pytest.raises(ValueError, match="SAEKIT_ENCODER_GEMM"):
+        ops.selection_dtype(x)
 
 
 def test_topk_preacts(gen, auto):

@@ -259,5 +259,7 @@ def test_init_is_tied_and_unit_norm():
     assert torch.equal(sae.W_enc, sae.W_dec.t())
     assert torch.equal(sae.b_enc, torch.zeros(48))
     torch.testing.assert_close(sae.b_dec, geometric_median(sample))
+    small = SparseAutoencoder.initialized(SaeConfig(d_in=16, d_sae=48, k=4), sample, seed=3, enc_scale=0.5)
+    assert torch.equal(small.W_dec, sae.W_dec) and torch.equal(small.W_enc, 0.5 * sae.W_dec.t())
     with pytest.raises(ShapeError, match="width 8 but the SAE's d_in is 16"):
         SparseAutoencoder.initialized(SaeConfig(d_in=16, d_sae=48, k=4), torch.randn(10, 8))

@@ -38,11 +38,11 @@ def test_loss_and_fvu_go_down(synthetic, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == trainer.total_steps == 4 * 7168 // 256
     curve = [r["k4-d128/fvu"] for r in rows]
-    assert sum(curve[-5:]) / 5 < 0.5 * sum(curve[:5]) / 5
+    assert sum(curve[-5:]) / 5 < 0.6 * sum(curve[:5]) / 5
     assert all(r["k4-d128/l0"] <= 4 for r in rows)
     sae = load_sae(paths[0])  # folded: works on raw activations
     held = fvu(test, sae(test))
-    assert held < 0.35 and held < 0.5 * init_fvu, (init_fvu, held)
+    assert held < 0.35 and held < 0.6 * init_fvu, (init_fvu, held)
     assert (tmp_path / "training.html").is_file() and (tmp_path / CHECKPOINT).is_file()
     manifest = json.loads((paths[0] / "cfg.json").read_text())["saekit"]
     assert manifest["training"]["steps"] == trainer.total_steps
@@ -147,7 +147,7 @@ def test_dead_latent_counting(synthetic, tmp_path):
 
 def test_default_dead_window_scales_with_short_runs(synthetic, tmp_path):
     trainer = Trainer(config(epochs=2.0), synthetic.acts, tmp_path)
-    assert trainer.dead_tokens == max(256, 2 * 8192 // 256 * 256 // 10)
+    assert trainer.dead_tokens == max(256, 2 * 8192 // 256 * 256 // 50)
     big = Trainer(config(epochs=2.0, dead_tokens=10_000_000), synthetic.acts, tmp_path / "b")
     assert big.dead_tokens == 10_000_000
 
