@@ -6,7 +6,7 @@ trained twice on the same activations in the same batch order:
   saekit    the defaults
   baseline  one change (--baseline): 'rule' = Adam at the published lr rule 2e-4·sqrt(2^14/d_sae) (saekit
             uses 8× it), 'signum' = schedule-free SignSGD (sparsify's default), 'massive' = massive tokens
-            kept in training, 'init' = W_enc = W_decᵀ at init (Gao et al.; saekit starts at W_decᵀ/√3),
+            kept in training, 'init' = W_enc = W_decᵀ at init (Gao et al.; saekit starts at W_decᵀ/2),
             'none' = no baseline
 Both are evaluated on the same held-out tokens (evaluate.py: FVU with and without massive tokens, L0,
 dead, CE recovered vs zero- and mean-ablation, KL). The table shows both, their ratio and the targets of

@@ -108,9 +108,9 @@ class TrainConfig:
     """Linear warm-up steps."""
     decay_fraction: float = 0.2
     """Final fraction of training over which the lr decays linearly to 0 (adam)."""
-    enc_init_scale: float = 3 ** -0.5
-    """W_enc starts as this × W_decᵀ (decoder rows unit-norm). Gao et al. use 1; 1/√3 (what sparsify's
-    nn.Linear init amounts to) reaches a lower FVU at short budgets (README, benchmarks/quality.py)."""
+    enc_init_scale: float = 0.5
+    """W_enc starts as this × W_decᵀ (decoder rows unit-norm). Gao et al. use 1; 0.5 reaches a lower FVU at
+    short budgets (measured: README, benchmarks/quality.py --baseline init)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
     auxk_coef: float = 1 / 32

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from . import ops
 from .errors import DataError, FileFormatError, NonFiniteError, SaekitError, ShapeError
 from .files import read_json, write_json, write_tensors
-from .train import Trainer, resolve_device, sae_name
+from .train import Trainer, resolve_device
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -284,71 +284,33 @@ class DistributedTrainer(Trainer):
     def _batches(self, acts: torch.Tensor) -> ShardBatches:
         return ShardBatches(acts.to(self.device), self.comm, self.cfg.batch_size, self.cfg.seed)
 
-    # ------------------------------------------------------------------ one step
-    def train_step(self, batch: torch.Tensor) -> list[dict[str, float]]:
-        comm, B = self.comm, self.cfg.batch_size  # B: global batch (the sum of the ranks' parts)
-        x = batch.float() * self.scale
-        mean = comm.all_reduce(x.sum(0), what="reducing the batch mean") / B
-        centered_var = comm.all_reduce((x - mean).pow(2).sum(), what="reducing the batch variance")
-        out = []
-        for sae, opt, sched, since in zip(self.saes, self.optimizers, self.schedules, self.since_fired, strict=True):
-            dead = since >= self.dead_tokens  # identical on every rank: since_fired is reduced
-            use_aux = self.cfg.auxk_coef > 0 and bool(dead.any())
-            k_aux = self.cfg.k_aux or sae.cfg.d_in // 2
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                if sae.cfg.architecture == "batchtopk":
-                    values, indices, aux_v, aux_i = self._batchtopk_encode(sae, x, dead if use_aux else None, k_aux)
-                else:
-                    values, indices, aux_v, aux_i = sae.encode_train(x, dead if use_aux else None, k_aux)
-                x_hat = sae.decode(values, indices)
-            err = x - x_hat.float()
-            err_sum = err.pow(2).sum()
-            loss = err_sum / centered_var  # this rank's share of the global FVU
-            aux_num = torch.zeros((), device=x.device)
-            e_var = torch.ones((), device=x.device)
-            if aux_v is not None:
-                e = err.detach()
-                e_hat = ops.sparse_decode(aux_v, aux_i, sae.W_dec)
-                e_mean = comm.all_reduce(e.sum(0), what="reducing the AuxK residual mean") / B
-                e_var = comm.all_reduce((e - e_mean).pow(2).sum(), what="reducing the AuxK residual variance")
-                e_var = e_var.clamp_min(1e-12)
-                aux_num = (e - e_hat.float()).pow(2).sum()
-                loss = loss + self.cfg.auxk_coef * aux_num / e_var
-            loss.backward()
-            fired = torch.zeros(sae.cfg.d_sae, device=x.device)
-            fired[indices[values > 0]] = 1
-            stats = torch.stack([err_sum.detach().float(), aux_num.detach().float(), (values > 0).sum().float()])
-            # One bucket per SAE and step: gradients (summed = the global gradient), fired counts, metrics.
-            params = list(sae.parameters())
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = torch.cat([g.flatten().float() for g in grads] + [fired, stats])
-            comm.all_reduce(flat, what="reducing gradients")
-            o = 0
-            for p in params:
-                g = flat[o: o + p.numel()].view_as(p).to(p.dtype)
-                p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
-                o += p.numel()
-            fired_any = flat[o: o + sae.cfg.d_sae] > 0
-            err_sum, aux_num, active = flat[o + sae.cfg.d_sae:]
-            fvu = err_sum / centered_var
-            aux = aux_num / e_var if aux_v is not None else torch.zeros((), device=x.device)
-            total = fvu + self.cfg.auxk_coef * aux
-            if not torch.isfinite(total):  # the same verdict on every rank: the numbers are reduced
-                opt.zero_grad(set_to_none=True)
-                raise NonFiniteError(f"the loss of SAE {sae_name(sae.cfg)} became {total.item()} at step {self.step}; "
-                                     "the last checkpoint is intact. Lower --lr or check the activations.")
-            sae.remove_parallel_grad()
-            if self.cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            sae.normalize_decoder()
-            since += B
-            since[fired_any] = 0
-            out.append({"fvu": fvu.item(), "auxk": aux.item(), "l0": active.item() / B,
-                        "dead_fraction": dead.float().mean().item(), "lr": sched.get_last_lr()[0]})
-        return out
+    # ------------------------------------------------------------------ one step: Trainer.train_step, reduced
+    def _batch_tokens(self, local: int) -> int:
+        return self.cfg.batch_size  # the global batch: the sum of the ranks' parts
+
+    def _mean(self, x: torch.Tensor) -> torch.Tensor:
+        return self.comm.all_reduce(x.sum(0), what="reducing a batch mean") / self.cfg.batch_size
+
+    def _total(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        return self.comm.all_reduce(t, what=what)
+
+    def _reduce_grads(self, sae, fired: torch.Tensor, stats: torch.Tensor):
+        """One bucket per SAE and step: gradients (summed = the global gradient), fired counts, metrics."""
+        params = list(sae.parameters())
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.flatten().float() for g in grads] + [fired.float(), stats])
+        self.comm.all_reduce(flat, what="reducing gradients")
+        o = 0
+        for p in params:
+            g = flat[o: o + p.numel()].view_as(p).to(p.dtype)
+            p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
+            o += p.numel()
+        return flat[o: o + sae.cfg.d_sae] > 0, flat[o + sae.cfg.d_sae:]
+
+    def _encode_train(self, sae, x: torch.Tensor, aux_mask, k_aux: int):
+        if sae.cfg.architecture == "batchtopk":
+            return self._batchtopk_encode(sae, x, aux_mask, k_aux)
+        return sae.encode_train(x, aux_mask, k_aux)
 
     def _batchtopk_encode(self, sae, x: torch.Tensor, aux_mask, k_aux: int):
         """BatchTopK with the cutoff over the global batch: each rank's top k·B candidates are gathered (every

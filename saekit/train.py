@@ -193,28 +193,39 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def train_step(self, batch: torch.Tensor) -> list[dict[str, float]]:
         x = batch.float() * self.scale
-        centered_var = (x - x.mean(0)).pow(2).sum()
+        n = self._batch_tokens(len(x))
+        centered_var = self._total((x - self._mean(x)).pow(2).sum(), "reducing the batch variance")
         out = []
-        for sae, opt, sched, since in zip(self.saes, self.optimizers, self.schedules, self.since_fired):
+        for sae, opt, sched, since in zip(self.saes, self.optimizers, self.schedules, self.since_fired, strict=True):
             dead = since >= self.dead_tokens
             use_aux = self.cfg.auxk_coef > 0 and bool(dead.any())
             k_aux = self.cfg.k_aux or sae.cfg.d_in // 2
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                values, indices, aux_v, aux_i = sae.encode_train(x, dead if use_aux else None, k_aux)
+                values, indices, aux_v, aux_i = self._encode_train(sae, x, dead if use_aux else None, k_aux)
                 x_hat = sae.decode(values, indices)
             err = x - x_hat.float()
-            fvu = err.pow(2).sum() / centered_var
-            loss = fvu
-            aux = torch.zeros((), device=x.device)
-            if aux_v is not None:
+            err_sum = err.pow(2).sum()
+            loss = err_sum / centered_var  # the FVU (in a distributed run, this process's share of it)
+            aux_num, e_var = torch.zeros((), device=x.device), torch.ones((), device=x.device)
+            if aux_v is not None:  # AuxK: dead latents reconstruct the residual
                 e = err.detach()
                 e_hat = ops.sparse_decode(aux_v, aux_i, sae.W_dec)
-                aux = (e - e_hat.float()).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
-                loss = loss + self.cfg.auxk_coef * aux
-            if not torch.isfinite(loss):
-                raise NonFiniteError(f"the loss of SAE {sae_name(sae.cfg)} became {loss.item()} at step {self.step}; "
-                                     "the last checkpoint is intact. Lower --lr or check the activations.")
+                e_var = self._total((e - self._mean(e)).pow(2).sum(), "reducing the AuxK residual variance")
+                e_var = e_var.clamp_min(1e-12)
+                aux_num = (e - e_hat.float()).pow(2).sum()
+                loss = loss + self.cfg.auxk_coef * aux_num / e_var
             loss.backward()
+            fired = torch.zeros_like(dead)
+            fired[indices[values > 0]] = True
+            stats = torch.stack([err_sum.detach().float(), aux_num.detach().float(), (values > 0).sum().float()])
+            fired, (err_sum, aux_num, active) = self._reduce_grads(sae, fired, stats)
+            fvu = err_sum / centered_var
+            aux = aux_num / e_var
+            total = fvu + self.cfg.auxk_coef * aux
+            if not torch.isfinite(total):  # before the update: the weights and the last checkpoint stay intact
+                opt.zero_grad(set_to_none=True)
+                raise NonFiniteError(f"the loss of SAE {sae_name(sae.cfg)} became {total.item()} at step {self.step}; "
+                                     "the last checkpoint is intact. Lower --lr or check the activations.")
             sae.remove_parallel_grad()
             if self.cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
@@ -222,13 +233,28 @@ class Trainer:
             sched.step()
             opt.zero_grad(set_to_none=True)
             sae.normalize_decoder()
-            fired = torch.zeros_like(dead)
-            fired[indices[values > 0]] = True
-            since += len(x)
+            since += n
             since[fired] = 0
-            out.append({"fvu": fvu.item(), "auxk": aux.item(), "l0": (values > 0).sum(1).float().mean().item(),
+            out.append({"fvu": fvu.item(), "auxk": aux.item(), "l0": active.item() / n,
                         "dead_fraction": dead.float().mean().item(), "lr": sched.get_last_lr()[0]})
         return out
+
+    # What a data-parallel trainer (saekit.distributed) reduces across processes; one process: nothing.
+    def _batch_tokens(self, local: int) -> int:
+        return local
+
+    def _mean(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(0)
+
+    def _total(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        return t
+
+    def _reduce_grads(self, sae: SparseAutoencoder, fired: torch.Tensor, stats: torch.Tensor):
+        """(latents fired anywhere, [error sum, AuxK error sum, active codes]) after gradients are final."""
+        return fired, stats
+
+    def _encode_train(self, sae: SparseAutoencoder, x: torch.Tensor, aux_mask: torch.Tensor | None, k_aux: int):
+        return sae.encode_train(x, aux_mask, k_aux)
 
     # ------------------------------------------------------------------ loop
     def fit(self, progress: bool = True, stop_after: int | None = None) -> list[Path]:
