@@ -9,6 +9,7 @@ so `pytest -m "not integration"` gives a quick unit-only pass when wanted.
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,3 +116,11 @@ def small_sae(d_in: int = 16, d_sae: int = 48, k: int = 4, architecture: str = "
 def sae_dir(tmp_path) -> Path:
     """A freshly saved small TopK SAE directory (safe to corrupt: one per test)."""
     return small_sae().save(tmp_path / "sae")
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A generator with a fresh seed per test, printed so that a failure can be replayed."""
+    seed = random.SystemRandom().randrange(2**31)
+    print(f"seed {seed}")
+    return torch.Generator().manual_seed(seed)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import random
 import sys
 
 import pytest
@@ -53,13 +52,6 @@ def K():
     for name in names:  # later imports start fresh
         sys.modules.pop(name, None)
     _set_interpret(False)
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = random.SystemRandom().randrange(2**31)
-    print(f"seed {seed}")
-    return torch.Generator().manual_seed(seed)
 
 
 @pytest.fixture

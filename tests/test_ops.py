@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 from saekit import ops
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = random.SystemRandom().randrange(2**31)
-    print(f"seed {seed}")
-    return torch.Generator().manual_seed(seed)
 
 
 @pytest.fixture
