@@ -324,3 +324,40 @@ def test_sparsify_sae_imports_exactly(peers, tmp_path):
     assert sae.hook == "blocks.10.hook_resid_pre" and sae.cfg.k == K and sae.cfg.d_sae == D_SAE
     assert_same(outputs(sae, x), _theirs(d, 7), "sparsify-made SAE")
     assert detect_format(convert(d / "sp_made", tmp_path / "conv")) == "saekit"
+
+
+# ----------------------------------------------------------------------------- transformer-lens 3.9
+
+TL39_SIDE = """
+import sys
+from importlib.metadata import version
+import torch
+from safetensors.torch import load_file, save_file
+from saekit.harvest import Harvester
+from saekit.lm import load_model
+model = load_model(sys.argv[1])
+h = Harvester(model, [sys.argv[2]]).harvest(load_file(sys.argv[3])["tokens"], 200, progress=False)
+save_file({"acts": h.acts[sys.argv[2]], "token_ids": h.token_ids}, sys.argv[4])
+print(version("transformer-lens"))
+"""
+
+
+@needs_peers
+def test_saekit_on_transformer_lens_3_9_harvests_the_same_activations(model, default_contexts, tmp_path):
+    """sae-lens pins transformer-lens < 4: saekit itself (installed in the peers' venv) loads the default model
+    there and harvests what it harvests on 4.x."""
+    from saekit.harvest import Harvester
+    from saekit.lm import resolve
+
+    hook = "blocks.5.hook_resid_pre"
+    tokens = default_contexts[0].tokens[:3]
+    save_file({"tokens": tokens}, str(tmp_path / "tokens.safetensors"))
+    run = subprocess.run([str(PEERS_PY), "-c", TL39_SIDE, str(resolve("default")[0]), hook,
+                          str(tmp_path / "tokens.safetensors"), str(tmp_path / "acts.safetensors")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-1].startswith("3."), run.stdout  # the peers' transformer-lens really is 3.x
+    theirs = load_file(str(tmp_path / "acts.safetensors"))
+    ours = Harvester(model, [hook]).harvest(tokens, 200, progress=False)
+    assert torch.equal(theirs["token_ids"], ours.token_ids)
+    torch.testing.assert_close(theirs["acts"], ours.acts[hook], rtol=1e-4, atol=1e-4)
