@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from saekit.features import FeatureBuilder, FeatureConfig, FeatureStore, Vocab, analyze, write_store  # noqa: E402
+from saekit.files import write_json  # noqa: E402
 
 DEMO_SAE = ROOT / "runs/demo/k32-d4608"
 DEMO_TOKENS = 300_000
@@ -202,8 +203,7 @@ def main() -> int:
           f"| target < 100 ms |")
     print(f"| feature page data, fresh store object | {p['page_ms_fresh_median']:.1f} ms | target < 100 ms |")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        write_json(args.json, out)
         print(f"\nwrote {args.json}")
     return 0
 

@@ -13,7 +13,6 @@ ratio harvest/bare. Target: overhead (1 − ratio) ≤ 10%.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -120,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     verdict = "ok" if 1 - ratio <= 0.10 else "ABOVE TARGET"
     print(f"  overhead {1 - ratio:+.1%} (target ≤ 10%: {verdict})")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        from saekit.files import write_json
+
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
 

@@ -21,7 +21,6 @@ the largest relative difference of a parameter gradient from the dense step's (s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from saekit import ops  # noqa: E402
 from saekit.config import SaeConfig  # noqa: E402
+from saekit.files import write_json  # noqa: E402
 from saekit.sae import SparseAutoencoder  # noqa: E402
 
 SHAPES = {"gpu": dict(d=768, n=32768, k=32, tokens=16384), "cpu": dict(d=576, n=4608, k=32, tokens=4096),
@@ -281,8 +281,7 @@ def main() -> None:
               f"{r['cpu_ms']:9.1f} {r['cpu_speedup_vs_dense']:8.2f}x "
               + (f"{r['grad_rel_diff']:8.1e}" if r["grad_rel_diff"] is not None else ""))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(env=env, rows=rows), indent=2))
+        write_json(args.json, dict(env=env, rows=rows))
 
 
 if __name__ == "__main__":

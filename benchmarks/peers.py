@@ -433,8 +433,9 @@ def main() -> None:
                "config": {k: v for k, v in vars(args).items() if k not in ("worker",)}, "data": info,
                "table": rows, "runs": [{k: v for k, v in r.items() if k != "step_times"} | {"step_times": r["step_times"]}
                                        for r in results]}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+        from saekit.files import write_json
+
+        write_json(args.json, out)
         print(f"wrote {args.json}")
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -142,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
               "targets": {k: list(v) for k, v in TARGETS.items()}}
     print_table(result)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
 

@@ -17,7 +17,6 @@ the cores, so expect little gain: the number that matters comes from re-running 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -185,8 +184,9 @@ def main() -> None:
         if "one_time_exchange_bytes" in r:
             print(f"{r['config']}: one-time activation exchange {r['one_time_exchange_bytes'] / 2**20:.1f} MiB sent by rank 0")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+        from saekit.files import write_json
+
+        write_json(args.json, {"args": vars(args), "rows": rows})
         print(f"wrote {args.json}")
 
 

@@ -28,14 +28,19 @@ def requested_backend() -> str:
 
 
 def _pick(device: torch.device) -> str:
-    """Dispatch on the tensor's device, not on whether triton imports (it imports on CPU-only hosts)."""
+    """The path for `device`, recorded for backend()."""
     global _last_backend
+    _last_backend = _choose(device)
+    return _last_backend
+
+
+def _choose(device: torch.device) -> str:
+    """Dispatch on the tensor's device, not on whether triton imports (it imports on CPU-only hosts)."""
     choice = requested_backend()
     if choice == "auto":
         choice = "triton" if device.type == "cuda" and _triton_available() else "torch"
     if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("SAEKIT_KERNELS=triton needs CUDA tensors (or TRITON_INTERPRET=1 for the interpreter).")
-    _last_backend = choice
     return choice
 
 
@@ -56,7 +61,7 @@ def training_path(device: torch.device | str) -> str:
     """The path fp32 training takes on `device`, in words (shown by the trainer, kept in the manifest)."""
     device = torch.device(device)
     sample = torch.empty(0, device=device)
-    if _pick(device) == "triton":
+    if _choose(device) == "triton":
         return "triton kernels"
     names = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16", torch.float64: "fp64"}
     return f"torch sparse ops, {names[selection_dtype(sample)]} top-k selection"
