@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from saekit.errors import SaekitError
 from saekit.features import FeatureStore
@@ -22,7 +21,7 @@ def streamlit_command(store: Path, port: int) -> list[str]:
             "--server.fileWatcherType", "none", "--", "--store", str(store)]
 
 
-def browse(store: str | Path, port: int = 8501) -> int:
+def browse(store: str | Path, port: int = 8501) -> NoReturn:
     store = Path(store).resolve()
     FeatureStore(store)  # a missing or foreign store fails here, with what to do, not inside the app
     try:
@@ -36,7 +35,10 @@ def browse(store: str | Path, port: int = 8501) -> int:
             raise SaekitError(f"port {port} on 127.0.0.1 is in use; pass another with --port.") from e
     print(f"saekit: browsing {store} at http://127.0.0.1:{port}  (Ctrl-C stops)", flush=True)
     env = {**os.environ, "SAEKIT_STORE": str(store), "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
-    return subprocess.call(streamlit_command(store, port), env=env)
+    # Become the server rather than its parent: a SIGTERM to `saekit browse` (a supervisor, a test fixture)
+    # then stops streamlit too, where a child would be left running.
+    cmd = streamlit_command(store, port)
+    os.execve(cmd[0], cmd, env)
 
 
 def cmd_browse(values: dict[str, Any]) -> int:
