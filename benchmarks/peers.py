@@ -49,6 +49,12 @@ def lr_factor(step: int, total: int, warmup: int, decay_fraction: float) -> floa
     return warm * (1.0 if step < start else max(0.0, (total - step) / max(total - start, 1)))
 
 
+def fvu(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Variance about the mean, in float64: the one yardstick for every library (and for the re-imports)."""
+    a, b = a.double(), b.double()
+    return ((a - b).pow(2).sum() / (a - a.mean(0)).pow(2).sum()).item()
+
+
 @torch.no_grad()
 def quality(encode, forward, x: torch.Tensor, normal: torch.Tensor, d_sae: int, chunk: int = 4096) -> dict[str, float]:
     """FVU (variance about the mean, sums accumulated over all tokens), L0 and dead fraction on x.
@@ -61,11 +67,6 @@ def quality(encode, forward, x: torch.Tensor, normal: torch.Tensor, d_sae: int, 
         on = v > 0
         active += int(on.sum())
         fires += torch.bincount(idx[on].flatten(), minlength=d_sae)
-
-    def fvu(a: torch.Tensor, b: torch.Tensor) -> float:
-        a, b = a.double(), b.double()
-        return ((a - b).pow(2).sum() / (a - a.mean(0)).pow(2).sum()).item()
-
     return {"fvu": fvu(x[normal], x_hat[normal]), "fvu_with_massive": fvu(x, x_hat), "l0": active / len(x),
             "dead_heldout": (fires == 0).float().mean().item(), "heldout_tokens": len(x)}
 
@@ -318,8 +319,7 @@ def check_imports(results: list[dict[str, Any]], args, data: Path) -> None:
         sae = load_any(Path(args.save_dir) / f"{r['lib']}-{r['repeat']}")
         with torch.no_grad():
             x_hat = torch.cat([sae(x[i: i + 4096]) for i in range(0, len(x), 4096)])
-        a, b = x[normal].double(), x_hat[normal].double()
-        r["fvu_imported"] = ((a - b).pow(2).sum() / (a - a.mean(0)).pow(2).sum()).item()
+        r["fvu_imported"] = fvu(x[normal], x_hat[normal])
         r["imported_hook"] = sae.hook
         print(f"  {r['lib']}-{r['repeat']}: imported into saekit, held-out FVU {r['fvu_imported']:.4f} "
               f"(the library measured {r['fvu']:.4f}), hook {sae.hook}", flush=True)
