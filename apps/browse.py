@@ -291,7 +291,8 @@ def search_page(path: str, store: FeatureStore, labels: Labels) -> None:
         hits = store.search_tokens(q, exact=exact)
         st.caption(f"{len(hits)} features")
         frame = pd.DataFrame(hits, columns=["feature", "tokens", "profile_rate", "logit", "density"])
-        frame.insert(1, "label", [labels.get(int(i)).label for i in frame["feature"]] if len(frame) else [])
+        names = labels.all_labels()  # one query, not one connection per hit
+        frame.insert(1, "label", [names.get(int(i), "") for i in frame["feature"]] if len(frame) else [])
         st.session_state["search_frame"] = frame
         st.dataframe(frame, hide_index=True, key="search_table", selection_mode="single-row",
                      on_select=lambda: _from_selection("search_table", frame_key="search_frame"))

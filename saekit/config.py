@@ -101,7 +101,7 @@ class TrainConfig:
     optimizer: Literal["adam", "signum"] = "adam"
     """'adam', or 'signum' (SignSGD with momentum inside schedule-free, as sparsify)."""
     lr: float | None = None
-    """Learning rate; default lr_scale × 2e-4·sqrt(2^14/d_sae) for adam, 5e-3·sqrt(2^14/d_sae) for signum."""
+    """Learning rate; default lr_scale × 2e-4·sqrt(2^14/d_sae) for adam, 1.25e-3·sqrt(2^14/d_sae) for signum."""
     lr_scale: float = 8.0
     """Multiplier on the Adam lr rule (measured: 8× beats 1× by a wide margin at short budgets)."""
     warmup_steps: int = 50

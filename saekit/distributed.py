@@ -43,7 +43,7 @@ import torch.distributed as dist
 from . import ops
 from .errors import DataError, FileFormatError, NonFiniteError, SaekitError, ShapeError
 from .files import read_json, write_json, write_tensors
-from .train import Trainer, resolve_device
+from .train import CHECKPOINT, Trainer, resolve_device
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -318,7 +318,7 @@ class DistributedTrainer(Trainer):
         values, indices, aux_v, aux_i = ops.encode_topk(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k_candidates,
                                                         aux_mask, k_aux)
         B = self.cfg.batch_size
-        keep = min(B * sae.k_candidates, sae.cfg.k * B)
+        keep = sae.cfg.k * B  # k_candidates ≥ k
         flat = values.detach().flatten().float()
         local = flat.topk(min(keep, flat.numel()), sorted=False).values
         cand = torch.full((keep,), -math.inf, device=x.device)
@@ -341,12 +341,12 @@ class DistributedTrainer(Trainer):
 
     # ------------------------------------------------------------------ outputs: rank 0 writes
     def save_checkpoint(self) -> Path:
-        path = super().save_checkpoint() if self.comm.is_main else self.out / "checkpoint.pt"
+        path = super().save_checkpoint() if self.comm.is_main else self.out / CHECKPOINT
         self.comm.barrier("waiting for rank 0 to write the checkpoint")
         return path
 
     def load_checkpoint(self) -> None:
-        path = self.out / "checkpoint.pt"
+        path = self.out / CHECKPOINT
         if not self.comm.agree(path.is_file(), "checking the checkpoint"):
             raise SaekitError(f"--resume: rank {self.comm.rank} does not see {path}: the run directory must be on a "
                               "filesystem every process shares (and the checkpoint must exist; else drop --resume).")

@@ -43,14 +43,16 @@ def ce_recovered(ce_ablated: float, ce_sae: float, ce_clean: float) -> float:
 def reconstruction_metrics(sae: SparseAutoencoder, x: torch.Tensor, massive_multiple: float = 10.0,
                            dense_threshold: float = 0.1, batch: int = 4096) -> dict[str, Any]:
     """FVU (all tokens and without massive ones), nmse, L0, dead and dense fractions on activations x."""
-    x_hat = torch.cat([sae(x[i: i + batch]) for i in range(0, len(x), batch)])
+    parts = []
     fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=x.device)
     l0 = 0.0
-    for i in range(0, len(x), batch):
+    for i in range(0, len(x), batch):  # one encode per batch serves the reconstruction and the counts
         v, idx = sae.encode(x[i: i + batch])
+        parts.append(sae.decode(v, idx))
         on = v > 0
         l0 += on.sum().item()
         fires += torch.bincount(idx[on], minlength=sae.cfg.d_sae)
+    x_hat = torch.cat(parts)
     massive = massive_mask(x.norm(dim=1), massive_multiple)
     normal = ~massive
     freq = fires.float() / len(x)

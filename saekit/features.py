@@ -319,8 +319,8 @@ class FeatureBuilder:
         on = values > 0
         if not bool(on.any()):
             return
-        t = on.nonzero(as_tuple=True)[0]
-        lat, val = indices[on], values[on]
+        t, j = on.nonzero(as_tuple=True)  # one compaction, row-major like indices[on]
+        lat, val = indices[t, j], values[t, j]
         tok, pos, ctx = token_ids[t], positions[t], context_ids[t]
 
         self.count.index_add_(0, lat, torch.ones_like(lat))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -344,7 +344,7 @@ def sample(model, prompt: list[int], rows: int, max_new_tokens: int, seed: int =
     lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
     kv = KVCache(model) if use_cache else None
     n = max_new_tokens
-    with steer(model, steering.sae, steering) if steering is not None else _nullcontext():
+    with steer(model, steering.sae, steering) if steering is not None else nullcontext():
         if steering is not None:
             steering.prompt_len = P
         try:
@@ -373,11 +373,6 @@ def sample(model, prompt: list[int], rows: int, max_new_tokens: int, seed: int =
                 steering.offset = None  # back to inferred positions for any later use of this Steering
     return Sampled(prompt, out[:, :n].cpu(), logprobs[:, :n].cpu(), lengths.cpu(),
                    tracked[:, :n].cpu() if tracked is not None else None)
-
-
-@contextmanager
-def _nullcontext():
-    yield None
 
 
 @dataclass

@@ -139,10 +139,12 @@ class Trainer:
         self.info = dict(info or {})
         self.writer = True  # this process writes metrics and wandb (False on ranks > 0 of a distributed run)
         self.data = self._batches(acts)
-        self.scale = input_scale(self.data.head(65536).to(self.device))
+        head = check if isinstance(acts, StreamBatches) else self.data.head(65536)  # a stream's head re-runs the model
+        head = head.to(self.device)
+        self.scale = input_scale(head)
         self.total_steps = max(1, int(cfg.epochs * self.data.tokens) // cfg.batch_size)
         self.dead_tokens = cfg.dead_tokens or max(cfg.batch_size, min(10_000_000, self.total_steps * cfg.batch_size // 50))
-        sample = self.data.head(16384).to(self.device) * self.scale
+        sample = head[:16384] * self.scale
         self.saes = [SparseAutoencoder.initialized(c, sample, seed=cfg.seed + i, device=self.device,
                                                   enc_scale=cfg.enc_init_scale)
                      for i, c in enumerate(cfg.saes)]
