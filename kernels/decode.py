@@ -121,6 +121,8 @@ def row_dots(g: torch.Tensor, indices: torch.Tensor, W: torch.Tensor,
     """out[t, j] = ⟨g[t], W[indices[t, j]]⟩ → [N, K] fp32 (or written into `out`)."""
     _check(indices, indices, W)
     N, K = indices.shape
+    if g.shape != (N, W.shape[1]):
+        raise ValueError(f"g {tuple(g.shape)} must be [N, D] = {(N, W.shape[1])}")
     D = W.shape[1]
     if out is None:
         out = torch.empty(N, K, device=W.device, dtype=torch.float32)

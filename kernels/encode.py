@@ -242,14 +242,16 @@ def fused_encode_topk(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor
     return (*_select(keys, k, dtype), *_select(akeys, k_aux, dtype))
 
 
-def encoder_backward(grad: torch.Tensor, indices: torch.Tensor, xc: torch.Tensor,
-                     W_enc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def encoder_backward(grad: torch.Tensor, indices: torch.Tensor, xc: torch.Tensor, W_enc: torch.Tensor,
+                     need_grad_x: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_W_enc, grad_b_enc, grad_b_dec) from the gradient `grad` [N, K] of the pre-activations
-    at `indices` [N, K] (duplicates allowed: they add), for pre = (x − b_dec)·W_enc + b_enc."""
+    at `indices` [N, K] (duplicates allowed: they add), for pre = (x − b_dec)·W_enc + b_enc. grad_x is None
+    when not needed (training: x is data)."""
     n = W_enc.shape[1]
     grad = grad.float().contiguous()
-    # Rows of W_encᵀ: a token's k gathers read k contiguous rows instead of k strided columns.
-    grad_x = gather_rows(grad, indices, W_enc.t().contiguous()).to(xc.dtype)
+    grad_x = None
+    if need_grad_x:  # rows of W_encᵀ: a token's k gathers read k contiguous rows instead of k strided columns
+        grad_x = gather_rows(grad, indices, W_enc.t().contiguous()).to(xc.dtype)
     lat, tok, c = sort_by_latent(indices, grad)
     grad_W_t, grad_b_enc = segment_rows(lat, tok, c, xc, n, with_bias=True)
     grad_b_dec = -(W_enc.float() @ grad_b_enc)
@@ -289,7 +291,7 @@ class EncodeTopK(torch.autograd.Function):
         if aux_indices is not None and grad_aux_values is not None:
             g = torch.cat([g, grad_aux_values * (aux_values > 0)], dim=1)
             i = torch.cat([i, aux_indices], dim=1)
-        return (*encoder_backward(g, i, xc, W_enc), None, None, None)
+        return (*encoder_backward(g, i, xc, W_enc, need_grad_x=ctx.needs_input_grad[0]), None, None, None)
 
 
 def encode_topk(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, k: int,

@@ -246,7 +246,7 @@ def sparse_encoder_backward(grad: torch.Tensor, indices: torch.Tensor, xc: torch
     grad = grad.to(xc.dtype)
     if _pick(xc.device) == "triton":
         from .kernels import encoder_backward
-        return encoder_backward(grad, indices, xc, W_enc)
+        return encoder_backward(grad, indices, xc, W_enc, need_grad_x)
     lat, tok, coef = _flat(indices, grad)
     keep = coef != 0
     offsets = None
