@@ -43,7 +43,7 @@ import torch.distributed as dist
 from . import ops
 from .errors import DataError, FileFormatError, NonFiniteError, SaekitError, ShapeError
 from .files import read_json, write_json, write_tensors
-from .train import CHECKPOINT, Trainer, resolve_device
+from .train import CHECKPOINT, EpochOrder, Trainer, resolve_device
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -220,7 +220,7 @@ def shutdown() -> None:
 
 # ----------------------------------------------------------------------------- data parallel
 
-class ShardBatches:
+class ShardBatches(EpochOrder):
     """This rank's part of the single-process batches. The global stream is the concatenation of every
     rank's shard in rank order; the permutation is the one InMemoryBatches draws for the whole stream, and
     each rank keeps the indices that fall in its shard (about batch/world rows, varying a little per step)."""
@@ -253,11 +253,7 @@ class ShardBatches:
         return torch.cat(pieces)
 
     def batch(self, step: int) -> torch.Tensor:
-        epoch, i = divmod(step, self.steps_per_epoch)
-        if self._perm is None or self._perm[0] != epoch:
-            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)  # as InMemoryBatches
-            self._perm = (epoch, torch.randperm(self.tokens, generator=gen).to(self.acts.device))
-        idx = self._perm[1][i * self.batch_size: (i + 1) * self.batch_size]
+        idx = self.step_indices(step)
         mine = idx[(idx >= self.lo) & (idx < self.hi)] - self.lo
         return self.acts[mine]
 

@@ -44,7 +44,26 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-class InMemoryBatches:
+class EpochOrder:
+    """The global token order: a new seeded permutation of all `tokens` each epoch, so the rows of step s are
+    a pure function of (seed, s) — what makes resume exact, and what every data-parallel rank agrees on."""
+
+    acts: torch.Tensor
+    batch_size: int
+    seed: int
+    steps_per_epoch: int
+    _perm: tuple[int, torch.Tensor] | None
+    tokens: int
+
+    def step_indices(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.tokens, generator=gen).to(self.acts.device))
+        return self._perm[1][i * self.batch_size: (i + 1) * self.batch_size]
+
+
+class InMemoryBatches(EpochOrder):
     """Batches drawn without replacement from activations in memory; a new seeded permutation each
     epoch. `batch(step)` is a pure function of (seed, step), which is what makes resume exact."""
 
@@ -66,12 +85,7 @@ class InMemoryBatches:
         return self.acts[:n]
 
     def batch(self, step: int) -> torch.Tensor:
-        epoch, i = divmod(step, self.steps_per_epoch)
-        if self._perm is None or self._perm[0] != epoch:
-            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perm = (epoch, torch.randperm(len(self.acts), generator=gen).to(self.acts.device))
-        idx = self._perm[1][i * self.batch_size: (i + 1) * self.batch_size]
-        return self.acts[idx]
+        return self.acts[self.step_indices(step)]
 
 
 class StreamBatches:
