@@ -4,7 +4,7 @@ PY    := $(VENV)/bin/python
 PIP   := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.saekit-setup
 
-.PHONY: setup demo test bench browse bench-peers peers clean
+.PHONY: setup demo test test-fast bench browse bench-peers peers clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,9 @@ demo: setup
 
 test: setup peers  # the peers' venv lets the interop tests load our SAEs in real SAELens and sparsify
 	$(VENV)/bin/pytest -q
+
+test-fast: setup  # unit tests only: no default model, no browser (the interop tests skip without the peers)
+	$(VENV)/bin/pytest -q -m "not integration and not browser"
 
 bench: setup
 	$(PY) benchmarks/quality.py --json runs/bench/quality.json
