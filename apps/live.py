@@ -13,6 +13,7 @@ import torch
 
 from saekit.errors import SaekitError
 from saekit.features import FeatureStore
+from saekit.tokens import bos_id, special_ids
 
 
 @dataclass
@@ -53,7 +54,7 @@ class LiveModel:
 
     def __init__(self, store: FeatureStore, device: str = "cpu"):
         from saekit.harvest import Harvester
-        from saekit.lm import load_model, special_token_ids
+        from saekit.lm import load_model
         from saekit.sae import load_sae
 
         man = store.manifest
@@ -67,14 +68,12 @@ class LiveModel:
         self.hook = man["hook"]
         self.harvester = Harvester(self.model, [self.hook], device=device)
         self.tokenizer = self.model.tokenizer
-        self.special = set(special_token_ids(self.tokenizer))
+        self.special = set(special_ids(self.tokenizer))
         self.vocab = store.vocab
         self.lock = threading.Lock()
 
     def tokenize(self, text: str, max_tokens: int = 512) -> list[int]:
-        tok = self.tokenizer
-        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-        return [bos, *tok(text, add_special_tokens=False)["input_ids"]][:max_tokens]
+        return [bos_id(self.tokenizer), *self.tokenizer(text, add_special_tokens=False)["input_ids"]][:max_tokens]
 
     @torch.no_grad()
     def run(self, text: str, max_tokens: int = 512) -> LiveResult:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import DataError
+from .tokens import bos_id, separator_id, special_ids
 
 TEXT_SUFFIXES = {".txt": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -92,9 +93,7 @@ def pack(docs: list[str], tokenizer, context_size: int) -> Contexts:
     """Concatenate documents (separator between them) and cut into contexts that each start with BOS."""
     if context_size < 2:
         raise DataError("context_size must be at least 2 (BOS plus one token).")
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    sep = tokenizer.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in tokenizer.get_vocab() else None
-    sep = sep if sep is not None else tokenizer.eos_token_id
+    bos, sep = bos_id(tokenizer), separator_id(tokenizer)
     ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
     stream: list[int] = []
     for doc in ids:
@@ -107,7 +106,7 @@ def pack(docs: list[str], tokenizer, context_size: int) -> Contexts:
         raise DataError(f"the dataset holds {len(stream)} tokens, fewer than one context of {context_size}.")
     body_tokens = torch.tensor(stream[: n * body], dtype=torch.long).view(n, body)
     tokens = torch.cat([torch.full((n, 1), bos, dtype=torch.long), body_tokens], dim=1)
-    special = torch.tensor(sorted(set(tokenizer.all_special_ids) | {bos, sep}))
+    special = torch.tensor(sorted({*special_ids(tokenizer), bos, sep}))
     usable = int((~torch.isin(body_tokens, special)).sum())
     return Contexts(tokens, usable, len(ids))
 
