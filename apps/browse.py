@@ -21,7 +21,8 @@ from saekit.apps.labels import Conflict, Labels
 from saekit.apps.steering_panel import steering_panel
 
 from saekit.errors import SaekitError
-from saekit.features import FeatureStore, display_token
+from saekit.features import FeatureStore
+from saekit.tokens import display_token
 
 PAGES = {"overview": "Overview", "feature": "Feature", "text": "Your text", "search": "Search"}
 SLUG = {v: k for k, v in PAGES.items()}

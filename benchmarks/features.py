@@ -35,8 +35,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from saekit.features import FeatureBuilder, FeatureConfig, FeatureStore, Vocab, analyze, write_store  # noqa: E402
+from saekit.features import FeatureBuilder, FeatureConfig, FeatureStore, analyze, write_store  # noqa: E402
 from saekit.files import write_json  # noqa: E402
+from saekit.tokens import Vocab  # noqa: E402
 
 DEMO_SAE = ROOT / "runs/demo/k32-d4608"
 DEMO_TOKENS = 300_000

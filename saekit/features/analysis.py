@@ -1,0 +1,201 @@
+"""`analyze`: build a feature store in one pass, from the model + SAE over the SAE's dataset (`saekit analyze
+SAE_DIR`), or from a cached harvest (`--activations DIR`: no model forward at all). Both batch contexts
+identically, so they build the same store."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import DataError, FileFormatError, ShapeError
+from ..tokens import Vocab, bos_id, separator_id
+from .builder import FeatureBuilder
+from .config import BINS_PER_DECADE, HIST_HI, HIST_LO, FeatureConfig
+from .store import FORMAT_VERSION, STORE_KIND, write_store
+
+
+def _massive_keep(acts: torch.Tensor, ref: list[float], multiple: float) -> torch.Tensor:
+    """Keep mask: drop tokens whose norm exceeds `multiple` × the first batch's median norm."""
+    norms = acts.norm(dim=1)
+    if not ref:
+        ref.append(float(norms.median()) if len(norms) else 0.0)
+    if multiple <= 0 or not ref[0]:
+        return torch.ones(len(acts), dtype=torch.bool, device=acts.device)
+    return norms <= multiple * ref[0]
+
+
+def _load_sae_with_hook(sae_dir: str | Path):
+    """The SAE of `sae_dir`; it must record the hook it reads, which the pass harvests."""
+    from ..sae import load_sae
+
+    sae = load_sae(sae_dir)
+    if not sae.hook:
+        raise FileFormatError(f"{sae_dir}/cfg.json records no hook; the feature store needs to know where the SAE reads.")
+    return sae
+
+
+def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = None, activations: str | Path | None = None,
+            model=None, model_arg: str | None = None, dataset: str | None = None, progress: bool = True) -> Path:
+    """Build the feature store for the SAE in `sae_dir` into `out` (one pass; see module doc).
+
+    `activations`: a cache written by `saekit harvest`/`train` (no model forward). Otherwise `model` (or
+    `model_arg`, default the SAE's recorded model) runs over the SAE's dataset (or `dataset`).
+    """
+    from .. import __version__
+    from ..lm import load_model, unembedding
+    from ..train import resolve_device
+
+    cfg = cfg or FeatureConfig()
+    device = resolve_device(cfg.device)
+    sae_dir, out = Path(sae_dir), Path(out)
+    sae = _load_sae_with_hook(sae_dir).to(device)
+    info = sae.info
+    hook = sae.hook
+    chosen_model = model_arg
+    model_arg = model_arg or info.get("model_arg", "default")
+    data = {"dataset": dataset or info.get("dataset", "default"), "text_column": info.get("text_column", "text"),
+            "context_size": int(info.get("context_size", 128)), "heldout_fraction": info.get("heldout_fraction", 0.05),
+            "seed": info.get("seed", 0)}
+    cache = None
+    if activations is not None:
+        from ..harvest import read_cache
+
+        cache = read_cache(activations, hooks=[hook])
+        if cache.acts[hook].shape[1] != sae.cfg.d_in:
+            raise ShapeError(f"the cache in {activations} has width {cache.acts[hook].shape[1]} at {hook}, "
+                             f"but the SAE's d_in is {sae.cfg.d_in}.")
+        if cache.meta.get("model") and info.get("model") and cache.meta["model"] != info["model"]:
+            raise DataError(f"the cache in {activations} holds activations of {cache.meta['model']}, but the SAE was "
+                            f"trained on {info['model']}; use a cache of the SAE's model (or drop --activations).")
+        model_arg = chosen_model or cache.meta.get("model_arg", model_arg)
+        data |= {k: cache.meta[k] for k in data if k in cache.meta and not (k == "dataset" and dataset)}
+    if model is None:
+        print(f"saekit: loading model {model_arg!r}", flush=True)
+        model = load_model(model_arg, device=device if cache is None else "cpu")
+    tokenizer = model.tokenizer
+    vocab = Vocab.from_tokenizer(tokenizer)
+    W_U, norm_weight = unembedding(model)
+    vocab_size = max(W_U.shape[1], len(vocab))
+    builder = FeatureBuilder(sae.cfg.d_sae, vocab_size, cfg, device)
+    ref: list[float] = []
+    budget = cfg.tokens
+    seen = massive = 0
+    forward_s = 0.0
+    t_data = time.perf_counter()
+    contexts = _contexts_for(tokenizer, data) if cache is None else None
+    data_s = time.perf_counter() - t_data
+    start = time.perf_counter()
+    bar = tqdm(total=budget, desc="analyze", unit="tok", disable=not progress, dynamic_ncols=True)
+
+    def consume(acts, ids, pos, ctx) -> bool:
+        nonlocal seen, massive
+        take = min(len(ids), budget - seen)
+        acts, ids, pos, ctx = acts[:take], ids[:take], pos[:take], ctx[:take]
+        seen += take
+        keep = _massive_keep(acts, ref, cfg.massive_multiple)
+        massive += int((~keep).sum())
+        values, indices = sae.encode(acts[keep].to(device))
+        builder.add(values, indices, ids[keep], pos[keep], ctx[keep])
+        bar.update(take)
+        return seen >= budget
+
+    if cache is None:
+        from ..harvest import Harvester
+
+        harvester = Harvester(model, [hook], device=device)
+        gen = harvester.batches(contexts, cfg.batch_contexts)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(gen, None)
+            forward_s += time.perf_counter() - t0
+            if batch is None:
+                break
+            acts, ids, pos, ctx = batch
+            if consume(acts[hook], ids, pos, ctx):
+                break
+        source = {"source": "model"}
+    else:
+        group = cache.context_ids // cfg.batch_contexts
+        cuts = torch.nonzero(group[1:] != group[:-1]).squeeze(1) + 1
+        bounds = [0, *cuts.tolist(), len(group)]
+        for lo, hi in zip(bounds, bounds[1:]):
+            if consume(cache.acts[hook][lo:hi], cache.token_ids[lo:hi], cache.positions[lo:hi], cache.context_ids[lo:hi]):
+                break
+        source = {"source": "activations", "activations": str(Path(activations).resolve())}
+        try:  # tokenizing only: the windows show the very contexts the cache was harvested from
+            packed = _contexts_for(tokenizer, data)
+        except DataError:
+            packed = None
+        contexts = _contexts_from_cache(cache, packed, tokenizer, data["context_size"])
+    bar.close()
+    if seen < budget:
+        print(f"saekit: the {'cache' if cache is not None else 'dataset'} gave {seen:,} tokens, fewer than the "
+              f"{budget:,} asked; analysing those.")
+    if builder.tokens == 0:
+        raise DataError("no tokens to analyse; check the dataset or the activation cache.")
+    pass_s = time.perf_counter() - start
+    stats, feats, finfo = builder.finish(sae.W_dec.detach(), W_U.to(device), None if norm_weight is None else norm_weight.to(device))
+    n_ctx = int(max(int(feats["top_ctx"].max()), int(feats["sample_ctx"].max()), 0)) + 1
+    used_contexts = contexts[: max(n_ctx, 1)].to(torch.int32)
+    from ..lm import model_id
+
+    manifest = {
+        "kind": STORE_KIND, "format_version": FORMAT_VERSION, "saekit_version": __version__,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "sae_dir": str(sae_dir.resolve()), "sae_weights_sha256": sae.weights_hash(),
+        "sae": dataclasses.asdict(sae.cfg), "hook": hook, "model": info.get("model") or model_id(model),
+        "model_arg": model_arg, **data, "split": "train", **source,
+        "tokens": builder.tokens, "tokens_seen": seen, "massive_excluded": massive,
+        "massive_median_norm": ref[0] if ref else None, "d_sae": sae.cfg.d_sae, "vocab_size": vocab_size,
+        "config": dataclasses.asdict(cfg), "map_method": finfo.pop("map_method"),
+        "hist": {"log10_lo": HIST_LO, "log10_hi": HIST_HI, "bins_per_decade": BINS_PER_DECADE},
+        "final_norm_applied": norm_weight is not None,
+        "timings": {"data_seconds": data_s, "pass_seconds": pass_s, "forward_seconds": forward_s if cache is None else 0.0,
+                    "tokens_per_s": seen / max(pass_s, 1e-9), **finfo,
+                    "total_seconds": time.perf_counter() - start},
+    }
+    write_store(out, manifest, stats, feats, used_contexts, vocab, started=start)
+    print(f"feature store: {builder.tokens:,} tokens ({massive} massive left out), {sae.cfg.d_sae} latents, "
+          f"{seen / max(pass_s, 1e-9):,.0f} tokens/s, map {manifest['map_method']} → {out}")
+    return out
+
+
+def _contexts_for(tokenizer, data: dict[str, Any]) -> torch.Tensor:
+    from ..data import load_contexts
+
+    train, _ = load_contexts(tokenizer, data["dataset"], data["context_size"], data["heldout_fraction"], data["seed"],
+                             data["text_column"])
+    return train.tokens
+
+
+def _contexts_from_cache(cache, contexts: torch.Tensor | None, tokenizer, T: int) -> torch.Tensor:
+    """The token contexts the cache came from: the re-packed dataset when it agrees with the cached token
+    ids, else rebuilt from them (dropped positions become BOS at 0 and the separator elsewhere)."""
+    n_ctx = int(cache.context_ids.max()) + 1 if len(cache) else 0
+    ctx, pos, ids = cache.context_ids.long(), cache.positions.long(), cache.token_ids.long()
+    if contexts is not None and len(contexts) >= n_ctx and contexts.shape[1] == T:
+        if torch.equal(contexts[ctx, pos], ids):
+            return contexts[:n_ctx]
+    print("saekit: the dataset no longer matches the activation cache; example windows show the cached tokens "
+          "only (dropped positions appear as separators).")
+    out = torch.full((n_ctx, T), separator_id(tokenizer), dtype=torch.long)
+    out[:, 0] = bos_id(tokenizer)
+    out[ctx, pos] = ids
+    return out
+
+
+def cmd_analyze(values: dict[str, Any]) -> int:
+    """`saekit analyze SAE_DIR [--out STORE] [--activations DIR] [--tokens N] …`"""
+    cfg = FeatureConfig(**{f.name: values[f.name] for f in dataclasses.fields(FeatureConfig)
+                           if values.get(f.name) is not None})
+    sae_dir = Path(values["sae_dir"])
+    out = Path(values.get("out") or sae_dir.parent / "store")
+    analyze(sae_dir, out, cfg, activations=values.get("activations"), model_arg=values.get("model"),
+            dataset=values.get("dataset"))
+    print(f"browse it with:  saekit browse {out}")
+    return 0

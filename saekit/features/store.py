@@ -1,0 +1,254 @@
+"""The feature store on disk: its format, `write_store`, and `FeatureStore`, the read-only view the app uses.
+
+Store directory (the app reads the big arrays lazily, one latent's rows at a time):
+  manifest.json            SAE hash, model, hook, dataset, tokens, config, saekit version, map method
+  stats.safetensors        small per-latent arrays the overview needs at once
+  features.safetensors     per-latent rows: histogram, examples + windows, sample, logits, profile, neighbours
+  contexts.safetensors     token ids of every analysed context (example windows index into it)
+  vocab.safetensors        each token's bytes, so pieces display correctly (multi-byte characters merged)
+  labels.sqlite            labels and notes written by the app (kept when the store is rebuilt)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import FileFormatError
+from ..files import read_json, write_json, write_tensors
+from ..tokens import Vocab, display_token
+from .config import hist_edges, hist_quantiles
+
+STORE_KIND = "saekit-feature-store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STATS, FEATURES, CONTEXTS, VOCAB = "stats.safetensors", "features.safetensors", "contexts.safetensors", "vocab.safetensors"
+
+
+def write_store(out: str | Path, manifest: dict[str, Any], stats: dict[str, torch.Tensor],
+                feats: dict[str, torch.Tensor], contexts: torch.Tensor, vocab: Vocab, started: float | None = None) -> Path:
+    """Write every array (atomically), then the manifest last; labels.sqlite in `out` is left alone.
+    With `started` (a perf_counter time), the manifest's timings get the write time and the total."""
+    out = Path(out)
+    t0 = time.perf_counter()
+    write_tensors(out / STATS, stats)
+    write_tensors(out / FEATURES, feats)
+    write_tensors(out / CONTEXTS, {"tokens": contexts.to(torch.int32)})
+    write_tensors(out / VOCAB, vocab.tensors())
+    if started is not None:
+        manifest["timings"] |= {"write_seconds": time.perf_counter() - t0, "total_seconds": time.perf_counter() - started}
+    write_json(out / MANIFEST, manifest)
+    return out
+
+
+@dataclass
+class Example:
+    """One activating context: the window's tokens, display pieces and the latent's activation on each."""
+
+    value: float
+    context: int
+    position: int
+    tokens: list[int]
+    pieces: list[str]
+    acts: list[float]
+    focus: int  # index in the window of the token the example was chosen for
+
+
+@dataclass
+class QuantileGroup:
+    q_lo: float
+    q_hi: float
+    lo: float
+    hi: float
+    examples: list[Example]
+
+
+@dataclass
+class Feature:
+    id: int
+    count: int
+    tokens: int
+    density: float
+    mean: float
+    max: float
+    hist_edges: np.ndarray
+    hist_counts: np.ndarray
+    top: list[Example]
+    groups: list[QuantileGroup]
+    logits_top: list[tuple[int, str, float]]
+    logits_bottom: list[tuple[int, str, float]]
+    profile: list[dict[str, Any]]
+    neighbours: list[tuple[int, float]]
+
+
+class FeatureStore:
+    """Read-only view of a store directory. Small arrays load once; a feature's rows load on demand
+    (safetensors slices: only that latent's bytes are read)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        man_path = self.path / MANIFEST
+        if not man_path.is_file():
+            raise FileFormatError(f"{self.path} is not a feature store (no {MANIFEST}); build one with "
+                                  "`saekit analyze SAE_DIR --out STORE`.")
+        self.manifest = read_json(man_path)
+        if self.manifest.get("kind") != STORE_KIND:
+            raise FileFormatError(f"{self.path}/{MANIFEST} is not a saekit feature store manifest.")
+        if self.manifest.get("format_version", 0) > FORMAT_VERSION:
+            raise FileFormatError(f"{self.path} was written by a newer saekit (format {self.manifest['format_version']}); "
+                                  "upgrade saekit.")
+        self.d_sae = int(self.manifest["d_sae"])
+        self.tokens = int(self.manifest["tokens"])
+        self._local = threading.local()  # safetensors handles per thread: app sessions are threads
+
+    def _open(self, name: str):
+        from safetensors import safe_open
+
+        handles = self._local.__dict__.setdefault("handles", {})
+        if name not in handles:
+            path = self.path / name
+            if not path.is_file():
+                raise FileFormatError(f"{path} is missing; rebuild the store with `saekit analyze`.")
+            handles[name] = safe_open(str(path), framework="pt")
+        return handles[name]
+
+    def _all(self, name: str) -> dict[str, torch.Tensor]:
+        f = self._open(name)
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+    def _row(self, key: str, i: int) -> torch.Tensor:
+        return self._open(FEATURES).get_slice(key)[i: i + 1][0]
+
+    @cached_property
+    def stats(self) -> dict[str, np.ndarray]:
+        s = {k: v.numpy() for k, v in self._all(STATS).items()}
+        count = s["count"]
+        s["density"] = count / max(self.tokens, 1)
+        s["mean"] = np.where(count > 0, s["act_sum"] / np.maximum(count, 1), 0.0)
+        return s
+
+    @cached_property
+    def vocab(self) -> Vocab:
+        v = self._all(VOCAB)
+        return Vocab(v["bytes"].numpy(), v["offsets"].numpy(), v["special"].numpy())
+
+    @cached_property
+    def feature_keys(self) -> set[str]:
+        return set(self._open(FEATURES).keys())
+
+    def column(self, key: str) -> np.ndarray:
+        """A whole per-latent array from features.safetensors (e.g. for search)."""
+        return self._open(FEATURES).get_tensor(key).numpy()
+
+    def top_tokens_text(self, i: int, n: int = 3) -> str:
+        ids = self.stats["top_tokens"][i][:n]
+        return " · ".join(display_token(self.vocab.token_str(t)) for t in ids if t >= 0)
+
+    def _examples(self, prefix: str, i: int, keep=None) -> list[Example]:
+        value, ctx, pos, acts = (self._row(f"{prefix}_{k}", i) for k in ("value", "ctx", "pos", "acts"))
+        tokens_slice = self._open(CONTEXTS).get_slice("tokens")
+        cfg = self.manifest["config"]
+        before, W = cfg["window_before"], cfg["window_before"] + 1 + cfg["window_after"]
+        T = tokens_slice.get_shape()[1]
+        out = []
+        for j in range(len(ctx)):
+            c = int(ctx[j])
+            if c < 0 or (keep is not None and j not in keep):
+                continue
+            p = int(pos[j])
+            lo, hi = max(0, p - before), min(T, p - before + W)
+            ids = tokens_slice[c: c + 1, lo:hi][0].tolist()
+            a = acts[j, lo - (p - before): hi - (p - before)].float().tolist()
+            out.append(Example(float(value[j]), c, p, ids, self.vocab.pieces(ids), a, p - lo))
+        return out
+
+    def feature(self, i: int, groups: int | None = None, per_group: int = 5) -> Feature:
+        """Everything a feature page shows for latent i."""
+        if not 0 <= i < self.d_sae:
+            raise IndexError(f"feature {i} is out of range (the store has {self.d_sae} latents).")
+        s = self.stats
+        count = int(s["count"][i])
+        hist = self._row("hist", i).numpy()
+        groups = groups or int(self.manifest["config"]["quantile_groups"])
+        vs = self.vocab
+        logits_top = logits_bottom = []
+        if "logit_top_token" in self.feature_keys:
+            logits_top = [(int(t), vs.token_str(t), float(v)) for t, v in
+                          zip(self._row("logit_top_token", i), self._row("logit_top_value", i))]
+            logits_bottom = [(int(t), vs.token_str(t), float(v)) for t, v in
+                             zip(self._row("logit_bottom_token", i), self._row("logit_bottom_value", i))]
+        prof = [{"token": int(t), "string": vs.token_str(t), "fires": int(f), "token_count": int(c),
+                 "rate": int(f) / max(int(c), 1), "share": int(f) / max(count, 1), "mean_act": float(m)}
+                for t, f, c, m in zip(*(self._row(k, i) for k in ("profile_token", "profile_fires",
+                                                                   "profile_token_count", "profile_mean")))
+                if int(t) >= 0]
+        return Feature(
+            id=i, count=count, tokens=self.tokens, density=count / max(self.tokens, 1),
+            mean=float(s["mean"][i]), max=float(s["act_max"][i]), hist_edges=hist_edges(), hist_counts=hist,
+            top=self._examples("top", i), groups=self._groups(i, hist, groups, per_group),
+            logits_top=logits_top, logits_bottom=logits_bottom, profile=prof,
+            neighbours=[(int(j), float(c)) for j, c in zip(self._row("neighbour_id", i), self._row("neighbour_cos", i))],
+        )
+
+    def _groups(self, i: int, hist: np.ndarray, groups: int, per_group: int) -> list[QuantileGroup]:
+        """Bands between activation quantiles (from all firings), filled from the uniform sample."""
+        if hist.sum() == 0:
+            return []
+        qs = np.linspace(0, 1, groups + 1)
+        edges = hist_quantiles(hist, qs)
+        edges[0], edges[-1] = 0.0, np.inf
+        value, ctx = self._row("sample_value", i).numpy(), self._row("sample_ctx", i).numpy()
+        valid = ctx >= 0
+        out = []
+        for g in range(groups - 1, -1, -1):  # highest band first, like the top examples above it
+            lo, hi = edges[g], edges[g + 1]
+            idx = np.nonzero(valid & (value >= lo) & (value < hi))[0]
+            if len(idx) > per_group:  # spread over the band: idx is sorted by value (descending)
+                idx = idx[np.linspace(0, len(idx) - 1, per_group).round().astype(int)]
+            out.append(QuantileGroup(float(qs[g]), float(qs[g + 1]), float(lo), float(hi),
+                                     self._examples("sample", i, keep=set(idx.tolist()))))
+        return out
+
+    def search_tokens(self, query: str, exact: bool = False, limit: int = 100) -> list[dict[str, Any]]:
+        """Latents whose token profile or top logit tokens hold a token matching `query` (stripped,
+        case-insensitive; `exact` or substring)."""
+        if not query:
+            return []
+        q = query.lower()
+        qs = q.strip() or q  # a query of only whitespace looks for whitespace tokens
+        strings = self.vocab.strings
+        match = np.array([(s.lower().strip() == qs or s.lower() == q) if exact else (qs in s.lower())
+                          for s in strings], dtype=bool)
+        if not match.any():
+            return []
+        rows: dict[int, dict[str, Any]] = {}
+        prof = self.column("profile_token")
+        rate = self.column("profile_fires") / np.maximum(self.column("profile_token_count"), 1)
+        hit = (prof >= 0) & match[np.clip(prof, 0, len(match) - 1)]
+        for f, j in zip(*np.nonzero(hit)):
+            r = rows.setdefault(int(f), {"feature": int(f), "profile_rate": 0.0, "logit": None, "tokens": set()})
+            r["profile_rate"] = max(r["profile_rate"], float(rate[f, j]))
+            r["tokens"].add(strings[prof[f, j]])
+        if "logit_top_token" in self.feature_keys:
+            lt, lv = self.column("logit_top_token"), self.column("logit_top_value")
+            hit = match[np.clip(lt, 0, len(match) - 1)]
+            for f, j in zip(*np.nonzero(hit)):
+                r = rows.setdefault(int(f), {"feature": int(f), "profile_rate": 0.0, "logit": None, "tokens": set()})
+                r["logit"] = max(r["logit"] or -np.inf, float(lv[f, j]))
+                r["tokens"].add(strings[lt[f, j]])
+        out = sorted(rows.values(), key=lambda r: (-r["profile_rate"], -(r["logit"] or -np.inf)))[:limit]
+        for r in out:
+            r["tokens"] = " · ".join(sorted(display_token(t) for t in r["tokens"]))
+            r["density"] = float(self.stats["density"][r["feature"]])
+        return out
+
+
+def open_store(path: str | Path) -> FeatureStore:
+    return FeatureStore(path)
