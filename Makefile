@@ -1,10 +1,10 @@
-# Every target sets up .venv first (idempotent: re-runs only when pyproject.toml or this file change).
+# Every target but gpu-check sets up .venv first (idempotent: re-runs only when pyproject.toml or this file change).
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 PIP   := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.saekit-setup
 
-.PHONY: setup demo test test-fast bench browse bench-peers peers clean
+.PHONY: setup demo test test-fast gpu-check bench browse bench-peers peers clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,14 @@ test: setup peers  # the peers' venv lets the interop tests load our SAEs in rea
 
 test-fast: setup  # unit tests only: no default model, no browser (the interop tests skip without the peers)
 	$(VENV)/bin/pytest -q -m "not integration and not browser"
+
+# No `setup`: a GPU host has torch and triton but no .venv, no network and no saekit install, so this runs the
+# checkout as it is with .venv's python where there is one, else python3 (GPU_PY=... to choose). Without CUDA it
+# runs in Triton's interpreter at small shapes. Writes runs/gpu-check/{gpu_check.json,RESULTS-block.md}.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 bench: setup
 	$(PY) benchmarks/quality.py --json runs/bench/quality.json
