@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -72,16 +73,22 @@ def default_gguf_path() -> Path:
 def _gguf_to_hf_dir(gguf: Path) -> Path:
     """Dequantize a GGUF once into an fp32 HF directory in the cache; later loads take ~2 s."""
     from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     out = cache_dir() / "models" / f"{gguf.stem}-{key}"
     if (out / "model.safetensors").is_file():
         return out
-    print(f"saekit: dequantizing {gguf.name} to fp32 once (~15 s); cached in {out}")
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    print(f"saekit: dequantizing {gguf.name} to fp32 once; cached in {out}")
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # transformers and gguf raise ValueError, KeyError, struct.error… for one bad file
+        raise _gguf_error(gguf, e) from e
+    # A config rebuilt from GGUF metadata names no architecture, and transformer-lens picks its adapter by it.
+    model.config.architectures = [type(model).__name__]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
     try:
@@ -97,20 +104,100 @@ def _gguf_to_hf_dir(gguf: Path) -> Path:
     return out
 
 
-def _load_hf(directory: Path):
-    from safetensors.torch import load_model
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _gguf_architecture(gguf: Path) -> str:
+    """`general.architecture` of a GGUF file, or why it could not be read."""
+    try:
+        from gguf import GGUFReader
 
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    weights = directory / "model.safetensors"
-    if weights.is_file():
+        field = GGUFReader(str(gguf)).fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except Exception as e:
+        return f"unreadable ({type(e).__name__}: {e})"
+
+
+def _gguf_error(gguf: Path, e: Exception) -> ModelError:
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES as known
+    except ImportError:
+        known = []
+    archs = ", ".join(sorted(a for a in known if a not in ("general", "tokenizer"))) or "see the transformers docs"
+    return ModelError(
+        f"could not load the GGUF file {gguf} (architecture: {_gguf_architecture(gguf)}): {type(e).__name__}: {e}\n"
+        f"transformers can dequantize GGUF files of these architectures: {archs}. If the file is complete and "
+        "of one of them, update transformers and gguf (pip install -U transformers gguf); otherwise pass the "
+        "model as a Hugging Face directory or hub name.")
+
+
+def _model_type(directory: Path) -> str:
+    try:
+        return json.loads((directory / "config.json").read_text()).get("model_type") or "unknown"
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
+
+
+def _load_hf(directory: Path):
+    try:
+        from safetensors.torch import load_model
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        weights = directory / "model.safetensors"
+        if not weights.is_file():
+            return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval(), tokenizer
         config = AutoConfig.from_pretrained(directory)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        load_model(model, str(weights), strict=False)  # tied lm_head is stored once
+        missing, unexpected = load_model(model, str(weights), strict=False)  # a tied lm_head is stored once
         model.tie_weights()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    except Exception as e:
+        raise ModelError(f"could not load the model directory {directory} (model_type: {_model_type(directory)}): "
+                         f"{type(e).__name__}: {e}\nIt needs config.json, tokenizer files and weights that "
+                         "transformers' AutoModelForCausalLM can load; update transformers if the model type "
+                         "is newer than it.") from e
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {params[k].data_ptr() for k in params if k not in missing}
+    absent = [k for k in missing if k in params and params[k].data_ptr() not in loaded]
+    if absent or unexpected:
+        raise ModelError(f"{weights} does not match the model its config.json describes "
+                         f"({type(model).__name__}): missing {absent[:5]}, unexpected {unexpected[:5]}. "
+                         "Re-save the model with save_pretrained.")
     return model.eval(), tokenizer
+
+
+def _load_hub(name: str):
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval(), tokenizer
+    except Exception as e:
+        raise ModelError(f"could not load model {name!r}: {type(e).__name__}: {e}\nOffline, pass 'default', "
+                         "a .gguf file or a local Hugging Face directory.") from e
+
+
+def supported_architectures() -> list[str]:
+    """Architectures (HF class names) transformer-lens' TransformerBridge can wrap."""
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+
+    return sorted(SUPPORTED_ARCHITECTURES)
+
+
+def _architecture(hf_model, source: str) -> str:
+    """The TransformerBridge architecture for `hf_model`, written into its config (GGUF-rebuilt configs and
+    some local directories name none, and transformer-lens picks its adapter from the config)."""
+    config = hf_model.config
+    try:
+        supported = set(supported_architectures())
+    except ImportError:  # another transformer-lens layout: let boot_transformers decide
+        supported = None
+    found = [type(hf_model).__name__, *(config.architectures or [])]  # the class loaded is what gets wrapped
+    arch = next((a for a in found if supported is None or a in supported), None)
+    if arch is None:
+        lms = sorted(a for a in supported if a.endswith(("ForCausalLM", "LMHeadModel")))
+        raise ModelError(f"{source} is a {type(hf_model).__name__} (model_type {config.model_type!r}), an "
+                         "architecture transformer-lens' TransformerBridge cannot wrap. Use a model of a supported "
+                         f"architecture: {', '.join(lms)} (or upgrade transformer-lens).")
+    config.architectures = [arch]
+    return arch
 
 
 def resolve(name: str) -> tuple[Path | str, str]:
@@ -133,7 +220,9 @@ def resolve(name: str) -> tuple[Path | str, str]:
 
 def load_model(name: str = "default", device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> TransformerBridge:
-    """Load `name` (see module doc) as a TransformerBridge in eval mode; `model.saekit_id` names it."""
+    """Load `name` (see module doc) as a TransformerBridge in eval mode; `model.saekit_id` names it.
+
+    Every failure is a ModelError naming the model, the architecture found and what to do."""
     if name == "default" or Path(name).expanduser().exists() or not online():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -142,20 +231,17 @@ def load_model(name: str = "default", device: str | torch.device = "cpu",
     except ImportError as e:
         raise ModelError("saekit needs transformer-lens ≥ 3.9: pip install 'transformer-lens>=3.9'") from e
     source, model_id = resolve(name)
-    if isinstance(source, Path):
-        hf_model, tokenizer = _load_hf(source)
-    else:
-        try:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-        except OSError as e:
-            raise ModelError(f"could not load model {name!r} ({e}). Offline, pass 'default', a .gguf file or a "
-                             "local HF directory.") from e
-    arch_name = DEFAULT_MODEL if name == "default" else str(source)
-    bridge = TransformerBridge.boot_transformers(arch_name, hf_model=hf_model.to(device, dtype), tokenizer=tokenizer,
-                                                 device=device, dtype=dtype)
+    hf_model, tokenizer = _load_hf(source) if isinstance(source, Path) else _load_hub(source)
+    arch = _architecture(hf_model, name)
+    hf_model = hf_model.to(device, dtype)
+    try:
+        bridge = TransformerBridge.boot_transformers(DEFAULT_MODEL if name == "default" else str(source),
+                                                     hf_model=hf_model, tokenizer=tokenizer, device=device,
+                                                     dtype=dtype)
+    except Exception as e:
+        raise ModelError(f"transformer-lens could not wrap {name} ({arch}, model_type "
+                         f"{hf_model.config.model_type!r}): {type(e).__name__}: {e}\nTry another transformer-lens "
+                         "version, or a model of another architecture.") from e
     bridge.eval()
     for p in bridge.parameters():
         p.requires_grad_(False)
@@ -212,14 +298,18 @@ def special_token_ids(tokenizer) -> list[int]:
 
 
 def unembedding(model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(W_U [d_model, vocab], final-norm weight [d_model] or None): the logit effect of a residual
-    direction v is (v ⊙ w_norm) · W_U — peers that forget w_norm rank tokens wrongly."""
+    """(W_U [d_model, vocab], final-norm scale [d_model] or None): the logit effect of a residual
+    direction v is (v ⊙ w_norm) · W_U — peers that forget w_norm rank tokens wrongly. A LayerNorm's
+    bias adds the same to every direction's logits, so it is left out; Gemma-style RMSNorms scale by
+    (1 + weight), which is returned as the scale."""
     W_U = model.W_U.detach()
-    norm_weight = None
     ln = getattr(model, "ln_final", None)
+    if ln is None:
+        return W_U, None
+    module = getattr(ln, "original_component", ln)
     for attr in ("weight", "w"):
-        t = getattr(getattr(ln, "original_component", ln), attr, None) if ln is not None else None
+        t = getattr(module, attr, None)
         if isinstance(t, torch.Tensor):
-            norm_weight = t.detach()
-            break
-    return W_U, norm_weight
+            offset = getattr(model.cfg, "rmsnorm_uses_offset", False) and getattr(module, "bias", None) is None
+            return W_U, (1.0 + t.detach()) if offset else t.detach()
+    return W_U, None
