@@ -6,6 +6,9 @@ Names accepted by `load_model`:
   path/to/hf_dir      a local Hugging Face model directory
   org/name            a hub model (only when online; offline it must already be in the HF cache)
 
+Any causal LM of an architecture transformer-lens' TransformerBridge wraps loads (`supported_architectures()`),
+whichever of these forms it comes in; anything that cannot load raises a ModelError saying why and what to do.
+
 Dequantizing a GGUF takes ~15 s, so the result is cached once as fp32 safetensors under the user
 cache dir (`SAEKIT_CACHE` overrides it). Nothing here downloads anything when offline.
 """
@@ -71,7 +74,7 @@ def default_gguf_path() -> Path:
 
 
 def _gguf_to_hf_dir(gguf: Path) -> Path:
-    """Dequantize a GGUF once into an fp32 HF directory in the cache; later loads take ~2 s."""
+    """Dequantize a GGUF once into an fp32 HF directory in the cache (names the architecture in its config)."""
     from safetensors.torch import save_model
 
     stat = gguf.stat()
@@ -104,28 +107,32 @@ def _gguf_to_hf_dir(gguf: Path) -> Path:
     return out
 
 
-def _gguf_architecture(gguf: Path) -> str:
-    """`general.architecture` of a GGUF file, or why it could not be read."""
+def _gguf_architecture(gguf: Path) -> tuple[str | None, str]:
+    """(`general.architecture` of a GGUF file, or None and why it could not be read)."""
     try:
         from gguf import GGUFReader
 
         field = GGUFReader(str(gguf)).fields["general.architecture"]
-        return bytes(field.parts[field.data[0]]).decode()
+        return bytes(field.parts[field.data[0]]).decode(), ""
     except Exception as e:
-        return f"unreadable ({type(e).__name__}: {e})"
+        return None, f"{type(e).__name__}: {e}"
 
 
 def _gguf_error(gguf: Path, e: Exception) -> ModelError:
+    arch, unreadable = _gguf_architecture(gguf)
+    if arch is None:
+        return ModelError(f"{gguf} is not a readable GGUF file ({unreadable}); it may be truncated or corrupt. "
+                          "Download or convert it again.")
     try:
         from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES as known
     except ImportError:
         known = []
     archs = ", ".join(sorted(a for a in known if a not in ("general", "tokenizer"))) or "see the transformers docs"
     return ModelError(
-        f"could not load the GGUF file {gguf} (architecture: {_gguf_architecture(gguf)}): {type(e).__name__}: {e}\n"
-        f"transformers can dequantize GGUF files of these architectures: {archs}. If the file is complete and "
-        "of one of them, update transformers and gguf (pip install -U transformers gguf); otherwise pass the "
-        "model as a Hugging Face directory or hub name.")
+        f"transformers could not load the GGUF file {gguf} (architecture {arch!r}): {type(e).__name__}: {e}\n"
+        f"It dequantizes GGUF files of these architectures: {archs}. For one of them, update transformers and "
+        "gguf (pip install -U transformers gguf) or download the file again; otherwise pass the model as a "
+        "Hugging Face directory or hub name.")
 
 
 def _model_type(directory: Path) -> str:

@@ -133,21 +133,23 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_models")
     saved = os.environ.get("SAEKIT_CACHE")
     os.environ["SAEKIT_CACHE"] = str(root / "cache")
-    out = {}
-    for arch, cfg in configs().items():
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg).eval()
-        write_gguf(model, arch, root / f"tiny-{arch}.gguf")
-        # the HF directory gets the tokenizer transformers builds from the GGUF
-        tokenizer = AutoTokenizer.from_pretrained(str(root), gguf_file=f"tiny-{arch}.gguf")
-        model.save_pretrained(root / arch)
-        tokenizer.save_pretrained(root / arch)
-        out[arch] = (root / arch, root / f"tiny-{arch}.gguf")
-    yield out
-    if saved is None:
-        os.environ.pop("SAEKIT_CACHE", None)
-    else:
-        os.environ["SAEKIT_CACHE"] = saved
+    try:
+        out = {}
+        for arch, cfg in configs().items():
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(cfg).eval()
+            write_gguf(model, arch, root / f"tiny-{arch}.gguf")
+            # the HF directory gets the tokenizer transformers builds from the GGUF
+            tokenizer = AutoTokenizer.from_pretrained(str(root), gguf_file=f"tiny-{arch}.gguf")
+            model.save_pretrained(root / arch)
+            tokenizer.save_pretrained(root / arch)
+            out[arch] = (root / arch, root / f"tiny-{arch}.gguf")
+        yield out
+    finally:
+        if saved is None:
+            os.environ.pop("SAEKIT_CACHE", None)
+        else:
+            os.environ["SAEKIT_CACHE"] = saved
 
 
 def contexts(tokenizer, n: int = 12, size: int = 64) -> torch.Tensor:
@@ -199,9 +201,9 @@ def test_gemma_final_norm_scale_is_one_plus_weight(tiny):
     torch.testing.assert_close(unembedding(model)[1], 1 + weight)
 
 
-def test_gguf_config_names_no_architecture_but_loads(tiny):
-    """The bug this guards: a config rebuilt from GGUF metadata has no `architectures`, and Gemma-3's model
-    type (gemma3_text) is not one transformer-lens maps to an adapter by itself."""
+def test_gguf_rebuilt_config_names_no_architecture(tiny):
+    """Why lm.py names the architecture itself: a config rebuilt from GGUF metadata has no `architectures`, and
+    Gemma-3's model type (gemma3_text) is not one transformer-lens maps to an adapter by itself."""
     from transformers import AutoConfig
 
     hf_dir, gguf_file = tiny["gemma3"]
