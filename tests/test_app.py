@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import saekit.apps
-from feature_fixtures import tiny_store  # noqa: F401
 from saekit.apps.labels import Labels
 from streamlit.testing.v1 import AppTest
 
@@ -17,7 +16,7 @@ SCRIPT = str(Path(saekit.apps.__file__).with_name("browse.py"))
 
 
 @pytest.fixture
-def app(tiny_store, monkeypatch):  # noqa: F811
+def app(tiny_store, monkeypatch):
     monkeypatch.setenv("SAEKIT_STORE", str(tiny_store["store"]))
     return AppTest.from_file(SCRIPT, default_timeout=60)
 
@@ -33,7 +32,7 @@ def alive_feature(store_dir) -> int:
     return int(np.argsort(-store.stats["count"])[0])
 
 
-def test_overview(app, tiny_store):  # noqa: F811
+def test_overview(app, tiny_store):
     at = ok(app.run())
     assert at.title[0].value == "Features"
     assert [m.value for m in at.metric][:2] == ["64", "1,500"]
@@ -49,7 +48,7 @@ def test_overview(app, tiny_store):  # noqa: F811
     assert at.query_params["page"] in ("feature", ["feature"]) and str(at.query_params["feature"]).strip("[]'") == str(fid)
 
 
-def test_feature_page_shows_everything_and_saves_labels(app, tiny_store):  # noqa: F811
+def test_feature_page_shows_everything_and_saves_labels(app, tiny_store):
     fid = alive_feature(tiny_store["store"])
     app.query_params["page"] = "feature"
     app.query_params["feature"] = str(fid)
@@ -76,7 +75,7 @@ def test_feature_page_shows_everything_and_saves_labels(app, tiny_store):  # noq
     assert Labels(tiny_store["store"]).get(target).notes == "fires on finance"
 
 
-def test_your_text_runs_the_model(app, tiny_store):  # noqa: F811
+def test_your_text_runs_the_model(app, tiny_store):
     app.query_params["page"] = "text"
     at = ok(app.run())
     at.text_area(key="user_text").set_value("The central bank raised rates. Le café était fermé.")
@@ -96,7 +95,7 @@ def test_your_text_runs_the_model(app, tiny_store):  # noqa: F811
     assert ok(at).title[0].value.startswith(f"Feature {target}")
 
 
-def test_search_by_token_and_label(app, tiny_store):  # noqa: F811
+def test_search_by_token_and_label(app, tiny_store):
     store = FeatureStore(tiny_store["store"])
     fid = alive_feature(tiny_store["store"])
     token = next(p["string"] for p in store.feature(fid).profile if p["string"].strip())

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from feature_fixtures import tiny_store  # noqa: F401
 
 from saekit.features import FeatureStore
 
@@ -42,7 +41,7 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def server(tiny_store):  # noqa: F811
+def server(tiny_store):
     if reason := _skip_reason():
         pytest.skip(reason)
     port = free_port()
@@ -71,7 +70,7 @@ def server(tiny_store):  # noqa: F811
             proc.kill()
 
 
-def test_overview_feature_page_and_your_text(server, tiny_store, tmp_path):  # noqa: F811
+def test_overview_feature_page_and_your_text(server, tiny_store, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     store = FeatureStore(tiny_store["store"])

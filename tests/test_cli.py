@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import HOOK
+from helpers import HOOK
 
 from saekit import cli
 from saekit.config import HarvestConfig, TrainConfig

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import HOOK
+from helpers import HOOK
 from safetensors.torch import save_file
 
 from saekit.data import pack, read_documents, split_documents

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import HOOK
+from helpers import HOOK
 
 from saekit.config import EvalConfig, SaeConfig
 from saekit.errors import DataError, HookError, ShapeError

@@ -8,7 +8,8 @@ import threading
 import numpy as np
 import pytest
 import torch
-from feature_fixtures import HOOK, manifest, tiny_store  # noqa: F401
+from helpers import TINY_HOOK as HOOK
+from helpers import manifest
 from saekit.apps.labels import Conflict, Labels
 
 from saekit.features import (
@@ -238,7 +239,7 @@ def test_store_roundtrip_and_quantile_groups(built, tmp_path):
     assert [n for n, _ in feat.neighbours] == feats["neighbour_id"][f].tolist()
 
 
-def test_vocab_pieces_merge_multibyte(tiny_store):  # noqa: F811
+def test_vocab_pieces_merge_multibyte(tiny_store):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_store["model"])
@@ -263,7 +264,7 @@ def _complete(b: bytes) -> bool:
         return False
 
 
-def test_tiny_store_manifest_and_pages(tiny_store):  # noqa: F811
+def test_tiny_store_manifest_and_pages(tiny_store):
     man = manifest(tiny_store["store"])
     assert man["hook"] == HOOK and man["tokens"] == 1500 and man["map_method"] in ("pca", "umap")
     assert man["final_norm_applied"] and man["source"] == "model" and man["sae_weights_sha256"]
@@ -280,7 +281,7 @@ def test_tiny_store_manifest_and_pages(tiny_store):  # noqa: F811
 
 
 @pytest.mark.integration
-def test_cached_harvest_builds_the_same_store(tiny_store, tmp_path):  # noqa: F811
+def test_cached_harvest_builds_the_same_store(tiny_store, tmp_path):
     """`--activations` (no model forward) and the model pass give identical arrays."""
     from safetensors.torch import load_file
 
@@ -343,7 +344,7 @@ def test_labels_concurrent_sessions(tmp_path):
     assert sqlite3.connect(tmp_path / "labels.sqlite").execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_cli_analyze_and_browse_errors(tiny_store, tmp_path, capsys):  # noqa: F811
+def test_cli_analyze_and_browse_errors(tiny_store, tmp_path, capsys):
     from saekit.cli import main
 
     out = tmp_path / "store"

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import HOOK, small_sae
+from helpers import HOOK, small_sae
 from safetensors.torch import save_file
 
 from saekit.config import SaeConfig

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import small_sae
+from helpers import small_sae
 
 from saekit import ops
 from saekit.config import SaeConfig, TrainConfig

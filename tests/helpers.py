@@ -1,16 +1,67 @@
-"""A tiny, self-contained world for the feature-store and browser tests: a byte-level BPE tokenizer and a
-2-layer random Llama built on the spot (no download, no default model), a few text files with multi-byte
-characters, a random TopK SAE on blocks.1.hook_resid_pre, and the store `saekit analyze` builds from them.
-Built once per pytest session (every test module that asks finds it in the session's base temp dir)."""
+"""Helpers the tests import (`from helpers import …`): synthetic activations with a known sparse structure,
+a small SAE with non-trivial biases, and a tiny self-contained model world for the feature-store and browser
+tests. Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+import torch
 
-HOOK = "blocks.1.hook_resid_pre"
+from saekit.config import SaeConfig
+from saekit.sae import SparseAutoencoder
+
+HOOK = "blocks.15.hook_resid_pre"  # a real hook of the default model
+TINY_HOOK = "blocks.1.hook_resid_pre"  # the tiny world's model has two layers
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+@dataclass
+class SyntheticActs:
+    """x = offset + Σ_{j ∈ S(x)} c_j · D_j with |S(x)| = k_true atoms of a unit-norm dictionary D."""
+
+    acts: torch.Tensor  # [N, d]
+    dictionary: torch.Tensor  # [n_atoms, d]
+    k_true: int
+    offset: torch.Tensor  # [d]
+
+
+def make_synthetic(n: int = 8192, d: int = 32, n_atoms: int = 96, k_true: int = 4, seed: int = 0) -> SyntheticActs:
+    gen = torch.Generator().manual_seed(seed)
+    D = torch.randn(n_atoms, d, generator=gen)
+    D /= D.norm(dim=1, keepdim=True)
+    # A skewed atom frequency, as real features have: some atoms are common, many are rare.
+    probs = torch.linspace(1.0, 0.2, n_atoms)
+    idx = torch.multinomial(probs.expand(n, -1), k_true, replacement=False, generator=gen)
+    coef = 1 + 3 * torch.rand(n, k_true, generator=gen)
+    offset = 0.5 * torch.randn(d, generator=gen)
+    acts = offset + torch.einsum("nk,nkd->nd", coef, D[idx])
+    return SyntheticActs(acts, D, k_true, offset)
+
+
+# ----------------------------------------------------------------------------- a small SAE
+
+def small_sae(d_in: int = 16, d_sae: int = 48, k: int = 4, architecture: str = "topk", seed: int = 0) -> SparseAutoencoder:
+    """A random SAE with non-trivial biases (zero biases would hide bias bugs)."""
+    gen = torch.Generator().manual_seed(seed)
+    sae = SparseAutoencoder.initialized(SaeConfig(d_in=d_in, d_sae=d_sae, k=k, architecture=architecture), seed=seed)
+    with torch.no_grad():
+        sae.b_enc.copy_(0.1 * torch.randn(d_sae, generator=gen))
+        sae.b_dec.copy_(torch.randn(d_in, generator=gen))
+        sae.W_enc.add_(0.3 * torch.randn(d_in, d_sae, generator=gen))
+    sae.info = {"hook": HOOK, "model": "test/model", "model_arg": "default", "dataset": "default",
+                "context_size": 128, "seed": 0, "heldout_fraction": 0.05}
+    return sae
+
+
+# ----------------------------------------------------------------------------- the tiny world
+# A byte-level BPE tokenizer and a 2-layer random Llama built on the spot (no download, no default model), a
+# few text files with multi-byte characters, a random TopK SAE on TINY_HOOK, and the store `saekit analyze`
+# builds from them.
+
 TEXTS = [
     "The central bank raised interest rates on Thursday. Markets fell as shares in banks slid.\n"
     "Analysts said the bank would raise rates again in March.",
@@ -27,12 +78,8 @@ TEXTS = [
 
 def build_world(root: Path, texts: list[str] = TEXTS) -> dict[str, Path]:
     """Tokenizer + tiny model dir, dataset dir and SAE dir under root (idempotent)."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from saekit.config import SaeConfig
-    from saekit.sae import SparseAutoencoder
 
     data, lm, sae_dir = root / "data", root / "tinylm", root / "sae"
     if (sae_dir / "cfg.json").is_file():
@@ -60,7 +107,7 @@ def build_world(root: Path, texts: list[str] = TEXTS) -> dict[str, Path]:
     sae = SparseAutoencoder.initialized(SaeConfig(d_in=32, d_sae=64, k=4), seed=0)
     with torch.no_grad():
         sae.b_enc.fill_(0.5)  # most latents fire sometimes
-    sae.info = {"hook": HOOK, "model": "tiny-llama", "model_arg": str(lm), "dataset": str(data),
+    sae.info = {"hook": TINY_HOOK, "model": "tiny-llama", "model_arg": str(lm), "dataset": str(data),
                 "text_column": "text", "context_size": 32, "heldout_fraction": 0.1, "seed": 0}
     sae.save(sae_dir)
     return {"data": data, "model": lm, "sae": sae_dir}
@@ -75,12 +122,6 @@ def build_store(root: Path, tokens: int = 1500) -> dict[str, Path]:
         analyze(world["sae"], store, FeatureConfig(tokens=tokens, top_n=6, sample_size=12, quantile_groups=3,
                                                    batch_contexts=4, device="cpu"), progress=False)
     return {**world, "store": store}
-
-
-@pytest.fixture(scope="session")
-def tiny_store(tmp_path_factory) -> dict[str, Path]:
-    """{data, model, sae, store}: shared by every module of the session (built by whichever asks first)."""
-    return build_store(tmp_path_factory.getbasetemp() / "feature_world")
 
 
 def manifest(store: Path) -> dict:
