@@ -232,7 +232,7 @@ def feature_page(path: str, store: FeatureStore, labels: Labels) -> None:
                 st.error(f"Not saved: another session changed this feature meanwhile (now “{e.current.label}”). "
                          "Reload the page to see it, then edit again.")
 
-    # Steering panel (added by the steering issue): rendered by apps/steering_panel.py.
+    # Steering panel: rendered by apps/steering_panel.py.
     steering_panel(store, fid, live=lambda: get_live(path))  # shares the page's model and SAE
 
 

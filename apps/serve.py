@@ -6,7 +6,7 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from saekit.errors import SaekitError
 from saekit.features import FeatureStore
@@ -39,7 +39,3 @@ def browse(store: str | Path, port: int = 8501) -> NoReturn:
     # then stops streamlit too, where a child would be left running.
     cmd = streamlit_command(store, port)
     os.execve(cmd[0], cmd, env)
-
-
-def cmd_browse(values: dict[str, Any]) -> int:
-    return browse(values["store"], int(values.get("port") or 8501))

@@ -256,10 +256,11 @@ def _versions(lib: str) -> dict[str, str]:
 def prepare(args) -> tuple[Path, dict[str, Any]]:
     """Split the cache into training / held-out contexts, drop massive tokens from training, fix the token
     order, and write one file every worker reads."""
-    from saekit.harvest import massive_mask, read_cache
+    from saekit.cache import ActivationCache
+    from saekit.harvest import massive_mask
     from saekit.train import InMemoryBatches, input_scale
 
-    harvest = read_cache(args.activations, hooks=[args.hook])
+    harvest = ActivationCache(args.activations).read(hooks=[args.hook])
     acts, ctx = harvest.acts[args.hook], harvest.context_ids
     contexts = torch.unique(ctx)
     held_ctx = contexts[int(len(contexts) * (1 - args.heldout_fraction)):]  # the last contexts, whole

@@ -30,9 +30,10 @@ def main() -> None:
     from saekit.train import Trainer
 
     if args.activations:
-        from saekit.harvest import massive_mask, read_cache
+        from saekit.cache import ActivationCache
+        from saekit.harvest import massive_mask
 
-        acts = read_cache(args.activations, hooks=[args.hook]).acts[args.hook]
+        acts = ActivationCache(args.activations).read(hooks=[args.hook]).acts[args.hook]
         acts = acts[~massive_mask(acts.norm(dim=1))]
     else:
         acts = torch.randn(8 * args.batch_size, 576)

@@ -9,8 +9,8 @@ trained twice on the same activations in the same batch order:
             kept in training, 'init' = W_enc = W_decᵀ at init (Gao et al.; saekit starts at W_decᵀ/2),
             'none' = no baseline
 Both are evaluated on the same held-out tokens (evaluate.py: FVU with and without massive tokens, L0,
-dead, CE recovered vs zero- and mean-ablation, KL). The table shows both, their ratio and the targets of
-issue 2; wall times per phase are reported beside them.
+dead, CE recovered vs zero- and mean-ablation, KL). The table shows both, their ratio and the demo's
+quality targets; wall times per phase are reported beside them.
 
     python benchmarks/quality.py --json runs/bench/quality.json                  # the full demo budget
     python benchmarks/quality.py --activations runs/demo/activations --tokens 100000 --epochs 1
@@ -71,10 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from saekit.cache import ActivationCache
     from saekit.data import load_contexts
     from saekit.evaluate import evaluate
     from saekit.files import write_json
-    from saekit.harvest import Harvester, massive_mask, read_cache
+    from saekit.harvest import Harvester, massive_mask
     from saekit.lm import load_model, model_id
     from saekit.sae import load_sae
     from saekit.train import Trainer, resolve_device
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     data = HarvestConfig(model=args.model, dataset=args.dataset, hooks=[args.hook], tokens=args.tokens)
     harvest_info: dict = {}
     if args.activations:
-        cache = read_cache(args.activations, hooks=[args.hook])
+        cache = ActivationCache(args.activations).read(hooks=[args.hook])
         if len(cache) < args.tokens:
             raise SystemExit(f"{args.activations} holds {len(cache):,} tokens, fewer than --tokens {args.tokens:,}")
         m = cache.meta

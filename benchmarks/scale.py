@@ -29,9 +29,10 @@ import torch.multiprocessing as mp
 
 def make_acts(args) -> torch.Tensor:
     if args.activations:
-        from saekit.harvest import massive_mask, read_cache
+        from saekit.cache import ActivationCache
+        from saekit.harvest import massive_mask
 
-        acts = read_cache(args.activations, hooks=[args.hook]).acts[args.hook]
+        acts = ActivationCache(args.activations).read(hooks=[args.hook]).acts[args.hook]
         return acts[~massive_mask(acts.norm(dim=1))]
     g = torch.Generator().manual_seed(0)
     return torch.randn(args.tokens, args.d_in, generator=g) + 0.5
@@ -72,7 +73,8 @@ def timed_steps(trainer, args, barrier=lambda: None, on_start=lambda: None) -> f
 
 
 def worker(rank: int, world: int, mode: str, args, store: str, q) -> None:
-    from saekit.distributed import DistConfig, DistributedTrainer, setup, shutdown, split
+    from saekit.config import DistConfig
+    from saekit.dist import DistributedTrainer, setup, shutdown, split
     from saekit.train import Trainer
 
     device = "cpu" if args.device == "cpu" else f"cuda:{rank}"

@@ -1,5 +1,7 @@
-"""The `saekit` command. Flags come from the config dataclasses (their docstrings are the help);
-`--config FILE` (YAML or JSON) sets the same keys, and flags given on the command line override it."""
+"""The `saekit` command: parsers and dispatch only. Flags come from the config dataclasses (each field's
+docstring is its help; each flag belongs to one config); `--config FILE` (YAML or JSON) sets the same keys,
+and flags given on the command line override it. Each command builds its typed configs once and hands them
+to the library (runner, features, steer, interop, apps)."""
 
 from __future__ import annotations
 
@@ -7,69 +9,86 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
+import types
+import typing
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import torch
-
-from .config import DataConfig, EvalConfig, HarvestConfig, SaeConfig, TrainConfig, config_fields
+from .config import DistConfig, EvalConfig, HarvestConfig, RunConfig, SaeConfig, TrainConfig, TrainRun
 from .errors import SaekitError
 
 DEMO_OUT = "runs/demo"
+Values = dict[str, Any]
 
 
 # ----------------------------------------------------------------------------- dataclass ⇄ argparse
 
-def _parser_type(cls: type, name: str, default: Any):
-    annotation = str({f.name: f.type for f in dataclasses.fields(cls)}[name])
-    if isinstance(default, bool) or annotation == "bool":
-        return None
-    if isinstance(default, list) or annotation.startswith("list"):
-        return lambda s: [p for p in s.split(",") if p]
-    for t in (int, float):
-        if isinstance(default, t) or annotation.startswith(t.__name__):
-            return t
-    return str
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string literal under it), inherited ones included, keyed by field name."""
+    import docstring_parser
+
+    docs: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        for p in docstring_parser.parse_from_object(klass).params:
+            if p.description:
+                docs[p.arg_name] = " ".join(p.description.split())
+    return docs
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls: type, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
+def _item_type(hint: Any) -> Any:
+    """The type a flag's text converts to: X for `X | None`, the item type for `list[X]`."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return _item_type(args[0])
+    return hint
+
+
+def _converter(hint: Any):
+    hint = _item_type(hint)
+    if typing.get_origin(hint) is list:
+        item = _converter(typing.get_args(hint)[0])
+        return lambda s: s if isinstance(s, list) else [item(p) for p in str(s).split(",") if p]
+    if typing.get_origin(hint) is Literal:
+        return str
+    return hint if hint in (int, float, str) else str
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, prefix: str = "", exclude: tuple[str, ...] = (),
+                    defaults: Values | None = None) -> None:
+    """One flag per field of `cls` (`--prefix-name`), its help the field's docstring. Every flag defaults to
+    None, so the command can tell a flag given from one left out (a config file fills those)."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
     group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip())
-    for name, default, help_text in config_fields(cls):
-        dest = prefix + name
-        if name in skip or any(a.dest == dest for a in parser._actions):
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
             continue
-        flag = "--" + dest.replace("_", "-")
-        kind = _parser_type(cls, name, default)
+        default = (defaults or {}).get(f.name, f.default_factory() if callable(f.default_factory) else f.default)
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        if kind is None:
-            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
-                               help=f"{help_text} (default: {shown})")
+        flag, dest = "--" + (prefix + f.name).replace("_", "-"), prefix + f.name
+        help_text = f"{docs.get(f.name, '')} (default: {shown})"
+        hint = _item_type(hints[f.name])
+        if hint is bool:
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            group.add_argument(flag, dest=dest, type=kind, default=None, help=f"{help_text} (default: {shown})")
+            choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+            group.add_argument(flag, dest=dest, type=_converter(hint), choices=choices, default=None, help=help_text)
 
 
-def build_config(cls: type, values: dict[str, Any], prefix: str = ""):
+def config_from(cls: type, values: Values, prefix: str = "", **fixed: Any):
+    """An instance of `cls` from the values given for its fields (`fixed` ones set by the command)."""
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
         v = values.get(prefix + f.name)
-        if v is not None:
-            kwargs[f.name] = v
-    return cls(**kwargs)
+        if v is not None and f.name not in fixed:
+            kwargs[f.name] = _converter(hints[f.name])(v) if isinstance(v, str) else v
+    return cls(**kwargs, **fixed)
 
 
-def merged_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Config-file values, overridden by flags the user gave."""
-    values: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        values = read_config_file(Path(args.config))
-    values |= {k: v for k, v in vars(args).items() if v is not None}
-    if "hook" in values:
-        values["hooks"] = [values.pop("hook")]
-    return values
-
-
-def read_config_file(path: Path) -> dict[str, Any]:
+def read_config_file(path: Path) -> Values:
     if not path.is_file():
         raise SaekitError(f"config file {path} does not exist.")
     try:
@@ -83,284 +102,186 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def sae_configs(values: dict[str, Any], d_in: int) -> list[SaeConfig]:
-    """Every (k, d_sae) combination asked for: --k 16,32 --d-sae 4608 trains two SAEs on one stream."""
-    if "saes" in values and isinstance(values["saes"], list) and values["saes"] and isinstance(values["saes"][0], dict):
-        return [SaeConfig(**{**s, "d_in": d_in}) for s in values["saes"]]
-    ks = _int_list(values.get("k", SaeConfig.k))
-    ds = _int_list(values.get("d_sae", SaeConfig.d_sae))
-    arch = values.get("architecture", "topk")
-    return [SaeConfig(d_in=d_in, d_sae=d, k=k, architecture=arch) for d in ds for k in ks]
+def options(args: argparse.Namespace) -> Values:
+    """Config-file values, overridden by the flags the user gave; `--hook H` is `--hooks H`."""
+    known = set(vars(args)) | {"saes"}
+    values: Values = {}
+    if getattr(args, "config", None):
+        values = read_config_file(Path(args.config))
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SaekitError(f"config file {args.config}: unknown option(s) {', '.join(unknown)}; "
+                              f"see `saekit {args.command} --help`.")
+    values |= {k: v for k, v in vars(args).items() if v is not None}
+    if "hook" in values:
+        values["hooks"] = [values.pop("hook")]
+    return values
 
 
-def _int_list(v: Any) -> list[int]:
+def int_list(v: Any) -> list[int]:
     if isinstance(v, int):
         return [v]
-    if isinstance(v, list):
-        return [int(x) for x in v]
     try:
-        return [int(x) for x in str(v).split(",") if x]
+        return [int(x) for x in v] if isinstance(v, list) else [int(x) for x in str(v).split(",") if x]
     except ValueError as e:
         raise SaekitError(f"expected an integer or a comma-separated list of integers, not {v!r}.") from e
 
 
+def sae_configs(values: Values) -> list[SaeConfig]:
+    """The SAEs trained together: a config file's `saes` list, else one per (d_sae, k) of --d-sae × --k.
+    Their d_in is set from the activations."""
+    from .runner import sae_grid
+
+    saes = values.get("saes")
+    if isinstance(saes, list) and saes and isinstance(saes[0], dict):
+        return [SaeConfig(**s) for s in saes]
+    return sae_grid(int_list(values.get("k", SaeConfig.k)), int_list(values.get("d_sae", SaeConfig.d_sae)),
+                    values.get("architecture", "topk"))
+
+
+def train_run(values: Values, out: str) -> TrainRun:
+    """The typed configs of `saekit train` / `saekit demo`."""
+    if values.get("activations") and "hooks" not in values:
+        values = {**values, "hooks": []}  # train on every hook in the cache
+    return TrainRun(harvest=config_from(HarvestConfig, values),
+                    train=config_from(TrainConfig, values, saes=sae_configs(values)),
+                    eval=config_from(EvalConfig, values, prefix="eval_"),
+                    run=config_from(RunConfig, {"out": out, **values}), dist=config_from(DistConfig, values))
+
+
 # ----------------------------------------------------------------------------- commands
 
-def _load_model(values: dict[str, Any]):
-    from .lm import load_model
-    from .train import resolve_device
+def cmd_harvest(values: Values) -> int:
+    from .runner import harvest
 
-    print(f"saekit: loading model {values.get('model', 'default')!r}", flush=True)
-    return load_model(values.get("model", "default"), device=resolve_device(values.get("device", "auto")))
-
-
-def _contexts(model, data: DataConfig):
-    from .data import load_contexts
-
-    return load_contexts(model.tokenizer, data.dataset, data.context_size, data.heldout_fraction, data.seed,
-                         data.text_column)
-
-
-def _data_manifest(hcfg: HarvestConfig, model) -> dict[str, Any]:
-    from . import __version__
-    from .lm import model_id
-
-    return {"model": model_id(model), "model_arg": hcfg.model, "dataset": hcfg.dataset, "text_column": hcfg.text_column,
-            "context_size": hcfg.context_size, "heldout_fraction": hcfg.heldout_fraction, "seed": hcfg.seed,
-            "saekit_version": __version__}
-
-
-def cmd_harvest(values: dict[str, Any]) -> int:
-    from .harvest import Harvester, write_cache
-
-    hcfg = build_config(HarvestConfig, values)
-    out = Path(values.get("out") or "runs/activations")
-    model = _load_model(values)
-    train_ctx, _ = _contexts(model, hcfg)
-    harvest = Harvester(model, hcfg.hooks).harvest(train_ctx.tokens, hcfg.tokens, hcfg.batch_contexts)
-    write_cache(harvest, out, {**_data_manifest(hcfg, model), "harvest_config": dataclasses.asdict(hcfg)})
-    for hook in hcfg.hooks:
-        print(f"{hook}: {int(harvest.massive(hook, hcfg.massive_multiple).sum())} massive tokens of {len(harvest)}")
-    print(f"harvested {len(harvest):,} tokens at {harvest.meta['tokens_per_s']:,.0f} tokens/s → {out}")
+    harvest(config_from(HarvestConfig, values), values.get("out") or "runs/activations")
     return 0
 
 
-def run_training(values: dict[str, Any]) -> list[Path]:
-    """Harvest (or read a cache), train every SAE, evaluate each on held-out text. Returns SAE dirs."""
-    from .harvest import Harvester, read_cache, write_cache
-    from .train import Trainer
+def cmd_train(values: Values) -> int:
+    from .runner import train_run as run
 
-    out = Path(values.get("out") or "runs/train")
-    hcfg = build_config(HarvestConfig, values)
-    model = None
-    if values.get("stream"):
-        return _train_streamed(values, hcfg, out)
-    if values.get("activations"):
-        harvest = read_cache(values["activations"], hooks=values.get("hooks"))
-        data_info = {k: harvest.meta[k] for k in ("model", "model_arg", "dataset", "text_column", "context_size",
-                                                  "heldout_fraction", "seed") if k in harvest.meta}
-        hooks = list(harvest.acts)
-        cache_dir = Path(values["activations"])
-    else:
-        cache_dir = out / "activations"
-        model = _load_model(values)
-        data_info = _data_manifest(hcfg, model)
-        hooks = hcfg.hooks
-        from .files import read_json
-        from .harvest import MANIFEST
-
-        reuse = (cache_dir / MANIFEST).is_file() and read_json(cache_dir / MANIFEST).get("harvest_config") == \
-            dataclasses.asdict(hcfg)
-        if reuse:  # --resume (or a re-run) with the same data: skip the model pass
-            print(f"saekit: reusing the activations cached in {cache_dir}")
-            harvest = read_cache(cache_dir)
-        else:
-            train_ctx, _ = _contexts(model, hcfg)
-            harvest = Harvester(model, hooks).harvest(train_ctx.tokens, hcfg.tokens, hcfg.batch_contexts)
-            print(f"harvest: {len(harvest):,} tokens at {harvest.meta['tokens_per_s']:,.0f} tokens/s")
-            write_cache(harvest, cache_dir, {**data_info, "harvest_config": dataclasses.asdict(hcfg)})
-    paths: list[Path] = []
-    tcfg_base = build_config(TrainConfig, values)
-    for hook in hooks:
-        acts = harvest.acts[hook]
-        massive = harvest.massive(hook, hcfg.massive_multiple)
-        if tcfg_base.exclude_massive:
-            acts = acts[~massive]
-        print(f"{hook}: {int(massive.sum())} massive tokens of {len(massive)} "
-              f"({'left out of' if tcfg_base.exclude_massive else 'kept in'} training)")
-        tcfg = dataclasses.replace(tcfg_base, saes=sae_configs(values, acts.shape[1]))
-        hook_out = out if len(hooks) == 1 else out / hook
-        info = {**data_info, "hook": hook, "activations": str(cache_dir), "harvest_tokens": len(harvest),
-                "massive_tokens_excluded": int(massive.sum()) if tcfg.exclude_massive else 0}
-        trainer = Trainer(tcfg, acts, hook_out, info=info, resume=bool(values.get("resume")))
-        start = time.perf_counter()
-        saved = trainer.fit()
-        print(f"trained {len(saved)} SAE(s) on {hook} in {time.perf_counter() - start:.0f} s")
-        paths += saved
-    if not values.get("no_eval"):
-        for path in paths:
-            model = model or _load_model({**values, "model": data_info.get("model_arg", "default")})
-            run_eval(path, values, model)
-    return paths
-
-
-def _train_streamed(values: dict[str, Any], hcfg: HarvestConfig, out: Path) -> list[Path]:
-    """Train while harvesting, through a bounded shuffle buffer; nothing is cached (one epoch)."""
-    from .harvest import Harvester
-    from .train import StreamBatches, Trainer
-
-    if len(hcfg.hooks) != 1:
-        raise SaekitError("--stream trains on one hook at a time; cache a multi-hook harvest with `saekit harvest`.")
-    hook = hcfg.hooks[0]
-    model = _load_model(values)
-    train_ctx, _ = _contexts(model, hcfg)
-    harvester = Harvester(model, [hook])
-    tcfg = build_config(TrainConfig, {**values, "epochs": 1.0})
-    max_norm = None
-    if tcfg.exclude_massive:  # the median is estimated on the stream's first 16k tokens
-        head = torch.cat(list(harvester.rows(train_ctx.tokens, hook, 16384, hcfg.batch_contexts)))
-        max_norm = hcfg.massive_multiple * head.norm(dim=1).median().item()
-    stream = StreamBatches(lambda: harvester.rows(train_ctx.tokens, hook, hcfg.tokens, hcfg.batch_contexts, max_norm),
-                           hcfg.tokens, tcfg.batch_size, seed=tcfg.seed)
-    tcfg = dataclasses.replace(tcfg, saes=sae_configs(values, model.cfg.d_model))
-    info = {**_data_manifest(hcfg, model), "hook": hook, "harvest_tokens": hcfg.tokens, "streamed": True,
-            "massive_max_norm": max_norm}
-    paths = Trainer(tcfg, stream, out, info=info, resume=bool(values.get("resume"))).fit()
-    if not values.get("no_eval"):
-        for path in paths:
-            run_eval(path, values, model)
-    return paths
-
-
-def run_eval(sae_dir: Path, values: dict[str, Any], model=None) -> dict[str, Any]:
-    from .evaluate import evaluate, report
-    from .files import write_json
-    from .sae import load_sae
-
-    sae = load_sae(sae_dir)
-    info = sae.info
-    ecfg = build_config(EvalConfig, values, prefix="eval_")
-    data = DataConfig(model=values.get("model") or info.get("model_arg", "default"),
-                      dataset=values.get("dataset") or info.get("dataset", "default"),
-                      text_column=info.get("text_column", "text"), context_size=info.get("context_size", 128),
-                      heldout_fraction=info.get("heldout_fraction", 0.05), seed=info.get("seed", 0))
-    model = model or _load_model({**values, "model": data.model})
-    _, held = _contexts(model, data)
-    if held is None:
-        raise SaekitError("the dataset split leaves no held-out documents; set --heldout-fraction > 0.")
-    metrics = evaluate(model, sae.to(next(model.parameters()).device), held.tokens, ecfg)
-    metrics["sae"] = str(sae_dir)
-    metrics["weights_sha256"] = sae.weights_hash()
-    write_json(Path(sae_dir) / "eval.json", metrics)
-    print(f"\n{sae_dir} — held-out evaluation\n{report(metrics)}")
-    return metrics
-
-
-def cmd_train(values: dict[str, Any]) -> int:
-    from .distributed import cmd_train as distributed_train
-    from .distributed import wants_distributed
-
-    if wants_distributed(values):  # --distributed, or launched by torchrun with several processes
-        return distributed_train(values)
-    run_training(values)
+    run(train_run(values, "runs/train"))
     return 0
 
 
-def cmd_eval(values: dict[str, Any]) -> int:
-    run_eval(Path(values["sae_dir"]), values)
+def cmd_demo(values: Values) -> int:
+    from .runner import demo
+
+    demo(train_run(values, DEMO_OUT))
     return 0
 
 
-def cmd_convert(values: dict[str, Any]) -> int:
-    from .interop import cmd_convert as convert
+def cmd_eval(values: Values) -> int:
+    from .runner import evaluate_sae
 
-    return convert(values)
-
-
-def cmd_analyze(values: dict[str, Any]) -> int:
-    from .features import cmd_analyze as analyze
-
-    return analyze(values)
+    evaluate_sae(Path(values["sae_dir"]), config_from(EvalConfig, values, prefix="eval_"), model_arg=values.get("model"),
+                 dataset=values.get("dataset"), device=values.get("device") or "auto")
+    return 0
 
 
-def cmd_browse(values: dict[str, Any]) -> int:
-    from .apps.serve import cmd_browse as browse
+def cmd_convert(values: Values) -> int:
+    from .interop import SPARSIFY_WEIGHTS, convert, load_any
+    from .sae import WEIGHTS_FILE
 
-    return browse(values)
+    src = values["src"]
+    written = convert(src, values["out_dir"], to=values.get("to") or "saekit", fmt=values.get("from_format") or "auto",
+                      hookpoint=values.get("hookpoint"), hook=(values.get("hooks") or [None])[0], k=values.get("k"),
+                      n_layers=values.get("n_layers"), approximate_batchtopk=bool(values.get("approximate_batchtopk")))
+    sae = load_any(written, "sparsify" if (written / SPARSIFY_WEIGHTS).is_file() else "saekit")
+    c = sae.cfg
+    print(f"{src} → {written}\n  {c.architecture} d_in={c.d_in} d_sae={c.d_sae} k={c.k} hook={sae.hook}"
+          + (f" threshold={float(sae.threshold):.4g}" if c.architecture == "batchtopk" else ""))
+    if (written / WEIGHTS_FILE).is_file() and not sae.info.get("model_arg"):
+        print("  (no model recorded: `saekit eval` uses --model, default the embedded SmolLM2)")
+    return 0
 
 
-def cmd_steer(values: dict[str, Any]) -> int:
-    from .steer import cmd_steer as steer
-
-    return steer(values)
-
-
-def cmd_steer_eval(values: dict[str, Any]) -> int:
-    from .steer_eval import cmd_steer_eval as steer_eval
-
-    return steer_eval(values)
-
-
-def cmd_demo(values: dict[str, Any]) -> int:
-    """The embedded default end to end: harvest → train → evaluate (→ feature store when available)."""
-    values = {"out": DEMO_OUT, **values}
-    start = time.perf_counter()
-    paths = run_training(values)
-    for p in paths:
-        hook = json.loads((p / "cfg.json").read_text())["metadata"]["hook_name"]
-        print(f"\nSAE saved in {p} (hook {hook}); eval.json beside it.")
+def cmd_analyze(values: Values) -> int:
     from .features import FeatureConfig, analyze
 
-    for p in paths:  # the feature store, from the cached activations: no second model pass
-        store = Path(values["out"]) / ("store" if len(paths) == 1 else f"store-{p.name}")
-        analyze(p, store, FeatureConfig(), activations=json.loads((p / "cfg.json").read_text())["saekit"].get("activations"))
-        print(f"browse its features:  saekit browse {store}   (or: make browse)")
-    print(f"demo finished in {time.perf_counter() - start:.0f} s")
+    sae_dir = Path(values["sae_dir"])
+    out = Path(values.get("out") or sae_dir.parent / "store")
+    analyze(sae_dir, out, config_from(FeatureConfig, values), activations=values.get("activations"),
+            model_arg=values.get("model"), dataset=values.get("dataset"))
+    print(f"browse it with:  saekit browse {out}")
     return 0
 
 
-# ----------------------------------------------------------------------------- entry point
+def cmd_browse(values: Values) -> int:
+    from .apps.serve import browse
+
+    return browse(values["store"], int(values.get("port") or 8501))
+
+
+def cmd_steer(values: Values) -> int:
+    from .steer import generate, load_for_steering, make_edit
+
+    mode = values.get("mode") or "add"
+    if mode != "ablate" and values.get("strength") is None:
+        raise SaekitError(f"--mode {mode} needs --strength (add: strength; clamp: value; scale: factor).")
+    model, sae, store = load_for_steering(values["sae"], values.get("model"), values.get("store"))
+    edit = make_edit(mode, values["feature"], values.get("strength") or 0.0, values.get("positions") or "all")
+    units = (f"typical activations (from the feature store {store.path})" if store is not None and mode == "add"
+             else "raw units")
+    g = generate(model, sae, values.get("prompt") or "", edit, values["seed"], values["max_new_tokens"],
+                 values["temperature"], scale=store, use_cache=values["kv_cache"])
+    print(f"{edit.describe()} at {sae.hook}; strength in {units}; seed {g.seed}, temperature {g.temperature:g}\n")
+    print(g.side_by_side(values["width"]))
+    return 0
+
+
+def cmd_steer_eval(values: Values) -> int:
+    from .steer import load_for_steering
+    from .steer_eval import SteerEvalConfig, run_and_report
+
+    model, sae, store = load_for_steering(values["sae"], values.get("model"), values.get("store"))
+    run_and_report(model, sae, config_from(SteerEvalConfig, values), Path(values["sae"]), store,
+                   Path(values.get("out") or Path(values["sae"]) / "steer-eval"))
+    return 0
+
+
+# ----------------------------------------------------------------------------- parsers
 
 def build_parser() -> argparse.ArgumentParser:
+    from .features import FeatureConfig
+    from .steer import MODES, POSITIONS
+    from .steer_eval import SteerEvalConfig
+
     parser = argparse.ArgumentParser(prog="saekit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p: argparse.ArgumentParser) -> None:
+    def config_flag(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", help="YAML or JSON file of options (flags override it)")
-        p.add_argument("--hook", help="one hook name (shorthand for --hooks)")
 
     p = sub.add_parser("harvest", help="harvest activations into an on-disk cache")
-    common(p)
+    config_flag(p)
     p.add_argument("--out", help="cache directory (default runs/activations)")
+    p.add_argument("--hook", help="one hook name (shorthand for --hooks)")
     add_config_args(p, HarvestConfig)
 
-    for name, helptext in (("train", "harvest (or read --activations), train SAEs, evaluate them"),
-                           ("demo", "the embedded default end to end, into runs/demo")):
+    for name, helptext, out in (("train", "harvest (or read --activations), train SAEs, evaluate them", "runs/train"),
+                                ("demo", "the embedded default end to end, into runs/demo", DEMO_OUT)):
         p = sub.add_parser(name, help=helptext)
-        common(p)
-        p.add_argument("--out", help="run directory (SAEs, checkpoint, metrics.jsonl, training.html)")
-        p.add_argument("--activations", help="train on a cache written by `saekit harvest` (no model pass)")
-        p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/checkpoint.pt")
-        p.add_argument("--no-eval", action="store_true", default=None, help="skip the held-out evaluation")
-        p.add_argument("--stream", action="store_true", default=None,
-                       help="train while harvesting through a bounded shuffle buffer (one epoch, no cache)")
-        p.add_argument("--k", help="active latents per token; a comma list trains one SAE per value")
-        p.add_argument("--d-sae", help="number of latents; a comma list trains one SAE per value")
+        config_flag(p)
+        p.add_argument("--hook", help="one hook name (shorthand for --hooks)")
+        p.add_argument("--k", help="active latents per token; a comma list trains one SAE per value (default 32)")
+        p.add_argument("--d-sae", help="number of latents; a comma list trains one SAE per value (default 4608)")
         p.add_argument("--architecture", choices=["topk", "batchtopk"], help="SAE activation (default topk)")
         add_config_args(p, HarvestConfig)
-        add_config_args(p, TrainConfig, skip=("saes",))
+        # the run's seed and device are the harvest's flags, passed on to training
+        add_config_args(p, TrainConfig, exclude=("saes", "seed", "device"))
         add_config_args(p, EvalConfig, prefix="eval_")
+        add_config_args(p, RunConfig, defaults={"out": out})
         if name == "train":
-            from .distributed import DistConfig
-
             add_config_args(p, DistConfig)
 
     p = sub.add_parser("eval", help="evaluate an SAE directory on held-out text; writes eval.json")
-    common(p)
+    config_flag(p)
     p.add_argument("sae_dir")
     p.add_argument("--model", help="override the model recorded in the SAE")
     p.add_argument("--dataset", help="override the dataset recorded in the SAE")
-    p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--device", help="auto, cpu or cuda (default auto)")
     add_config_args(p, EvalConfig, prefix="eval_")
 
     p = sub.add_parser("convert", help="convert an SAE between saekit, SAELens and sparsify formats")
@@ -379,7 +300,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-layers", type=int, help="model depth: sparsify's last layers.L maps to hook_resid_post")
     p.add_argument("--approximate-batchtopk", action="store_true", default=None,
                    help="export a BatchTopK SAE to sparsify as TopK k (sparsify has no threshold activation)")
-    from .features import FeatureConfig
 
     p = sub.add_parser("analyze", help="build the feature store (one pass over text or a cached harvest) for `browse`")
     p.add_argument("sae_dir")
@@ -392,9 +312,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("browse", help="serve the feature browser for a store on 127.0.0.1")
     p.add_argument("store", help="a directory written by `saekit analyze`")
     p.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1 (default 8501)")
-    from .steer_eval import add_parsers as add_steer_parsers
 
-    add_steer_parsers(sub)  # saekit steer, saekit steer-eval
+    p = sub.add_parser("steer", help="generate baseline and steered continuations side by side")
+    p.add_argument("--sae", required=True, help="SAE directory")
+    p.add_argument("--feature", type=int, required=True, help="latent to edit")
+    p.add_argument("--mode", choices=MODES, default="add", help="add, clamp, scale or ablate (default add)")
+    p.add_argument("--strength", type=float, help="add: strength (in typical activations when a feature store is found, "
+                                                  "else raw); clamp: value (raw); scale: factor")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, shared by both continuations (default 0)")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default 40)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 is greedy (default 1)")
+    p.add_argument("--positions", choices=POSITIONS, default="all", help="steer prompt, generated or all tokens")
+    p.add_argument("--store", help="feature store (`saekit analyze`) whose typical activations scale add strengths; "
+                                   "default SAE_DIR/../store when built from this SAE; 'none': raw strengths")
+    p.add_argument("--model", help="override the model recorded in the SAE")
+    p.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="generate with the KV cache (--no-kv-cache reruns the sequence at every step)")
+    p.add_argument("--width", type=int, default=110, help="terminal width for the side-by-side view")
+
+    p = sub.add_parser("steer-eval", help="sweep steering strengths: hit rate, fluency, side effects vs a "
+                                          "difference-of-means baseline; table + plotly HTML")
+    p.add_argument("--sae", required=True, help="SAE directory")
+    p.add_argument("--out", help="output directory (default SAE_DIR/steer-eval)")
+    p.add_argument("--store", help="feature store whose typical activations to use (default SAE_DIR/../store when "
+                                   "built from this SAE; 'none': measure them on the reference tokens)")
+    p.add_argument("--model", help="override the model recorded in the SAE")
+    add_config_args(p, SteerEvalConfig)
     return parser
 
 
@@ -405,7 +349,7 @@ COMMANDS = {"harvest": cmd_harvest, "train": cmd_train, "eval": cmd_eval, "demo"
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](merged_options(args))
+        return COMMANDS[args.command](options(args))
     except SaekitError as e:
         print(f"saekit: error: {e}", file=sys.stderr)
         return 2

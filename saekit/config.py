@@ -3,11 +3,8 @@ CLI help: `saekit train --help` reads them from here, so the two can never disag
 
 from __future__ import annotations
 
-import ast
-import inspect
 import json
-import textwrap
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Literal
 
@@ -22,22 +19,6 @@ def parse_override(text: str) -> tuple[str, Any]:
     except json.JSONDecodeError:
         return key.replace("-", "_"), value
 
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The string literal that follows each field of a dataclass, keyed by field name."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError):
-            continue
-        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for node, nxt in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                    and isinstance(nxt.value.value, str)):
-                docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
 
 
 @dataclass
@@ -71,6 +52,24 @@ class DataConfig:
     seed: int = 0
     """Seed for document order, shuffling and SAE init."""
 
+    def manifest(self, model_id: str) -> dict[str, Any]:
+        """What an artifact records about its data (`from_manifest` reads it back)."""
+        from .version import __version__
+
+        return {"model": model_id, "model_arg": self.model, "dataset": self.dataset, "text_column": self.text_column,
+                "context_size": self.context_size, "heldout_fraction": self.heldout_fraction, "seed": self.seed,
+                "saekit_version": __version__}
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any], model: str | None = None, dataset: str | None = None) -> DataConfig:
+        """The data an artifact (cache, SAE, store) was made from; `model`/`dataset` override what it records."""
+        d = cls()
+        return cls(model=model or manifest.get("model_arg") or d.model, dataset=dataset or manifest.get("dataset", d.dataset),
+                   text_column=manifest.get("text_column", d.text_column),
+                   context_size=int(manifest.get("context_size", d.context_size)),
+                   heldout_fraction=float(manifest.get("heldout_fraction", d.heldout_fraction)),
+                   seed=int(manifest.get("seed", d.seed)))
+
 
 @dataclass
 class HarvestConfig(DataConfig):
@@ -83,7 +82,8 @@ class HarvestConfig(DataConfig):
     batch_contexts: int = 16
     """Contexts per model forward."""
     massive_multiple: float = 10.0
-    """A token whose activation norm exceeds this multiple of the median is 'massive' (counted and flagged)."""
+    """A token whose activation norm exceeds this multiple of the harvest's median is 'massive'; the threshold is
+    recorded in the cache and the SAE, and training, evaluation and the feature store all use it."""
     device: str = "auto"
     """'auto' (cuda if available, else cpu), 'cpu' or 'cuda'."""
 
@@ -142,17 +142,51 @@ class EvalConfig:
     """Held-out tokens to evaluate on (position 0 and separators excluded)."""
     batch_contexts: int = 16
     """Contexts per model forward."""
-    massive_multiple: float = 10.0
-    """Norm multiple of the median above which a token counts as massive (for fvu_excl_massive)."""
+    massive_multiple: float | None = None
+    """Massive tokens (left out of fvu_excl_massive) have a norm above the threshold recorded at harvest in the
+    SAE; a number here instead uses this multiple of the evaluated tokens' median norm."""
     dense_threshold: float = 0.1
     """A latent firing on more than this fraction of tokens is dense."""
 
 
-def config_fields(cls: type) -> list[tuple[str, object, str]]:
-    """(name, default, help) for each field of a config class."""
-    docs = field_docs(cls)
-    out = []
-    for f in fields(cls):
-        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
-        out.append((f.name, default, docs.get(f.name, "")))
-    return out
+
+@dataclass
+class RunConfig:
+    """Where a training run writes and what it reuses."""
+
+    out: str = "runs/train"
+    """Run directory (SAEs, checkpoint, metrics.jsonl, training.html, the activation cache)."""
+    activations: str | None = None
+    """Train on a cache written by `saekit harvest` (no model pass)."""
+    resume: bool = False
+    """Continue from OUT/checkpoint.pt."""
+    stream: bool = False
+    """Train while harvesting through a bounded shuffle buffer (one epoch, no cache)."""
+    eval: bool = True
+    """Evaluate each SAE on held-out text after training."""
+
+
+@dataclass
+class DistConfig:
+    """Scale-out over several processes with torch.distributed (gloo on CPU, NCCL on GPU)."""
+
+    distributed: bool = False
+    """Train on several processes: implied under torchrun; outside torchrun saekit launches --nproc-per-node processes itself."""
+    nproc_per_node: int = 0
+    """Processes to launch for --distributed outside torchrun (0: one per GPU, or 2 on CPU)."""
+    distribute_modules: bool = False
+    """Each process trains the SAEs of its share of the hooks on every process's tokens (needs hooks ≥ processes), instead of data parallel."""
+    dist_timeout: float = 600.0
+    """Seconds a collective waits for the other processes before the run stops with an error (a dead or stuck rank)."""
+
+
+@dataclass
+class TrainRun:
+    """Everything `saekit train` and `saekit demo` need, each part its own config. The run's seed and device
+    are the harvest's (`harvest.seed`, `harvest.device`); `train.seed` and `train.device` follow them."""
+
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .config import EvalConfig
 from .errors import DataError, HookError
-from .harvest import keep_mask, massive_mask
+from .harvest import MASSIVE_MULTIPLE, keep_mask, massive_mask
 from .sae import SparseAutoencoder
 
 
@@ -40,9 +40,12 @@ def ce_recovered(ce_ablated: float, ce_sae: float, ce_clean: float) -> float:
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae: SparseAutoencoder, x: torch.Tensor, massive_multiple: float = 10.0,
-                           dense_threshold: float = 0.1, batch: int = 4096) -> dict[str, Any]:
-    """FVU (all tokens and without massive ones), nmse, L0, dead and dense fractions on activations x."""
+def reconstruction_metrics(sae: SparseAutoencoder, x: torch.Tensor, massive_multiple: float = MASSIVE_MULTIPLE,
+                           dense_threshold: float = 0.1, batch: int = 4096,
+                           massive_threshold: float | None = None) -> dict[str, Any]:
+    """FVU (all tokens and without massive ones), nmse, L0, dead and dense fractions on activations x.
+    Massive tokens: norm above `massive_threshold` (the one recorded at harvest), else above
+    `massive_multiple` × the median norm of x."""
     parts = []
     fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=x.device)
     l0 = 0.0
@@ -53,7 +56,8 @@ def reconstruction_metrics(sae: SparseAutoencoder, x: torch.Tensor, massive_mult
         l0 += on.sum().item()
         fires += torch.bincount(idx[on], minlength=sae.cfg.d_sae)
     x_hat = torch.cat(parts)
-    massive = massive_mask(x.norm(dim=1), massive_multiple)
+    norms = x.norm(dim=1)
+    massive = norms > massive_threshold if massive_threshold is not None else massive_mask(norms, massive_multiple)
     normal = ~massive
     freq = fires.float() / len(x)
     return {
@@ -98,14 +102,14 @@ class _Splicer:
 def evaluate(model, sae: SparseAutoencoder, contexts: torch.Tensor, cfg: EvalConfig | None = None,
              hook: str | None = None, progress: bool = True) -> dict[str, Any]:
     """All metrics of the SAE spliced into `model` at its hook on held-out `contexts` [n, T]."""
-    from .lm import special_token_ids
+    from .tokens import special_ids
 
     cfg = cfg or EvalConfig()
     hook = hook or sae.hook
     if hook is None:
         raise HookError("the SAE records no hook; pass hook='blocks.L.hook_resid_pre'.")
     splice = _Splicer(model, hook)
-    special = special_token_ids(model.tokenizer)
+    special = special_ids(model.tokenizer)
     device = next(model.parameters()).device
     start = time.perf_counter()
 
@@ -133,7 +137,11 @@ def evaluate(model, sae: SparseAutoencoder, contexts: torch.Tensor, cfg: EvalCon
         raise DataError(f"the held-out contexts give {have} tokens, fewer than the {cfg.tokens} asked; "
                         "lower --eval-tokens or raise the held-out fraction.")
     x = torch.cat([a[k] for _, k, a in batches])
-    out = reconstruction_metrics(sae, x, cfg.massive_multiple, cfg.dense_threshold)
+    recorded = sae.info.get("massive_threshold") if cfg.massive_multiple is None else None
+    out = reconstruction_metrics(sae, x, cfg.massive_multiple or MASSIVE_MULTIPLE, cfg.dense_threshold,
+                                 massive_threshold=recorded)
+    out["massive_threshold_from"] = ("the harvest (recorded in the SAE)" if recorded is not None else
+                                     f"{cfg.massive_multiple or MASSIVE_MULTIPLE:g}× the evaluated tokens' median norm")
     mean_act = x.mean(0)
 
     # Pass 2: CE and KL with the SAE, zero and mean splices (unkept positions keep their activation).

@@ -2,10 +2,8 @@
 `stop_at_layer` just past the deepest hook. Position 0 and special tokens (BOS, document separators,
 padding) are dropped: their residual norms are ~100× the rest.
 
-Also here: massive-activation detection, a bounded token-level shuffle buffer, and the on-disk
-activation cache (safetensors shards + manifest) that `saekit train --activations DIR` reads. The
-cache keeps token ids, positions and context indices beside the activations so evaluation and
-feature analysis can reuse a harvest without running the model again.
+Also here: massive-activation detection (the threshold is computed once, over a harvest, and recorded
+in its cache; see cache.py) and a bounded token-level shuffle buffer.
 """
 
 from __future__ import annotations
@@ -13,16 +11,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .errors import DataError, FileFormatError, NonFiniteError, ShapeError
-from .files import read_json, read_tensors, write_json, write_tensors
+from .errors import DataError, NonFiniteError
 
-MANIFEST = "manifest.json"
+MASSIVE_MULTIPLE = 10.0
 
 
 @dataclass
@@ -41,13 +37,18 @@ class Harvest:
     def norms(self, hook: str) -> torch.Tensor:
         return self.acts[hook].norm(dim=-1)
 
-    def massive(self, hook: str, multiple: float = 10.0) -> torch.Tensor:
+    def massive(self, hook: str, multiple: float = MASSIVE_MULTIPLE) -> torch.Tensor:
         """[N] bool: tokens whose norm exceeds `multiple` × the median norm."""
         return massive_mask(self.norms(hook), multiple)
 
 
-def massive_mask(norms: torch.Tensor, multiple: float = 10.0) -> torch.Tensor:
+def massive_mask(norms: torch.Tensor, multiple: float = MASSIVE_MULTIPLE) -> torch.Tensor:
     return norms > multiple * norms.median()
+
+
+def massive_record(median_norm: float, multiple: float = MASSIVE_MULTIPLE) -> dict[str, float]:
+    """The massive-token threshold of a harvest as caches record it: `multiple` × the harvest's median norm."""
+    return {"multiple": float(multiple), "median_norm": float(median_norm), "threshold": multiple * median_norm}
 
 
 def keep_mask(tokens: torch.Tensor, special_ids: list[int]) -> torch.Tensor:
@@ -61,12 +62,13 @@ class Harvester:
     """Runs the model over contexts and yields the kept tokens' activations at `hooks`."""
 
     def __init__(self, model, hooks: list[str], device: str | torch.device | None = None):
-        from .lm import check_hooks, special_token_ids, stop_layer
+        from .lm import check_hooks, stop_layer
+        from .tokens import special_ids
 
         check_hooks(model, hooks)
         self.model, self.hooks = model, list(hooks)
         self.stop = stop_layer(model, self.hooks)
-        self.special = special_token_ids(model.tokenizer)
+        self.special = special_ids(model.tokenizer)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
 
     @torch.no_grad()
@@ -182,58 +184,3 @@ class ShuffleBuffer:
                 yield self.pop(batch)
         while len(self) >= batch:
             yield self.pop(batch)
-
-
-# ----------------------------------------------------------------------------- on-disk cache
-
-def write_cache(harvest: Harvest, directory: str | Path, manifest: dict[str, Any], shard_tokens: int = 65536) -> Path:
-    """Write a harvest as safetensors shards + manifest.json (each file atomically; manifest last)."""
-    directory = Path(directory)
-    shards = []
-    for i, lo in enumerate(range(0, len(harvest), shard_tokens)):
-        sl = slice(lo, lo + shard_tokens)
-        tensors = {f"acts.{h}": a[sl] for h, a in harvest.acts.items()}
-        tensors |= {"token_ids": harvest.token_ids[sl], "positions": harvest.positions[sl],
-                    "context_ids": harvest.context_ids[sl]}
-        name = f"shard_{i:05d}.safetensors"
-        write_tensors(directory / name, tensors)
-        shards.append({"file": name, "tokens": len(harvest.token_ids[sl])})
-    d_in = {h: int(a.shape[1]) for h, a in harvest.acts.items()}
-    write_json(directory / MANIFEST, {**manifest, "kind": "saekit-activations", "hooks": list(harvest.acts),
-                                      "d_in": d_in, "tokens": len(harvest), "shards": shards,
-                                      "harvest": harvest.meta})
-    return directory
-
-
-def read_manifest(directory: Path, hooks: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:
-    """A cache's manifest and the hooks to read (all by default), checked to be a saekit cache holding them."""
-    man = read_json(directory / MANIFEST)
-    if man.get("kind") != "saekit-activations":
-        raise FileFormatError(f"{directory} is not a saekit activation cache (manifest kind {man.get('kind')!r}).")
-    hooks = hooks or man["hooks"]
-    missing = [h for h in hooks if h not in man["hooks"]]
-    if missing:
-        raise ShapeError(f"the cache in {directory} holds hooks {man['hooks']}, not {missing}.")
-    return man, hooks
-
-
-def read_cache(directory: str | Path, hooks: list[str] | None = None) -> Harvest:
-    """Load an activation cache written by `write_cache` (or `saekit harvest`) into memory."""
-    directory = Path(directory)
-    man, hooks = read_manifest(directory, hooks)
-    parts = [read_tensors(directory / s["file"], required=tuple(f"acts.{h}" for h in hooks) +
-                         ("token_ids", "positions", "context_ids"))
-             for s in man["shards"]]
-    h = Harvest(
-        acts={hk: torch.cat([p[f"acts.{hk}"] for p in parts]).float() for hk in hooks},
-        token_ids=torch.cat([p["token_ids"] for p in parts]),
-        positions=torch.cat([p["positions"] for p in parts]),
-        context_ids=torch.cat([p["context_ids"] for p in parts]),
-        meta=man,
-    )
-    for hk in hooks:
-        if h.acts[hk].shape[1] != man["d_in"][hk]:
-            raise ShapeError(f"cache {directory}: {hk} has width {h.acts[hk].shape[1]}, manifest says {man['d_in'][hk]}.")
-        if not torch.isfinite(h.acts[hk]).all():
-            raise NonFiniteError(f"cache {directory}: activations at {hk} hold NaN/inf; re-harvest.")
-    return h

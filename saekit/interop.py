@@ -346,19 +346,3 @@ def convert(src: str | Path, out: str | Path, to: str = "saekit", fmt: str = "au
         point = hookpoint if hookpoint and detect_format(src) != "sparsify" else None
         return export_sparsify(sae, out, hookpoint=point, approximate_batchtopk=approximate_batchtopk)
     raise SaekitError(f"unknown target format {to!r}: use one of {', '.join(FORMATS)}.")
-
-
-def cmd_convert(values: dict[str, Any]) -> int:
-    """`saekit convert SRC OUT --to FORMAT`: the CLI entry (cli.py wires it)."""
-    src, out = values["src"], values["out_dir"]
-    hook = values.get("hook") or (values.get("hooks") or [None])[0]  # cli folds --hook into hooks
-    written = convert(src, out, to=values.get("to") or "saekit", fmt=values.get("from_format") or "auto",
-                      hookpoint=values.get("hookpoint"), hook=hook, k=values.get("k"),
-                      n_layers=values.get("n_layers"), approximate_batchtopk=bool(values.get("approximate_batchtopk")))
-    sae = load_any(written, "sparsify" if (written / SPARSIFY_WEIGHTS).is_file() else "saekit")
-    c = sae.cfg
-    print(f"{src} → {written}\n  {c.architecture} d_in={c.d_in} d_sae={c.d_sae} k={c.k} hook={sae.hook}"
-          + (f" threshold={float(sae.threshold):.4g}" if c.architecture == "batchtopk" else ""))
-    if (written / WEIGHTS_FILE).is_file() and not sae.info.get("model_arg"):
-        print("  (no model recorded: `saekit eval` uses --model, default the embedded SmolLM2)")
-    return 0

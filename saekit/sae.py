@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -27,6 +27,21 @@ from .files import read_json, read_tensors, tensors_hash, write_json, write_tens
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
 FORMAT_VERSION = 1
+
+
+class Across(Protocol):
+    """How a data-parallel run joins the processes' parts of one batch (saekit.dist provides it)."""
+
+    batch_tokens: int
+    """Tokens in the global batch."""
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every process's `t`, concatenated."""
+        ...
+
+    def min(self, t: torch.Tensor) -> torch.Tensor:
+        """The elementwise minimum over the processes."""
+        ...
 
 
 def geometric_median(points: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> torch.Tensor:
@@ -93,19 +108,30 @@ class SparseAutoencoder(nn.Module):
             values = values * (values > self.threshold)
         return values, indices
 
-    def encode_train(self, x: torch.Tensor, aux_mask: torch.Tensor | None = None, k_aux: int = 0):
-        """Differentiable encode for training: (values, indices, aux_values, aux_indices)."""
+    def encode_train(self, x: torch.Tensor, aux_mask: torch.Tensor | None = None, k_aux: int = 0,
+                     across: Across | None = None):
+        """Differentiable encode for training: (values, indices, aux_values, aux_indices).
+
+        BatchTopK keeps the k·batch largest values of the batch; in a data-parallel run `across` joins every
+        process's candidates so the cutoff and the threshold are those of the global batch."""
         values, indices, aux_v, aux_i = ops.encode_topk(x, self.W_enc, self.b_enc, self.b_dec,
                                                          self.k_candidates, aux_mask, k_aux)
         if self.cfg.architecture == "batchtopk":
-            flat = values.detach().flatten()
-            keep = min(flat.numel(), self.cfg.k * x.shape[0])
-            cutoff = flat.topk(keep, sorted=False).values.min()
+            keep = self.cfg.k * (across.batch_tokens if across is not None else x.shape[0])
+            flat = values.detach().flatten().float()
+            cand = flat.topk(min(keep, flat.numel()), sorted=False).values
+            if across is not None:  # every global winner is among its own process's local winners
+                padded = torch.full((keep,), -math.inf, device=x.device)
+                padded[: len(cand)] = cand
+                cand = across.gather(padded)
+            cutoff = cand.topk(min(keep, cand.numel()), sorted=False).values.min()
             values = values * (values >= cutoff)
             if self.training:
-                kept_min = values.detach()[values.detach() > 0]
-                if kept_min.numel():
-                    self.threshold.lerp_(kept_min.min(), 0.01)
+                kept = values.detach()[values.detach() > 0]
+                low = (kept.min() if kept.numel() else torch.tensor(math.inf, device=x.device)).float().reshape(1)
+                low = across.min(low)[0] if across is not None else low[0]
+                if torch.isfinite(low):
+                    self.threshold.lerp_(low.to(self.threshold.dtype), 0.01)
         return values, indices, aux_v, aux_i
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -264,8 +264,9 @@ def steer(model, sae: SparseAutoencoder, edits: Sequence[Edit] | Edit, hook: str
 
 def prompt_tokens(tokenizer, prompt: str) -> list[int]:
     """BOS + the prompt's tokens (as contexts are packed for training)."""
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    return [bos, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    from .tokens import bos_id
+
+    return [bos_id(tokenizer), *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
 
 
 def stop_ids(tokenizer) -> set[int]:
@@ -433,7 +434,7 @@ def generate(model, sae: SparseAutoencoder, prompt: str, edits: Sequence[Edit] |
     return Generation(prompt, described, seed, temperature, bt, st, btok, stok, bp, sp, bl, sl)
 
 
-# ----------------------------------------------------------------------------- CLI: saekit steer
+# ----------------------------------------------------------------------------- loading for the CLI and the app
 
 def find_store(sae_dir: str | Path, sae: SparseAutoencoder) -> Path | None:
     """The feature store `saekit analyze` writes by default (SAE_DIR/../store), if it was built from
@@ -464,22 +465,3 @@ def load_for_steering(sae_dir: str, model_name: str | None = None, store: str | 
     from .features import open_store
 
     return model, sae, open_store(path)
-
-
-def cmd_steer(values: dict[str, Any]) -> int:
-    mode = values.get("mode") or "add"
-    if values.get("feature") is None:
-        raise SaekitError("pass --feature N (the latent to steer).")
-    if mode != "ablate" and values.get("strength") is None:
-        raise SaekitError(f"--mode {mode} needs --strength (add: strength; clamp: value; scale: factor).")
-    model, sae, store = load_for_steering(values["sae"], values.get("model"), values.get("store"))
-    edit = make_edit(mode, values["feature"], values.get("strength") or 0.0, values.get("positions") or "all")
-    units = (f"typical activations (from the feature store {store.path})" if store is not None and mode == "add"
-             else "raw units")
-    g = generate(model, sae, values.get("prompt") or "", edit, int(values.get("seed") or 0),
-                 int(values.get("max_new_tokens") or 40), float(values.get("temperature", 1.0) or 0.0),
-                 scale=store, use_cache=not values.get("no_kv_cache"))
-    print(f"{edit.describe()} at {sae.hook}; strength in {units}; seed {g.seed}, temperature {g.temperature:g}\n")
-    print(g.side_by_side(int(values.get("width") or 110)))
-    return 0
-

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import steer as S
+from . import steer
 from .errors import DataError, SaekitError
 from .sae import SparseAutoencoder
 
@@ -101,37 +101,30 @@ def default_prompts(path: str | None = None) -> dict[str, list[str]]:
 
 # ----------------------------------------------------------------------------- reference activations
 
-def reference_activations(model, sae: SparseAutoencoder, cache: str | None, tokens: int, seed: int = 0,
-                          massive_multiple: float = 10.0) -> torch.Tensor:
-    """[N, d] activations at the SAE's hook (massive tokens left out): the first shards of an activation
-    cache, else a fresh harvest from the SAE's dataset."""
-    from .harvest import MANIFEST, massive_mask
+def reference_activations(model, sae: SparseAutoencoder, cache: str | None, tokens: int, seed: int = 0) -> torch.Tensor:
+    """[N, d] activations at the SAE's hook (massive tokens left out, by the threshold recorded in the SAE):
+    the first shards of an activation cache, else a fresh harvest from the SAE's dataset."""
+    from .cache import MANIFEST, ActivationCache
+    from .harvest import MASSIVE_MULTIPLE
 
     cache = cache or sae.info.get("activations")
     if cache and (Path(cache) / MANIFEST).is_file():
-        from .files import read_json, read_tensors
-
-        man = read_json(Path(cache) / MANIFEST)
-        if sae.hook not in man.get("hooks", []):
-            raise DataError(f"the activation cache {cache} holds {man.get('hooks')}, not the SAE's hook {sae.hook}.")
-        parts, have = [], 0
-        for shard in man["shards"]:  # only as many shards as needed: caches can be many GB
-            t = read_tensors(Path(cache) / shard["file"], required=(f"acts.{sae.hook}",))[f"acts.{sae.hook}"]
-            parts.append(t.float())
-            have += len(t)
-            if have >= tokens:
-                break
-        x = torch.cat(parts)[:tokens]
+        acts = ActivationCache(cache)
+        if sae.hook not in acts.hooks:
+            raise DataError(f"the activation cache {cache} holds {acts.hooks}, not the SAE's hook {sae.hook}.")
+        x = acts.head(sae.hook, tokens)
     else:
+        from .config import DataConfig
         from .data import load_contexts
         from .harvest import Harvester
 
-        info = sae.info
-        train, _ = load_contexts(model.tokenizer, info.get("dataset", "default"), info.get("context_size", 128),
-                                 info.get("heldout_fraction", 0.05), info.get("seed", 0), info.get("text_column", "text"))
+        data = DataConfig.from_manifest(sae.info)
+        train, _ = load_contexts(model.tokenizer, data.dataset, data.context_size, data.heldout_fraction, data.seed,
+                                 data.text_column)
         tokens = min(tokens, train.usable_tokens)
         x = Harvester(model, [sae.hook]).harvest(train.tokens, tokens).acts[sae.hook]
-    return x[~massive_mask(x.norm(dim=1), massive_multiple)]
+    threshold = sae.info.get("massive_threshold") or MASSIVE_MULTIPLE * float(x.norm(dim=1).median())
+    return x[x.norm(dim=1) <= threshold]
 
 
 @torch.no_grad()
@@ -160,9 +153,9 @@ def pick_features(values: torch.Tensor, indices: torch.Tensor, d_sae: int, n: in
 def top_logit_tokens(sae: SparseAutoencoder, f: int, W_U: torch.Tensor, w_norm: torch.Tensor | None,
                      n: int = 10) -> torch.Tensor:
     """Ids of the n tokens whose logits W_dec[f] raises most (through the final norm's weight)."""
-    w = sae.W_dec[f].detach().float().cpu()
-    logit = (w * w_norm.float().cpu() if w_norm is not None else w) @ W_U.float().cpu()
-    return logit.topk(n).indices
+    from .features.weights import logit_effects
+
+    return logit_effects(sae.W_dec[f: f + 1].detach(), W_U, w_norm, n)["logit_top_token"][0].long().cpu()
 
 
 def simple_ref(model, sae: SparseAutoencoder, f: int, typical: float, top_tokens: int = 10) -> FeatureRef:
@@ -181,7 +174,7 @@ def feature_refs(model, sae: SparseAutoencoder, x: torch.Tensor, features: list[
 
     values, indices = codes if codes is not None else feature_codes(sae, x)
     W_U, w_norm = unembedding(model)
-    scale = S.feature_scale(store) if store is not None else None
+    scale = steer.feature_scale(store) if store is not None else None
     gen = torch.Generator().manual_seed(seed)
     rand = x[torch.randperm(len(x), generator=gen)[: max(dom_examples * 16, 1024)]]
     refs = []
@@ -211,7 +204,7 @@ def feature_refs(model, sae: SparseAutoencoder, x: torch.Tensor, features: list[
 # ----------------------------------------------------------------------------- the sweep
 
 @torch.no_grad()
-def _score(model, sae: SparseAutoencoder, prompt: list[int], s: S.Sampled, feature: int) -> dict[str, torch.Tensor]:
+def _score(model, sae: SparseAutoencoder, prompt: list[int], s: steer.Sampled, feature: int) -> dict[str, torch.Tensor]:
     """Per row: NLL of the generated tokens and the feature's activation on them, under the unsteered model."""
     device = next(model.parameters()).device
     P, N = len(prompt), s.tokens.shape[1]
@@ -237,15 +230,15 @@ def _rows(strengths: list[float], methods: list[str]) -> list[tuple[str, float]]
 
 
 def _steering(sae: SparseAutoencoder, ref: FeatureRef, rows: list[tuple[str, float]], mode: str,
-              positions: str) -> S.Steering:
+              positions: str) -> steer.Steering:
     nan = float("nan")
     raw = lambda s: s if mode == "scale" else s * ref.typical  # noqa: E731
     sae_vals = torch.tensor([raw(s) if m == "sae" else nan for m, s in rows])
-    edits = [S.Edit(ref.feature, mode, sae_vals, positions)]  # type: ignore[arg-type]
+    edits = [steer.Edit(ref.feature, mode, sae_vals, positions)]  # type: ignore[arg-type]
     if ref.dom is not None and any(m == "dom" for m, _ in rows):
         dom_vals = torch.tensor([s * ref.typical if m == "dom" else nan for m, s in rows])
-        edits.append(S.add_vector(ref.dom, dom_vals, positions))  # type: ignore[arg-type]
-    return S.Steering(sae, edits)
+        edits.append(steer.add_vector(ref.dom, dom_vals, positions))  # type: ignore[arg-type]
+    return steer.Steering(sae, edits)
 
 
 @torch.no_grad()
@@ -264,8 +257,8 @@ def sweep_feature(model, sae: SparseAutoencoder, ref: FeatureRef, strengths: lis
                unit="tok", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     for i, text in enumerate(prompts):
-        ids = S.prompt_tokens(model.tokenizer, text)
-        s = S.sample(model, ids, B, max_new_tokens, seed + i, temperature, steering, kv_cache,
+        ids = steer.prompt_tokens(model.tokenizer, text)
+        s = steer.sample(model, ids, B, max_new_tokens, seed + i, temperature, steering, kv_cache,
                      track=ref.top_tokens, stop_early=False)
         sc = _score(model, sae, ids, s, ref.feature)
         valid = sc["valid"]
@@ -277,11 +270,11 @@ def sweep_feature(model, sae: SparseAutoencoder, ref: FeatureRef, strengths: lis
         acc["ptop"] += (s.tracked * valid).sum(1)
         bar.update(max_new_tokens)
     for text in neutral:
-        toks = torch.tensor([S.prompt_tokens(model.tokenizer, text)], device=device)
+        toks = torch.tensor([steer.prompt_tokens(model.tokenizer, text)], device=device)
         clean = torch.log_softmax(model(toks)[0, 1:].float(), -1)  # predictions after steered positions
         # side effects of the edit wherever it would act: "generated" edits act on every position here
         steering.offset, steering.prompt_len = 0, (1 if positions == "generated" else toks.shape[1])
-        with S.steer(model, sae, steering):
+        with steer.steer(model, sae, steering):
             steered = torch.log_softmax(model(toks.expand(B, -1))[:, 1:].float(), -1)
         kl = (clean.exp() * (clean - steered)).sum(-1)  # [B, T-1]
         acc["kl"] += kl.sum(1).double().cpu()
@@ -380,8 +373,8 @@ def run(model, sae: SparseAutoencoder, cfg: SteerEvalConfig, x: torch.Tensor | N
     """The whole evaluation: reference activations → features → sweeps. Returns rows, verdicts and meta."""
     if cfg.mode not in ("add", "clamp", "scale"):
         raise SaekitError(f"steer-eval sweeps add, clamp or scale, not {cfg.mode!r}.")
-    if cfg.positions not in S.POSITIONS:
-        raise SaekitError(f"--positions must be one of {', '.join(S.POSITIONS)}.")
+    if cfg.positions not in steer.POSITIONS:
+        raise SaekitError(f"--positions must be one of {', '.join(steer.POSITIONS)}.")
     prompts = default_prompts(cfg.prompts or None)
     steer_p, neutral = prompts["steer"][: cfg.n_prompts], prompts["neutral"][: cfg.n_neutral]
     start = time.perf_counter()
@@ -401,22 +394,16 @@ def run(model, sae: SparseAutoencoder, cfg: SteerEvalConfig, x: torch.Tensor | N
         "reference_tokens": len(x), "seconds": time.perf_counter() - start}
 
 
-def cmd_steer_eval(values: dict[str, Any]) -> int:
-    from .cli import build_config
+def run_and_report(model, sae: SparseAutoencoder, cfg: SteerEvalConfig, sae_dir: Path, store, out: Path) -> dict[str, Any]:
+    """`saekit steer-eval`: run the sweep, write steer_eval.json and the plotly figure into `out`, print the table."""
     from .files import write_json
     from .lm import model_id
 
-    cfg = build_config(SteerEvalConfig, values)
-    cfg.features = [int(f) for f in cfg.features]
-    cfg.strengths = [float(s) for s in cfg.strengths]
-    model, sae, store = S.load_for_steering(values["sae"], values.get("model"), values.get("store"))
-    out = Path(values.get("out") or Path(values["sae"]) / "steer-eval")
     res = run(model, sae, cfg, store=store)
-    res |= {"sae": str(values["sae"]), "model": model_id(model), "hook": sae.hook, "weights_sha256": sae.weights_hash(),
+    res |= {"sae": str(sae_dir), "model": model_id(model), "hook": sae.hook, "weights_sha256": sae.weights_hash(),
             "typical_from": str(store.path) if store is not None else "reference tokens"}
     write_json(out / "steer_eval.json", res)
-    fig = figure(res["rows"], out / "steer_eval.html",
-                 title=f"steering trade-off — {Path(values['sae']).name} at {sae.hook}")
+    fig = figure(res["rows"], out / "steer_eval.html", title=f"steering trade-off — {sae_dir.name} at {sae.hook}")
     print()
     for f in res["features"]:
         print(f"feature {f['feature']}: fires on {f['frequency']:.2%} of reference tokens, typical activation "
@@ -433,36 +420,4 @@ def cmd_steer_eval(values: dict[str, Any]) -> int:
             print(f"  feature {v['feature']} {v['method']}: strength {v['strength']:g}: hit {v['hit_base']:.3f} → "
                   f"{v['hit']:.3f} (+{v['gain']:.3f}), ppl× {v['ppl_ratio']:.2f}, KL {v['kl']:.4f}")
     print(f"\nwrote {out / 'steer_eval.json'} and {fig} ({res['seconds']:.0f} s)")
-    return 0
-
-
-
-def add_parsers(sub) -> None:
-    """`saekit steer` and `saekit steer-eval` (wired into cli.build_parser)."""
-    from .cli import add_config_args
-
-    p = sub.add_parser("steer", help="generate baseline and steered continuations side by side")
-    p.add_argument("--sae", required=True, help="SAE directory")
-    p.add_argument("--feature", type=int, required=True, help="latent to edit")
-    p.add_argument("--mode", choices=S.MODES, default="add", help="add, clamp, scale or ablate (default add)")
-    p.add_argument("--strength", type=float, help="add: strength (in typical activations when a feature store is found, else raw); "
-                                                  "clamp: value (raw); scale: factor")
-    p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed, shared by both continuations (default 0)")
-    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default 40)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 is greedy (default 1)")
-    p.add_argument("--positions", choices=S.POSITIONS, default="all", help="steer prompt, generated or all tokens")
-    p.add_argument("--store", help="feature store (`saekit analyze`) whose typical activations scale add strengths; "
-                                   "default SAE_DIR/../store when built from this SAE; 'none': raw strengths")
-    p.add_argument("--model", help="override the model recorded in the SAE")
-    p.add_argument("--no-kv-cache", action="store_true", default=None, help="rerun the sequence at every step")
-    p.add_argument("--width", type=int, default=110, help="terminal width for the side-by-side view")
-
-    p = sub.add_parser("steer-eval", help="sweep steering strengths: hit rate, fluency, side effects vs a "
-                                          "difference-of-means baseline; table + plotly HTML")
-    p.add_argument("--sae", required=True, help="SAE directory")
-    p.add_argument("--out", help="output directory (default SAE_DIR/steer-eval)")
-    p.add_argument("--store", help="feature store whose typical activations to use (default SAE_DIR/../store when "
-                                   "built from this SAE; 'none': measure them on the reference tokens)")
-    p.add_argument("--model", help="override the model recorded in the SAE")
-    add_config_args(p, SteerEvalConfig)
+    return res

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -28,7 +28,8 @@ from .errors import FileFormatError, NonFiniteError, SaekitError, ShapeError
 from .files import atomic_write
 from .harvest import ShuffleBuffer
 from .optim import ScheduleFreeSignSGD
-from .sae import SparseAutoencoder, lr_rule
+from .sae import Across, SparseAutoencoder, lr_rule
+from .version import __version__
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -44,6 +45,32 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+class BatchSource(Protocol):
+    """Where the Trainer's batches come from: epochs over activations in memory (`InMemoryBatches`), a live
+    harvest (`StreamBatches`) or this process's shard of a data-parallel stream (`dist.ShardBatches`)."""
+
+    tokens: int
+    """Activations in one epoch (over every process)."""
+    max_epochs: float | None
+    """Passes the source can make (None: any number)."""
+
+    def head(self, n: int) -> torch.Tensor:
+        """The first n rows of the stream (input scale, init sample), the same on every process."""
+        ...
+
+    def batch(self, step: int) -> torch.Tensor:
+        """This process's rows of step `step`: a pure function of the step, which makes resume exact."""
+        ...
+
+
+def check_activations(x: torch.Tensor) -> torch.Tensor:
+    if x.ndim != 2:
+        raise ShapeError(f"activations must be [tokens, d_in], not {tuple(x.shape)}.")
+    if not torch.isfinite(x).all():
+        raise NonFiniteError("the training activations hold NaN/inf; re-harvest or check the model.")
+    return x
+
+
 class EpochOrder:
     """The global token order: a new seeded permutation of all `tokens` each epoch, so the rows of step s are
     a pure function of (seed, s) — what makes resume exact, and what every data-parallel rank agrees on."""
@@ -51,9 +78,16 @@ class EpochOrder:
     acts: torch.Tensor
     batch_size: int
     seed: int
-    steps_per_epoch: int
-    _perm: tuple[int, torch.Tensor] | None
     tokens: int
+    max_epochs: float | None = None
+
+    def __init__(self, acts: torch.Tensor, tokens: int, batch_size: int, seed: int):
+        if tokens < batch_size:
+            raise SaekitError(f"only {tokens} activations for a batch of {batch_size}; harvest more tokens "
+                              "or lower --batch-size.")
+        self.acts, self.tokens, self.batch_size, self.seed = check_activations(acts), tokens, batch_size, seed
+        self.steps_per_epoch = tokens // batch_size
+        self._perm: tuple[int, torch.Tensor] | None = None
 
     def step_indices(self, step: int) -> torch.Tensor:
         epoch, i = divmod(step, self.steps_per_epoch)
@@ -64,24 +98,12 @@ class EpochOrder:
 
 
 class InMemoryBatches(EpochOrder):
-    """Batches drawn without replacement from activations in memory; a new seeded permutation each
-    epoch. `batch(step)` is a pure function of (seed, step), which is what makes resume exact."""
+    """Batches drawn without replacement from activations in memory; a new seeded permutation each epoch."""
 
     def __init__(self, acts: torch.Tensor, batch_size: int, seed: int):
-        if len(acts) < batch_size:
-            raise SaekitError(f"only {len(acts)} activations for a batch of {batch_size}; harvest more tokens "
-                              "or lower --batch-size.")
-        self.acts, self.batch_size, self.seed = acts, batch_size, seed
-        self.steps_per_epoch = len(acts) // batch_size
-        self._perm: tuple[int, torch.Tensor] | None = None
-
-    @property
-    def tokens(self) -> int:
-        """All activations batches are drawn from (over every process, in saekit.distributed)."""
-        return len(self.acts)
+        super().__init__(acts, len(acts), batch_size, seed)
 
     def head(self, n: int) -> torch.Tensor:
-        """The first n activations of the stream (input scale and init sample)."""
         return self.acts[:n]
 
     def batch(self, step: int) -> torch.Tensor:
@@ -93,6 +115,8 @@ class StreamBatches:
     memory. `rows()` must replay the same stream each call (the harvest is deterministic), so a resumed
     run replays and skips the batches it already trained on: exact, at the cost of re-running the model."""
 
+    max_epochs = 1.0  # a stream is seen once: cache the harvest to reuse it
+
     def __init__(self, rows: Callable[[], Iterator[torch.Tensor]], tokens: int, batch_size: int,
                  buffer_tokens: int = 262_144, seed: int = 0):
         self.rows, self.tokens, self.batch_size = rows, tokens, batch_size
@@ -100,16 +124,19 @@ class StreamBatches:
         self.steps_per_epoch = tokens // batch_size
         self._stream: Iterator[torch.Tensor] | None = None
         self._next = 0
+        self._head: torch.Tensor | None = None
 
     def head(self, n: int) -> torch.Tensor:
-        """The first n rows of the stream (input scale and init sample)."""
-        got, have = [], 0
-        for r in self.rows():
-            got.append(r)
-            have += len(r)
-            if have >= n:
-                break
-        return torch.cat(got)[:n]
+        """The first n rows of the stream (read once: each read re-runs the model)."""
+        if self._head is None or len(self._head) < n:
+            got, have = [], 0
+            for r in self.rows():
+                got.append(r)
+                have += len(r)
+                if have >= n:
+                    break
+            self._head = check_activations(torch.cat(got))
+        return self._head[:n]
 
     def batch(self, step: int) -> torch.Tensor:
         if self._stream is None or step != self._next:  # first call, or a resume: replay and skip
@@ -133,28 +160,24 @@ def input_scale(acts: torch.Tensor) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, acts: torch.Tensor | StreamBatches, out_dir: str | Path,
+    """Trains `cfg.saes` together on one BatchSource (a [tokens, d_in] tensor means epochs over it in memory)."""
+
+    def __init__(self, cfg: TrainConfig, acts: torch.Tensor | BatchSource, out_dir: str | Path,
                  info: dict[str, Any] | None = None, resume: bool = False):
         self.cfg = cfg
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(cfg.device)
-        if isinstance(acts, StreamBatches) and cfg.epochs != 1:
-            raise SaekitError("a streamed harvest is seen once: use epochs=1, or cache the harvest to reuse it.")
-        check = acts.head(65536) if isinstance(acts, StreamBatches) else acts
-        if check.ndim != 2:
-            raise ShapeError(f"activations must be [tokens, d_in], not {tuple(check.shape)}.")
-        if not torch.isfinite(check).all():
-            raise NonFiniteError("the training activations hold NaN/inf; re-harvest or check the model.")
-        d_in = check.shape[1]
-        for c in cfg.saes:
-            if c.d_in != d_in:
-                raise ShapeError(f"SAE {sae_name(c)} has d_in {c.d_in} but the activations have width {d_in}.")
         self.info = dict(info or {})
         self.writer = True  # this process writes metrics and wandb (False on ranks > 0 of a distributed run)
         self.data = self._batches(acts)
-        head = check if isinstance(acts, StreamBatches) else self.data.head(65536)  # a stream's head re-runs the model
-        head = head.to(self.device)
+        if self.data.max_epochs is not None and cfg.epochs > self.data.max_epochs:
+            raise SaekitError("a streamed harvest is seen once: use epochs=1, or cache the harvest to reuse it.")
+        head = check_activations(self.data.head(65536)).to(self.device)
+        d_in = head.shape[1]
+        for c in cfg.saes:
+            if c.d_in != d_in:
+                raise ShapeError(f"SAE {sae_name(c)} has d_in {c.d_in} but the activations have width {d_in}.")
         self.scale = input_scale(head)
         self.total_steps = max(1, int(cfg.epochs * self.data.tokens) // cfg.batch_size)
         self.dead_tokens = cfg.dead_tokens or max(cfg.batch_size, min(10_000_000, self.total_steps * cfg.batch_size // 50))
@@ -178,11 +201,11 @@ class Trainer:
                      lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in self.history)))
 
     # ------------------------------------------------------------------ setup
-    def _batches(self, acts: torch.Tensor | StreamBatches) -> InMemoryBatches | StreamBatches:
-        """The batch source (saekit.distributed swaps in one that draws this process's share)."""
-        if isinstance(acts, StreamBatches):
-            return acts
-        return InMemoryBatches(acts.to(self.device), self.cfg.batch_size, self.cfg.seed)
+    def _batches(self, acts: torch.Tensor | BatchSource) -> BatchSource:
+        """Activations in memory become epochs over them (saekit.dist draws this process's share instead)."""
+        if isinstance(acts, torch.Tensor):
+            return InMemoryBatches(acts.to(self.device), self.cfg.batch_size, self.cfg.seed)
+        return acts
 
     def lr(self, sae: SparseAutoencoder) -> float:
         if self.cfg.lr is not None:
@@ -217,7 +240,7 @@ class Trainer:
             use_aux = self.cfg.auxk_coef > 0 and bool(dead.any())
             k_aux = self.cfg.k_aux or sae.cfg.d_in // 2
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                values, indices, aux_v, aux_i = self._encode_train(sae, x, dead if use_aux else None, k_aux)
+                values, indices, aux_v, aux_i = sae.encode_train(x, dead if use_aux else None, k_aux, self.across)
                 x_hat = sae.decode(values, indices)
             err = x - x_hat.float()
             err_sum = err.pow(2).sum()
@@ -255,7 +278,7 @@ class Trainer:
                         "dead_fraction": dead.float().mean().item(), "lr": sched.get_last_lr()[0]})
         return out
 
-    # What a data-parallel trainer (saekit.distributed) reduces across processes; one process: nothing.
+    # What a data-parallel trainer (saekit.dist) reduces across processes; one process: nothing.
     def _batch_tokens(self, local: int) -> int:
         return local
 
@@ -269,8 +292,7 @@ class Trainer:
         """(latents fired anywhere, [error sum, AuxK error sum, active codes]) after gradients are final."""
         return fired, stats
 
-    def _encode_train(self, sae: SparseAutoencoder, x: torch.Tensor, aux_mask: torch.Tensor | None, k_aux: int):
-        return sae.encode_train(x, aux_mask, k_aux)
+    across: Across | None = None  # how BatchTopK sees the global batch (None: this process's batch is all of it)
 
     # ------------------------------------------------------------------ loop
     def fit(self, progress: bool = True, stop_after: int | None = None) -> list[Path]:
@@ -334,7 +356,7 @@ class Trainer:
                                      "tokens_seen": self.step * self.cfg.batch_size,
                                      "input_scale": self.scale, "dead_tokens": self.dead_tokens,
                                      "path": ops.training_path(self.device)},
-                        "saekit_version": _version()}
+                        "saekit_version": __version__}
             paths.append(self.trained_sae(i).save(self.out / name, manifest))
         return paths
 
@@ -396,12 +418,6 @@ class Trainer:
         self.step, self.scale = int(state["step"]), float(state["scale"])
         self.history = json.loads(state["history"])
         torch.set_rng_state(state["rng"].cpu())
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def _wandb_run(cfg: TrainConfig, info: dict[str, Any]):

@@ -10,7 +10,7 @@ Token bytes and display (Vocab, display_token) live in saekit.tokens.
 """
 
 from ..tokens import Vocab, display_token
-from .analysis import analyze, cmd_analyze
+from .analysis import analyze
 from .builder import FeatureBuilder
 from .config import BINS_PER_DECADE, HIST_BINS, HIST_HI, HIST_LO, FeatureConfig, hist_edges, hist_quantiles
 from .store import (
@@ -27,7 +27,7 @@ from .weights import decoder_neighbours, feature_map, logit_effects
 
 __all__ = [
     "BINS_PER_DECADE", "FORMAT_VERSION", "HIST_BINS", "HIST_HI", "HIST_LO", "STORE_KIND", "Example", "Feature",
-    "FeatureBuilder", "FeatureConfig", "FeatureStore", "QuantileGroup", "Vocab", "analyze", "cmd_analyze",
+    "FeatureBuilder", "FeatureConfig", "FeatureStore", "QuantileGroup", "Vocab", "analyze",
     "decoder_neighbours", "display_token", "feature_map", "hist_edges", "hist_quantiles", "logit_effects",
     "open_store", "write_store",
 ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -18,15 +18,17 @@ from .builder import FeatureBuilder
 from .config import BINS_PER_DECADE, HIST_HI, HIST_LO, FeatureConfig
 from .store import FORMAT_VERSION, STORE_KIND, write_store
 
+if TYPE_CHECKING:
+    from ..config import DataConfig
 
-def _massive_keep(acts: torch.Tensor, ref: list[float], multiple: float) -> torch.Tensor:
-    """Keep mask: drop tokens whose norm exceeds `multiple` × the first batch's median norm."""
+
+def _massive_keep(acts: torch.Tensor, threshold: list[float], multiple: float) -> torch.Tensor:
+    """Keep mask: drop tokens whose norm exceeds the threshold; with none given (`threshold` empty), it is
+    `multiple` × the first batch's median norm (multiple 0 keeps every token)."""
     norms = acts.norm(dim=1)
-    if not ref:
-        ref.append(float(norms.median()) if len(norms) else 0.0)
-    if multiple <= 0 or not ref[0]:
-        return torch.ones(len(acts), dtype=torch.bool, device=acts.device)
-    return norms <= multiple * ref[0]
+    if not threshold:
+        threshold.append(multiple * float(norms.median()) if len(norms) and multiple > 0 else float("inf"))
+    return norms <= threshold[0]
 
 
 def _load_sae_with_hook(sae_dir: str | Path):
@@ -46,9 +48,11 @@ def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = No
     `activations`: a cache written by `saekit harvest`/`train` (no model forward). Otherwise `model` (or
     `model_arg`, default the SAE's recorded model) runs over the SAE's dataset (or `dataset`).
     """
-    from .. import __version__
+    from ..config import DataConfig
+    from ..harvest import MASSIVE_MULTIPLE
     from ..lm import load_model, unembedding
     from ..train import resolve_device
+    from ..version import __version__
 
     cfg = cfg or FeatureConfig()
     device = resolve_device(cfg.device)
@@ -56,33 +60,33 @@ def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = No
     sae = _load_sae_with_hook(sae_dir).to(device)
     info = sae.info
     hook = sae.hook
-    chosen_model = model_arg
-    model_arg = model_arg or info.get("model_arg", "default")
-    data = {"dataset": dataset or info.get("dataset", "default"), "text_column": info.get("text_column", "text"),
-            "context_size": int(info.get("context_size", 128)), "heldout_fraction": info.get("heldout_fraction", 0.05),
-            "seed": info.get("seed", 0)}
+    data = DataConfig.from_manifest(info, model=model_arg, dataset=dataset)
     cache = None
+    # The massive threshold recorded at harvest (the cache's, else the SAE's), unless a multiple is asked for.
+    threshold = [] if cfg.massive_multiple is not None else [t for t in [info.get("massive_threshold")] if t]
+    threshold_from = "the SAE (recorded at harvest)" if threshold else "the first batch"
     if activations is not None:
-        from ..harvest import read_cache
+        from ..cache import ActivationCache
 
-        cache = read_cache(activations, hooks=[hook])
+        acts_cache = ActivationCache(activations)
+        cache = acts_cache.read([hook])
+        if cfg.massive_multiple is None and acts_cache.massive_threshold(hook) is not None:
+            threshold, threshold_from = [acts_cache.massive_threshold(hook)], "the activation cache (recorded at harvest)"
         if cache.acts[hook].shape[1] != sae.cfg.d_in:
             raise ShapeError(f"the cache in {activations} has width {cache.acts[hook].shape[1]} at {hook}, "
                              f"but the SAE's d_in is {sae.cfg.d_in}.")
         if cache.meta.get("model") and info.get("model") and cache.meta["model"] != info["model"]:
             raise DataError(f"the cache in {activations} holds activations of {cache.meta['model']}, but the SAE was "
                             f"trained on {info['model']}; use a cache of the SAE's model (or drop --activations).")
-        model_arg = chosen_model or cache.meta.get("model_arg", model_arg)
-        data |= {k: cache.meta[k] for k in data if k in cache.meta and not (k == "dataset" and dataset)}
+        data = DataConfig.from_manifest({**info, **cache.meta}, model=model_arg, dataset=dataset)
     if model is None:
-        print(f"saekit: loading model {model_arg!r}", flush=True)
-        model = load_model(model_arg, device=device if cache is None else "cpu")
+        print(f"saekit: loading model {data.model!r}", flush=True)
+        model = load_model(data.model, device=device if cache is None else "cpu")
     tokenizer = model.tokenizer
     vocab = Vocab.from_tokenizer(tokenizer)
     W_U, norm_weight = unembedding(model)
     vocab_size = max(W_U.shape[1], len(vocab))
     builder = FeatureBuilder(sae.cfg.d_sae, vocab_size, cfg, device)
-    ref: list[float] = []
     budget = cfg.tokens
     seen = massive = 0
     forward_s = 0.0
@@ -97,7 +101,7 @@ def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = No
         take = min(len(ids), budget - seen)
         acts, ids, pos, ctx = acts[:take], ids[:take], pos[:take], ctx[:take]
         seen += take
-        keep = _massive_keep(acts, ref, cfg.massive_multiple)
+        keep = _massive_keep(acts, threshold, cfg.massive_multiple or MASSIVE_MULTIPLE)
         massive += int((~keep).sum())
         values, indices = sae.encode(acts[keep].to(device))
         builder.add(values, indices, ids[keep], pos[keep], ctx[keep])
@@ -131,7 +135,7 @@ def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = No
             packed = _contexts_for(tokenizer, data)
         except DataError:
             packed = None
-        contexts = _contexts_from_cache(cache, packed, tokenizer, data["context_size"])
+        contexts = _contexts_from_cache(cache, packed, tokenizer, data.context_size)
     bar.close()
     if seen < budget:
         print(f"saekit: the {'cache' if cache is not None else 'dataset'} gave {seen:,} tokens, fewer than the "
@@ -145,13 +149,15 @@ def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = No
     from ..lm import model_id
 
     manifest = {
+        **data.manifest(info.get("model") or model_id(model)),
         "kind": STORE_KIND, "format_version": FORMAT_VERSION, "saekit_version": __version__,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "sae_dir": str(sae_dir.resolve()), "sae_weights_sha256": sae.weights_hash(),
         "sae": dataclasses.asdict(sae.cfg), "hook": hook, "model": info.get("model") or model_id(model),
-        "model_arg": model_arg, **data, "split": "train", **source,
+        "split": "train", **source,
         "tokens": builder.tokens, "tokens_seen": seen, "massive_excluded": massive,
-        "massive_median_norm": ref[0] if ref else None, "d_sae": sae.cfg.d_sae, "vocab_size": vocab_size,
+        "massive_threshold": threshold[0] if threshold else None, "massive_threshold_from": threshold_from,
+        "d_sae": sae.cfg.d_sae, "vocab_size": vocab_size,
         "config": dataclasses.asdict(cfg), "map_method": finfo.pop("map_method"),
         "hist": {"log10_lo": HIST_LO, "log10_hi": HIST_HI, "bins_per_decade": BINS_PER_DECADE},
         "final_norm_applied": norm_weight is not None,
@@ -165,11 +171,11 @@ def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = No
     return out
 
 
-def _contexts_for(tokenizer, data: dict[str, Any]) -> torch.Tensor:
+def _contexts_for(tokenizer, data: DataConfig) -> torch.Tensor:
     from ..data import load_contexts
 
-    train, _ = load_contexts(tokenizer, data["dataset"], data["context_size"], data["heldout_fraction"], data["seed"],
-                             data["text_column"])
+    train, _ = load_contexts(tokenizer, data.dataset, data.context_size, data.heldout_fraction, data.seed,
+                             data.text_column)
     return train.tokens
 
 
@@ -187,15 +193,3 @@ def _contexts_from_cache(cache, contexts: torch.Tensor | None, tokenizer, T: int
     out[:, 0] = bos_id(tokenizer)
     out[ctx, pos] = ids
     return out
-
-
-def cmd_analyze(values: dict[str, Any]) -> int:
-    """`saekit analyze SAE_DIR [--out STORE] [--activations DIR] [--tokens N] …`"""
-    cfg = FeatureConfig(**{f.name: values[f.name] for f in dataclasses.fields(FeatureConfig)
-                           if values.get(f.name) is not None})
-    sae_dir = Path(values["sae_dir"])
-    out = Path(values.get("out") or sae_dir.parent / "store")
-    analyze(sae_dir, out, cfg, activations=values.get("activations"), model_arg=values.get("model"),
-            dataset=values.get("dataset"))
-    print(f"browse it with:  saekit browse {out}")
-    return 0

@@ -38,8 +38,9 @@ class FeatureConfig:
     """2D map of decoder directions: umap (needs umap-learn), pca, or auto (umap if installed)."""
     batch_contexts: int = 16
     """Contexts per model forward (and per bookkeeping batch)."""
-    massive_multiple: float = 10.0
-    """Leave out tokens whose activation norm exceeds this multiple of the first batch's median (0 keeps all)."""
+    massive_multiple: float | None = None
+    """Massive tokens are left out: by default those above the threshold recorded at harvest (in the cache, else
+    the SAE); a number instead leaves out norms above this multiple of the first batch's median (0 keeps all)."""
     seed: int = 0
     """Seed of the random sample behind the quantile groups."""
     device: str = "auto"

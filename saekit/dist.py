@@ -2,6 +2,9 @@
 
     torchrun --nproc-per-node N -m saekit train ...      (or: saekit train --distributed --nproc-per-node N)
 
+This module holds the transport (`Comm`; a one-process Comm does nothing), the data-parallel batches and
+trainer, and the launcher; `runner.train` assembles a run the same way on one process or many.
+
 NCCL on GPUs, gloo on CPUs; we build no transport of our own. Two modes:
 
 - **data parallel** (default): the token stream is split into one contiguous shard per rank (each rank
@@ -24,14 +27,13 @@ the others stop with a SaekitError that says so, instead of waiting forever.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import importlib
-import math
+import logging
 import os
 import sys
-import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,26 +42,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import ops
-from .errors import DataError, FileFormatError, NonFiniteError, SaekitError, ShapeError
-from .files import read_json, write_json, write_tensors
+from .config import DistConfig
+from .errors import SaekitError
 from .train import CHECKPOINT, EpochOrder, Trainer, resolve_device
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-
-
-@dataclass
-class DistConfig:
-    """Scale-out over several processes with torch.distributed (gloo on CPU, NCCL on GPU)."""
-
-    distributed: bool = False
-    """Train on several processes: implied under torchrun; outside torchrun saekit launches --nproc-per-node processes itself."""
-    nproc_per_node: int = 0
-    """Processes to launch for --distributed outside torchrun (0: one per GPU, or 2 on CPU)."""
-    distribute_modules: bool = False
-    """Each process trains the SAEs of its share of the hooks on every process's tokens (needs hooks ≥ processes), instead of data parallel."""
-    dist_timeout: float = 600.0
-    """Seconds a collective waits for the other processes before the run stops with an error (a dead or stuck rank)."""
 
 
 def under_launcher() -> bool:
@@ -67,8 +54,8 @@ def under_launcher() -> bool:
     return all(k in os.environ for k in ENV_KEYS)
 
 
-def wants_distributed(values: dict[str, Any]) -> bool:
-    return bool(values.get("distributed")) or int(os.environ.get("WORLD_SIZE", "1")) > 1
+def wants_distributed(cfg: DistConfig) -> bool:
+    return cfg.distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def split(n: int, world: int) -> list[int]:
@@ -89,9 +76,28 @@ class Comm:
         self.wire_bytes = 0.0  # bytes this rank sends on the wire (ring algorithms: 2(W−1)/W for all-reduce)
         self.calls = 0
 
+    @classmethod
+    def single(cls, device: torch.device) -> Comm:
+        """One process: every collective returns its input."""
+        return cls(0, 1, 0, device, "none", 0.0)
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def say(self, *args: Any, **kwargs: Any) -> None:
+        """print on rank 0 only."""
+        if self.is_main:
+            print(*args, **kwargs)
+
+    def global_median(self, t: torch.Tensor, what: str = "gathering values for a median") -> float:
+        """The median of every process's values of `t` (1-D)."""
+        if self.world == 1:
+            return float(t.median()) if len(t) else 0.0
+        sizes = self.all_gather_sizes(len(t), what)
+        rows = self.gather_rows(t.to(self.device), sizes, 0, what)
+        median = rows.median().reshape(1) if self.is_main else torch.zeros(1, device=self.device)
+        return float(self.broadcast(median.to(self.device), 0, "sharing the median"))
 
     @contextmanager
     def guard(self, what: str) -> Iterator[None]:
@@ -226,19 +232,14 @@ class ShardBatches(EpochOrder):
     each rank keeps the indices that fall in its shard (about batch/world rows, varying a little per step)."""
 
     def __init__(self, acts: torch.Tensor, comm: Comm, batch_size: int, seed: int):
-        self.acts, self.comm, self.batch_size, self.seed = acts, comm, batch_size, seed
+        self.comm = comm
         self.sizes = comm.all_gather_sizes(len(acts), "exchanging shard sizes")
         self.lo = sum(self.sizes[: comm.rank])
         self.hi = self.lo + len(acts)
-        if self.tokens < batch_size:
-            raise SaekitError(f"only {self.tokens} activations over {comm.world} processes for a batch of "
+        if sum(self.sizes) < batch_size:
+            raise SaekitError(f"only {sum(self.sizes)} activations over {comm.world} processes for a batch of "
                               f"{batch_size}; harvest more tokens or lower --batch-size.")
-        self.steps_per_epoch = self.tokens // batch_size
-        self._perm: tuple[int, torch.Tensor] | None = None
-
-    @property
-    def tokens(self) -> int:
-        return sum(self.sizes)
+        super().__init__(acts, sum(self.sizes), batch_size, seed)
 
     def head(self, n: int) -> torch.Tensor:
         """The first n rows of the global stream on every rank (each owner broadcasts its piece)."""
@@ -258,6 +259,20 @@ class ShardBatches(EpochOrder):
         return self.acts[mine]
 
 
+@dataclass
+class BatchAcross:
+    """BatchTopK's view of the global batch (saekit.sae.Across) through a Comm."""
+
+    comm: Comm
+    batch_tokens: int
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.comm.all_gather(t, "gathering BatchTopK candidates"))
+
+    def min(self, t: torch.Tensor) -> torch.Tensor:
+        return self.comm.all_reduce(t, "min", "reducing the BatchTopK threshold")
+
+
 class DistributedTrainer(Trainer):
     """Data-parallel Trainer: same SAEs on every rank, each rank a part of the global batch.
 
@@ -268,6 +283,7 @@ class DistributedTrainer(Trainer):
     def __init__(self, cfg, acts: torch.Tensor, out_dir: str | Path, comm: Comm, info: dict[str, Any] | None = None,
                  resume: bool = False):
         self.comm = comm
+        self.across = BatchAcross(comm, cfg.batch_size)
         super().__init__(cfg, acts, out_dir, info=info, resume=resume)
         self.writer = comm.is_main
         # Init (and a resumed checkpoint) are the same on every rank; broadcasting rank 0's copy makes it certain.
@@ -302,32 +318,6 @@ class DistributedTrainer(Trainer):
             p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
             o += p.numel()
         return flat[o: o + sae.cfg.d_sae] > 0, flat[o + sae.cfg.d_sae:]
-
-    def _encode_train(self, sae, x: torch.Tensor, aux_mask, k_aux: int):
-        if sae.cfg.architecture == "batchtopk":
-            return self._batchtopk_encode(sae, x, aux_mask, k_aux)
-        return sae.encode_train(x, aux_mask, k_aux)
-
-    def _batchtopk_encode(self, sae, x: torch.Tensor, aux_mask, k_aux: int):
-        """BatchTopK with the cutoff over the global batch: each rank's top k·B candidates are gathered (every
-        global winner is among its own rank's local winners), and the threshold tracks the global minimum."""
-        values, indices, aux_v, aux_i = ops.encode_topk(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k_candidates,
-                                                        aux_mask, k_aux)
-        B = self.cfg.batch_size
-        keep = sae.cfg.k * B  # k_candidates ≥ k
-        flat = values.detach().flatten().float()
-        local = flat.topk(min(keep, flat.numel()), sorted=False).values
-        cand = torch.full((keep,), -math.inf, device=x.device)
-        cand[: len(local)] = local
-        cutoff = torch.cat(self.comm.all_gather(cand, "gathering BatchTopK candidates")).topk(keep, sorted=False).values.min()
-        values = values * (values >= cutoff)
-        if sae.training:
-            kept = values.detach()[values.detach() > 0]
-            low = (kept.min() if kept.numel() else torch.tensor(math.inf, device=x.device)).float().reshape(1)
-            low = self.comm.all_reduce(low, "min", "reducing the BatchTopK threshold")[0]
-            if torch.isfinite(low):
-                sae.threshold.lerp_(low.to(sae.threshold.dtype), 0.01)
-        return values, indices, aux_v, aux_i
 
     def fit(self, progress: bool = True, stop_after: int | None = None) -> list[Path]:
         b0, s0 = self.comm.payload_bytes, self.step
@@ -364,122 +354,25 @@ class DistributedTrainer(Trainer):
         return super().plot() if self.comm.is_main else None
 
 
-# ----------------------------------------------------------------------------- activations: shards and caches
+# ----------------------------------------------------------------------------- launching
 
-def write_cache_shard(acts: dict[str, torch.Tensor], token_ids: torch.Tensor, positions: torch.Tensor,
-                      context_ids: torch.Tensor, meta: dict[str, Any], directory: Path, manifest: dict[str, Any],
-                      comm: Comm, shard_tokens: int = 65536) -> None:
-    """Every rank writes its shard's safetensors files; rank 0 writes one manifest listing them all in rank
-    order, so the result is an ordinary saekit activation cache (readable on any number of processes)."""
-    from .harvest import MANIFEST
-
-    if comm.is_main and (directory / MANIFEST).exists():
-        (directory / MANIFEST).unlink()  # the old manifest must not describe shards being rewritten
-    comm.barrier("starting to write the activation cache")
-    shards = []
-    for i, lo in enumerate(range(0, len(token_ids), shard_tokens)):
-        sl = slice(lo, lo + shard_tokens)
-        name = f"shard_r{comm.rank:03d}_{i:05d}.safetensors"
-        write_tensors(directory / name, {**{f"acts.{h}": a[sl] for h, a in acts.items()}, "token_ids": token_ids[sl],
-                                         "positions": positions[sl], "context_ids": context_ids[sl]})
-        shards.append({"file": name, "tokens": len(token_ids[sl])})
-    everyone = comm.all_gather_object((shards, meta), "collecting the cache shard lists")
-    if comm.is_main:
-        seconds = max(m["seconds"] for _, m in everyone)
-        tokens = sum(m["tokens"] for _, m in everyone)
-        write_json(directory / MANIFEST, {
-            **manifest, "kind": "saekit-activations", "hooks": list(acts),
-            "d_in": {h: int(a.shape[1]) for h, a in acts.items()}, "tokens": tokens,
-            "shards": [s for sh, _ in everyone for s in sh],
-            "harvest": {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
-                        "world_size": comm.world}})
-    comm.barrier("waiting for rank 0 to write the cache manifest")
-
-
-def read_cache_slice(directory: str | Path, hooks: list[str] | None, lo: int, hi: int) -> dict[str, torch.Tensor]:
-    """Rows [lo, hi) of an activation cache, reading only the shards (and rows) that hold them."""
-    from safetensors import safe_open
-
-    from .harvest import read_manifest
-
-    directory = Path(directory)
-    man, hooks = read_manifest(directory, hooks)
-    parts: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
-    start = 0
-    for s in man["shards"]:
-        a, b = max(lo, start), min(hi, start + s["tokens"])
-        if a < b:
-            path = directory / s["file"]
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    for h in hooks:
-                        parts[h].append(f.get_slice(f"acts.{h}")[a - start: b - start].float())
-            except Exception as e:
-                raise FileFormatError(f"{path} is missing or unreadable ({e}); re-harvest the cache.") from e
-        start += s["tokens"]
-    if start != man["tokens"]:
-        raise FileFormatError(f"{directory}: the shards hold {start} tokens, the manifest says {man['tokens']}.")
-    out = {}
-    for h in hooks:
-        t = torch.cat(parts[h]) if parts[h] else torch.zeros(0, man["d_in"][h])
-        if t.shape[1] != man["d_in"][h]:
-            raise ShapeError(f"cache {directory}: {h} has width {t.shape[1]}, manifest says {man['d_in'][h]}.")
-        if not torch.isfinite(t).all():
-            raise NonFiniteError(f"cache {directory}: activations at {h} hold NaN/inf; re-harvest.")
-        out[h] = t
-    return out
-
-
-def harvest_shard(values: dict[str, Any], hcfg, model, comm: Comm) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Harvest this rank's share of the tokens from its own contexts (rank r takes contexts r, r+W, …)."""
-    from .cli import _contexts
-    from .harvest import Harvester
-
-    train_ctx, _ = _contexts(model, hcfg)
-    mine = train_ctx.tokens[comm.rank:: comm.world]
-    want = split(hcfg.tokens, comm.world)[comm.rank]
-    try:
-        h = Harvester(model, hcfg.hooks).harvest(mine, want, hcfg.batch_contexts, progress=comm.is_main)
-    except DataError as e:
-        raise DataError(f"rank {comm.rank} of {comm.world} (contexts {comm.rank}, {comm.rank + comm.world}, …): {e}") from e
-    h.context_ids = h.context_ids * comm.world + comm.rank  # back to indices into all training contexts
-    return h.acts, {"harvest": h}
-
-
-# ----------------------------------------------------------------------------- the command
-
-def cmd_train(values: dict[str, Any]) -> int:
-    """`saekit train` on several processes: launch them (outside torchrun) or run this rank."""
-    dcfg = _dist_config(values)
-    if not under_launcher():
-        return launch(values, dcfg)
-    return run_rank(values, dcfg)
-
-
-def _dist_config(values: dict[str, Any]) -> DistConfig:
-    from .cli import build_config
-
-    return build_config(DistConfig, values)
-
-
-def launch(values: dict[str, Any], dcfg: DistConfig) -> int:
-    """Start nproc workers on this node with torch's elastic launcher (what torchrun uses), no restarts."""
-    import uuid
-
+def launch(target: Callable[..., Any], args: tuple, cfg: DistConfig, device: str = "auto") -> int:
+    """Run `target(*args, comm)` on --nproc-per-node processes of this node with torch's elastic launcher
+    (what torchrun uses), no restarts; inside torchrun, run this rank directly."""
+    if under_launcher():
+        return run_rank(target, args, cfg, device)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    device = resolve_device(values.get("device", "auto"))
-    n = dcfg.nproc_per_node or (torch.cuda.device_count() if device.type == "cuda" else 2)
+    dev = resolve_device(device)
+    n = cfg.nproc_per_node or (torch.cuda.device_count() if dev.type == "cuda" else 2)
     threads = max(1, (os.cpu_count() or 1) // n)
-    print(f"saekit: launching {n} processes ({'NCCL' if device.type == 'cuda' else 'gloo'})", flush=True)
-    cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
-                       rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5)
-    import logging
-
+    print(f"saekit: launching {n} processes ({'NCCL' if dev.type == 'cuda' else 'gloo'})", flush=True)
+    lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
+                      rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5)
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # we report failures ourselves
     try:
-        elastic_launch(cfg, _worker)(values, threads)
+        elastic_launch(lc, _worker)(target, args, cfg, device, threads)
     except ChildFailedError as e:
         codes = {r: f.exitcode for r, f in e.failures.items()}
         raise SaekitError(f"distributed training failed (exit codes by rank: {codes}); the first failing rank's "
@@ -487,133 +380,25 @@ def launch(values: dict[str, Any], dcfg: DistConfig) -> int:
     return 0
 
 
-def _worker(values: dict[str, Any], threads: int) -> None:
+def _worker(target: Callable[..., Any], args: tuple, cfg: DistConfig, device: str, threads: int) -> None:
     """One launched process: run its rank like a torchrun worker; a SaekitError exits 2 after printing."""
-    if resolve_device(values.get("device", "auto")).type == "cpu":
+    if resolve_device(device).type == "cpu":
         torch.set_num_threads(threads)
     try:
-        run_rank(values, _dist_config(values))
+        run_rank(target, args, cfg, device)
     except SaekitError as e:
         sys.stderr.write(f"saekit: error: {e}\n")  # one write: ranks' lines must not interleave
         sys.stderr.flush()
         os._exit(2)  # skip teardown: the peers may be gone
 
 
-def run_rank(values: dict[str, Any], dcfg: DistConfig) -> int:
-    comm = setup(dcfg, values.get("device", "auto"))
+def run_rank(target: Callable[..., Any], args: tuple, cfg: DistConfig, device: str) -> int:
+    comm = setup(cfg, device)
     try:
-        run_training(values, dcfg, comm)
+        target(*args, comm)
     except SaekitError as e:
         if str(e).startswith("rank "):
             raise
         raise type(e)(f"rank {comm.rank} of {comm.world}: {e}") from e
     shutdown()
     return 0
-
-
-def run_training(values: dict[str, Any], dcfg: DistConfig, comm: Comm) -> list[Path]:
-    """The distributed `saekit train`: harvest (or read) this rank's shard, train, evaluate. Returns SAE dirs."""
-    from .cli import _data_manifest, _load_model, build_config, run_eval, sae_configs
-    from .config import HarvestConfig, TrainConfig
-    from .harvest import MANIFEST, massive_mask
-
-    say = print if comm.is_main else (lambda *a, **k: None)
-    out = Path(values.get("out") or "runs/train")
-    hcfg = build_config(HarvestConfig, values)
-    tcfg_base = build_config(TrainConfig, values)
-    model = None
-    if values.get("stream"):
-        raise SaekitError("--stream is not supported with --distributed yet: harvest into a cache (the default) or "
-                          "train on one process.")
-    if values.get("activations"):
-        cache_dir = Path(values["activations"])
-        man = read_json(cache_dir / MANIFEST)
-        data_info = {k: man[k] for k in ("model", "model_arg", "dataset", "text_column", "context_size",
-                                         "heldout_fraction", "seed") if k in man}
-        hooks = list(values.get("hooks") or man.get("hooks", []))
-        total = int(man.get("tokens", 0))
-        lo = sum(split(total, comm.world)[: comm.rank])
-        local = read_cache_slice(cache_dir, hooks, lo, lo + split(total, comm.world)[comm.rank])
-    else:
-        cache_dir = out / "activations"
-        model = _load_model(values)
-        data_info = _data_manifest(hcfg, model)
-        hooks = hcfg.hooks
-        man_path = cache_dir / MANIFEST
-        same = man_path.is_file() and read_json(man_path).get("harvest_config") == dataclasses.asdict(hcfg)
-        if comm.agree(same, "checking the activation cache"):
-            say(f"saekit: reusing the activations cached in {cache_dir}")
-            total = int(read_json(man_path)["tokens"])
-            lo = sum(split(total, comm.world)[: comm.rank])
-            local = read_cache_slice(cache_dir, hooks, lo, lo + split(total, comm.world)[comm.rank])
-        else:
-            start = time.perf_counter()
-            local, extra = harvest_shard(values, hcfg, model, comm)
-            h = extra["harvest"]
-            write_cache_shard(h.acts, h.token_ids, h.positions, h.context_ids, h.meta, cache_dir,
-                              {**data_info, "harvest_config": dataclasses.asdict(hcfg)}, comm)
-            n = sum(comm.all_gather_sizes(len(h), "counting harvested tokens"))
-            say(f"harvest: {n:,} tokens on {comm.world} processes in {time.perf_counter() - start:.0f} s (data loading included)")
-    modules = dcfg.distribute_modules
-    if modules and len(hooks) < comm.world:
-        raise SaekitError(f"--distribute-modules gives each process its own hooks, but there are {len(hooks)} hook(s) "
-                          f"for {comm.world} processes; add hooks, use fewer processes, or drop the flag (data parallel).")
-    sizes = comm.all_gather_sizes(len(next(iter(local.values()))), "exchanging shard sizes")
-    resume = bool(values.get("resume"))
-    mode = {"mode": "modules" if modules else "data", "world_size": comm.world, "backend": comm.backend}
-    owned: dict[str, torch.Tensor] = {}
-    if modules:
-        # Every exchange first (so no rank trains while another waits in a collective): the owner of hook j
-        # (rank j mod W) receives every rank's rows of it, in stream order, and then trains it alone.
-        for j, hook in enumerate(hooks):
-            owner = j % comm.world
-            acts = comm.gather_rows(local.pop(hook).to(comm.device), sizes, owner,
-                                    f"sending {hook} activations to rank {owner}")
-            if acts is not None:
-                owned[hook] = acts.cpu()
-    paths: list[Path] = []
-    for hook in hooks:
-        hook_out = out if len(hooks) == 1 else out / hook
-        info = {**data_info, "hook": hook, "activations": str(cache_dir), "harvest_tokens": sum(sizes)}
-        if modules:
-            if hook not in owned:
-                continue
-            acts = owned.pop(hook)
-            massive = massive_mask(acts.norm(dim=-1), hcfg.massive_multiple)
-            n_massive = int(massive.sum())
-        else:
-            acts = local[hook]
-            norms = comm.gather_rows(acts.norm(dim=-1).to(comm.device), sizes, 0, "gathering activation norms")
-            median = norms.median().reshape(1) if comm.is_main else torch.zeros(1, device=comm.device)
-            median = comm.broadcast(median.to(comm.device), 0, "sharing the median norm").cpu()
-            massive = acts.norm(dim=-1) > hcfg.massive_multiple * median  # massive_mask with the global median
-            n_massive = sum(comm.all_gather_sizes(int(massive.sum()), "counting massive tokens"))
-        if tcfg_base.exclude_massive:
-            acts = acts[~massive]
-        tcfg = dataclasses.replace(tcfg_base, saes=sae_configs(values, acts.shape[1]))
-        info["massive_tokens_excluded"] = n_massive if tcfg.exclude_massive else 0
-        msg = (f"{hook}: {n_massive} massive tokens of {sum(sizes)} "
-               f"({'left out of' if tcfg.exclude_massive else 'kept in'} training)")
-        start = time.perf_counter()
-        if modules:
-            print(f"[rank {comm.rank}] {msg}; training it here", flush=True)
-            trainer = Trainer(tcfg, acts, hook_out, info={**info, "distributed": mode}, resume=resume)
-            saved = trainer.fit(progress=comm.is_main)
-            print(f"[rank {comm.rank}] trained {len(saved)} SAE(s) on {hook} in {time.perf_counter() - start:.0f} s",
-                  flush=True)
-        else:
-            say(msg)
-            trainer = DistributedTrainer(tcfg, acts, hook_out, comm, info=info, resume=resume)
-            saved = trainer.fit(progress=comm.is_main)
-            say(f"trained {len(saved)} SAE(s) on {hook} in {time.perf_counter() - start:.0f} s on {comm.world} "
-                f"processes; {trainer.comm_bytes_per_step / 2**20:.2f} MiB all-reduced per step and rank")
-        paths += saved
-    # Module mode: each rank knows only its own SAEs; data parallel: all ranks hold the same list.
-    everyone = comm.all_gather_object([str(p) for p in paths], "collecting SAE paths")
-    paths = list(dict.fromkeys(Path(p) for ps in everyone for p in ps))
-    if not values.get("no_eval"):
-        # Evaluation needs no collectives: rank r evaluates SAEs r, r+W, … and nobody waits on anybody.
-        for path in paths[comm.rank:: comm.world]:
-            model = model or _load_model({**values, "model": data_info.get("model_arg", "default")})
-            run_eval(path, values, model)
-    return paths
