@@ -269,3 +269,27 @@ def test_missing_and_foreign_paths_are_model_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="no config.json"):
         load_model(str(tmp_path / "empty"))
+
+
+def test_sharded_hf_dir_loads_and_a_missing_tensor_is_a_model_error(tiny, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from saekit.lm import load_model
+
+    source = tiny["qwen3"][0]
+    sharded = tmp_path / "sharded"
+    shutil.copytree(source, sharded)
+    (sharded / "model.safetensors").unlink()
+    AutoModelForCausalLM.from_pretrained(source).save_pretrained(sharded, max_shard_size="200KB")
+    assert type(load_model(str(sharded)).original_model).__name__ == "Qwen3ForCausalLM"
+
+    broken = tmp_path / "broken"
+    shutil.copytree(source, broken)
+    weights = load_file(broken / "model.safetensors")
+    del weights["model.layers.0.mlp.up_proj.weight"]
+    save_file(weights, broken / "model.safetensors")
+    with pytest.raises(ModelError, match=r"broken.*up_proj"):
+        load_model(str(broken))
