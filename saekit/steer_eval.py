@@ -271,11 +271,13 @@ def sweep_feature(model, sae: SparseAutoencoder, ref: FeatureRef, strengths: lis
         bar.update(max_new_tokens)
     for text in neutral:
         toks = torch.tensor([steer.prompt_tokens(model.tokenizer, text)], device=device)
-        clean = torch.log_softmax(model(toks)[0, 1:].float(), -1)  # predictions after steered positions
         # side effects of the edit wherever it would act: "generated" edits act on every position here
         steering.offset, steering.prompt_len = 0, (1 if positions == "generated" else toks.shape[1])
         with steer.steer(model, sae, steering):
-            steered = torch.log_softmax(model(toks.expand(B, -1))[:, 1:].float(), -1)
+            steered = torch.log_softmax(model(toks.expand(B, -1))[:, 1:].float(), -1)  # after steered positions
+        # Row 0 carries no edit: it is the clean model, from the same batched forward (a separate batch-1
+        # forward differs in the last bits, which would give the unsteered row a KL of ~1e-8).
+        clean = steered[0]
         kl = (clean.exp() * (clean - steered)).sum(-1)  # [B, T-1]
         acc["kl"] += kl.sum(1).double().cpu()
         acc["klpos"] += kl.shape[1]
