@@ -312,10 +312,6 @@ def stop_layer(model, hooks: list[str]) -> int | None:
     return None if stop >= model.cfg.n_layers else stop
 
 
-def special_token_ids(tokenizer) -> list[int]:
-    return sorted(set(tokenizer.all_special_ids))
-
-
 def unembedding(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(W_U [d_model, vocab], final-norm scale [d_model] or None): the logit effect of a residual
     direction v is (v ⊙ w_norm) · W_U — peers that forget w_norm rank tokens wrongly. A LayerNorm's
