@@ -5,19 +5,29 @@ Helpers that tests import live in helpers.py (the tests directory is on `pythonp
 Integration tests (the real SmolLM2-135M at tiny budgets) run by default — CI must run them. Any test
 that uses the `model`, `tokenizer` or `default_contexts` fixture is marked `integration` automatically,
 so `pytest -m "not integration"` gives a quick unit-only pass when wanted.
+
+Seeds are fixed: before each test, torch, numpy and `random` are seeded from the run's base seed and the test's
+id (each test its own stream, the same every run), and the `gen` fixture is a generator from that seed. The base
+is SAEKIT_TEST_SEED (default 0); SAEKIT_TEST_SEED=random fuzzes by drawing a base, which the run prints at its
+end: SAEKIT_TEST_SEED=<that number> replays the run.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import SyntheticActs, build_store, make_synthetic, small_sae
 
 INTEGRATION_FIXTURES = {"model", "tokenizer", "default_contexts"}
+SEED_ENV = "SAEKIT_TEST_SEED"
+FUZZ = os.environ.get(SEED_ENV) == "random"
+BASE_SEED = random.SystemRandom().randrange(2**31) if FUZZ else int(os.environ.get(SEED_ENV, "0"))
 
 
 def _threads() -> int:
@@ -87,9 +97,24 @@ def tiny_store(tmp_path_factory) -> dict[str, Path]:
     return build_store(tmp_path_factory.getbasetemp() / "feature_world")
 
 
+# ----------------------------------------------------------------------------- seeds
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if FUZZ:
+        terminalreporter.write_line(f"random seeds: replay with {SEED_ENV}={BASE_SEED}")
+
+
+@pytest.fixture(autouse=True)
+def rng_seed(request) -> int:
+    """The test's seed, already given to torch, numpy and `random` (see the module docstring)."""
+    seed = zlib.crc32(f"{BASE_SEED}:{request.node.nodeid}".encode())
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    return seed
+
+
 @pytest.fixture
-def gen() -> torch.Generator:
-    """A generator with a fresh seed per test, printed so that a failure can be replayed."""
-    seed = random.SystemRandom().randrange(2**31)
-    print(f"seed {seed}")
-    return torch.Generator().manual_seed(seed)
+def gen(rng_seed) -> torch.Generator:
+    """A generator seeded with the test's seed."""
+    return torch.Generator().manual_seed(rng_seed)
