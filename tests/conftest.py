@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import zlib
 from pathlib import Path
 
@@ -95,6 +96,22 @@ def sae_dir(tmp_path) -> Path:
 def tiny_store(tmp_path_factory) -> dict[str, Path]:
     """{data, model, sae, store} of the tiny world (helpers.build_store), built once per session."""
     return build_store(tmp_path_factory.getbasetemp() / "feature_world")
+
+
+# ----------------------------------------------------------------------------- Streamlit's AppTest
+
+@pytest.fixture(scope="module")
+def app_test_guard():
+    """For a module of AppTest tests. AppTest runs the app in this process as `__main__` and leaves it there,
+    so spawned workers of later tests (which re-import the parent's `__main__` by path) would run the app;
+    its `st.cache_*` keep what the app loaded (a model) for the whole session. Undo both after the module."""
+    main = sys.modules["__main__"]
+    yield
+    import streamlit as st
+
+    sys.modules["__main__"] = main
+    st.cache_data.clear()
+    st.cache_resource.clear()
 
 
 # ----------------------------------------------------------------------------- seeds

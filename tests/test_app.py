@@ -16,7 +16,7 @@ SCRIPT = str(Path(saekit.apps.__file__).with_name("browse.py"))
 
 
 @pytest.fixture
-def app(tiny_store, monkeypatch):
+def app(tiny_store, monkeypatch, app_test_guard):
     monkeypatch.setenv("SAEKIT_STORE", str(tiny_store["store"]))
     return AppTest.from_file(SCRIPT, default_timeout=60)
 

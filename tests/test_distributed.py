@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-import types
 
 import pytest
 import torch
@@ -22,14 +21,6 @@ from saekit.train import Trainer
 
 D_IN = 32
 
-
-@pytest.fixture(autouse=True)
-def plain_main_module(monkeypatch):
-    """Spawned workers re-import the parent's __main__ by path. Streamlit's AppTest (run earlier in the
-    session) leaves its app script as __main__, which the workers would then execute: hide it."""
-    path = str(getattr(sys.modules.get("__main__"), "__file__", "") or "")
-    if not path.endswith(("pytest", "py.test", "__main__.py")):
-        monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
 SIZES = [1300, 1700]  # uneven shards on purpose
 
 

@@ -39,7 +39,7 @@ def panel_script():
 
 
 @pytest.fixture(scope="module")
-def app() -> AppTest:
+def app(app_test_guard) -> AppTest:
     at = AppTest.from_function(panel_script, default_timeout=120)
     at.run()
     assert not at.exception, at.exception
