@@ -202,7 +202,7 @@ def installed_here() -> bool:
     return out.returncode == 0 and Path(out.stdout.strip()).resolve().is_relative_to(ROOT)
 
 
-def peers_step(check: Check, args) -> None:
+def peers_step(check: Check, args) -> Step | None:
     name = "peer table (benchmarks/peers.py)"
     if not check.cuda:
         return check.skip(name, "interpreter mode: the GPU peer table needs CUDA (the CPU one: make bench-peers)")
@@ -216,7 +216,7 @@ def peers_step(check: Check, args) -> None:
         return check.skip(name, f"peers.py's worker processes import saekit by themselves: {INSTALL}")
     out = check.out / "peers.json"
     step = check.run(name, ["benchmarks/peers.py", "--device", "cuda", "--peers-python", sys.executable,
-                            "--activations", args.activations, "--repeats", "1", "--json", str(out)], check.left())
+                            "--activations", str(Path(args.activations).resolve()), "--repeats", "1", "--json", str(out)], check.left())
     if step.status == "ok":
         step.result = json.loads(out.read_text())["table"]
 
