@@ -121,12 +121,13 @@ def test_d_in_mismatch_from_a_cache_on_resume(run, tmp_path):
     """A run resumed on a cache of another width names both sizes."""
     import torch
 
-    from saekit.harvest import Harvest, write_cache
+    from saekit.cache import ActivationCache
+    from saekit.harvest import Harvest
 
     def cache(path, width):
         n = 600
-        write_cache(Harvest({HOOK: torch.randn(n, width)}, torch.full((n,), 5), torch.ones(n, dtype=torch.long),
-                            torch.zeros(n, dtype=torch.long)), path, {"model": "m", "dataset": "d"})
+        ActivationCache.write(path, Harvest({HOOK: torch.randn(n, width)}, torch.full((n,), 5), torch.ones(n, dtype=torch.long),
+                                                 torch.zeros(n, dtype=torch.long)), {"model": "m", "dataset": "d"})
 
     cache(tmp_path / "a", 16)
     cache(tmp_path / "b", 24)
@@ -145,7 +146,7 @@ def test_missing_sae_dir_exits_2_from_the_real_entry_point(tmp_path):
 
 
 def test_help_is_drawn_from_config_docstrings(capsys):
-    from saekit.config import field_docs
+    from saekit.cli import field_docs
 
     for command, cls, field in [("train", TrainConfig, "batch_size"), ("train", HarvestConfig, "tokens"),
                                 ("harvest", HarvestConfig, "hooks"), ("eval", cli.EvalConfig, "tokens")]:
@@ -157,22 +158,45 @@ def test_help_is_drawn_from_config_docstrings(capsys):
     assert "--eval-tokens" in text and "--resume" not in text  # eval's own options only
 
 
+def test_each_flag_once_with_its_own_help(capsys):
+    """Every flag of every command is registered once (a flag two configs share would be a silent merge) and has
+    help text of its own; the run's seed and device are the harvest's flags."""
+    parser = cli.build_parser()
+    for command in cli.COMMANDS:
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        text = capsys.readouterr().out
+        flags = [w.strip(",") for line in text.splitlines() if line.startswith("  -")
+                 for w in line.split() if w.startswith("--") and w != "--help"]
+        assert len(flags) == len(set(flags)), (command, sorted(f for f in flags if flags.count(f) > 1))
+    spec = cli.train_run(cli.options(parser.parse_args(["train", "--seed", "3", "--device", "cpu"])), "runs/train")
+    assert (spec.harvest.seed, spec.harvest.device) == (3, "cpu")
+
+
+def test_unknown_config_keys_are_refused(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"k": 8, "learning_rate": 1e-3}))
+    assert cli.main(["train", "--config", str(tmp_path / "c.yaml")]) == 2
+    assert "unknown option(s) learning_rate" in capsys.readouterr().err
+
+
 def test_config_file_and_flag_overrides(tmp_path):
     yml = tmp_path / "c.yaml"
     yml.write_text(yaml.safe_dump({"k": 16, "d-sae": 512, "tokens": 1000, "hook": "blocks.3.hook_resid_pre",
                                    "batch_size": 128, "lr_scale": 2.0}))
-    values = cli.merged_options(cli.build_parser().parse_args(["train", "--config", str(yml), "--k", "8",
-                                                               "--tokens", "2000"]))
-    assert [(s.k, s.d_sae, s.d_in) for s in cli.sae_configs(values, 576)] == [(8, 512, 576)]  # flag beats file
-    hcfg = cli.build_config(HarvestConfig, values)
-    assert hcfg.tokens == 2000 and hcfg.hooks == ["blocks.3.hook_resid_pre"]
-    tcfg = cli.build_config(TrainConfig, values)
+    spec = cli.train_run(cli.options(cli.build_parser().parse_args(["train", "--config", str(yml), "--k", "8",
+                                                                     "--tokens", "2000"])), "runs/train")
+    assert [(s.k, s.d_sae) for s in spec.train.saes] == [(8, 512)]  # flag beats file
+    hcfg = spec.harvest
+    assert isinstance(hcfg, HarvestConfig) and hcfg.tokens == 2000 and hcfg.hooks == ["blocks.3.hook_resid_pre"]
+    tcfg = spec.train
+    assert isinstance(tcfg, TrainConfig)
     assert tcfg.batch_size == 128 and tcfg.lr_scale == 2.0 and tcfg.epochs == TrainConfig.epochs
     js = tmp_path / "c.json"
     js.write_text(json.dumps({"saes": [{"k": 4, "d_sae": 64}, {"k": 8, "d_sae": 64}], "hook": HOOK}))
-    values = cli.merged_options(cli.build_parser().parse_args(["train", "--config", str(js), "--hook", "blocks.1.hook_resid_pre"]))
-    assert [(s.k, s.d_sae, s.d_in) for s in cli.sae_configs(values, 576)] == [(4, 64, 576), (8, 64, 576)]
-    assert values["hooks"] == ["blocks.1.hook_resid_pre"]
+    spec = cli.train_run(cli.options(cli.build_parser().parse_args(["train", "--config", str(js), "--hook",
+                                                                     "blocks.1.hook_resid_pre"])), "runs/train")
+    assert [(s.k, s.d_sae) for s in spec.train.saes] == [(4, 64), (8, 64)]
+    assert spec.harvest.hooks == ["blocks.1.hook_resid_pre"]
 
 
 def test_bad_config_files_exit_2(tmp_path, capsys):
@@ -185,7 +209,7 @@ def test_bad_config_files_exit_2(tmp_path, capsys):
     assert cli.main(["train", "--config", str(tmp_path / "list.json")]) == 2
     assert "must hold a mapping" in capsys.readouterr().err
     with pytest.raises(SaekitError, match="comma-separated list of integers"):
-        cli.sae_configs({"k": "eight"}, 576)
+        cli.sae_configs({"k": "eight"})
 
 
 def test_parse_override():
@@ -194,3 +218,12 @@ def test_parse_override():
     assert parse_override("enc-init-scale=0.5") == ("enc_init_scale", 0.5)
     assert parse_override("exclude_massive=false") == ("exclude_massive", False)
     assert parse_override("optimizer=signum") == ("optimizer", "signum")
+
+
+def test_a_model_that_cannot_load_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SAEKIT_CACHE", str(tmp_path / "cache"))
+    junk = tmp_path / "model.gguf"
+    junk.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    assert cli.main(["harvest", "--model", str(junk), "--tokens", "16", "--out", str(tmp_path / "acts")]) == 2
+    err = capsys.readouterr().err
+    assert "saekit: error:" in err and str(junk) in err and "Traceback" not in err

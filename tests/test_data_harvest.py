@@ -8,20 +8,10 @@ import json
 import pytest
 import torch
 from helpers import HOOK
-from safetensors.torch import save_file
 
 from saekit.data import pack, read_documents, split_documents
-from saekit.errors import DataError, FileFormatError, HookError, NonFiniteError, ShapeError
-from saekit.harvest import (
-    MANIFEST,
-    Harvest,
-    Harvester,
-    ShuffleBuffer,
-    keep_mask,
-    massive_mask,
-    read_cache,
-    write_cache,
-)
+from saekit.errors import DataError, HookError
+from saekit.harvest import Harvester, ShuffleBuffer, keep_mask, massive_mask
 
 DOCS = ["The bank raised rates.", "Shares fell sharply on Monday after the report.", "A short one.",
         "The striker scored twice in the final, and the club won the cup for the third time in five years."]
@@ -147,16 +137,16 @@ def harvested(model, default_contexts):
 
 
 def test_harvest_exact_count_and_dropped_positions(model, harvested):
-    from saekit.lm import special_token_ids
+    from saekit.tokens import special_ids
 
     ctx, h = harvested
     assert len(h) == 300 and h.meta["tokens"] == 300
     assert h.acts[HOOK].shape == (300, 576) and h.acts["blocks.3.hook_mlp_out"].shape == (300, 576)
     assert (h.positions > 0).all()
-    assert not torch.isin(h.token_ids, torch.tensor(special_token_ids(model.tokenizer))).any()
+    assert not torch.isin(h.token_ids, torch.tensor(special_ids(model.tokenizer))).any()
     assert torch.equal(h.token_ids, ctx[h.context_ids, h.positions])
     # every kept position of the contexts used, in order, up to the budget
-    keep = keep_mask(ctx, special_token_ids(model.tokenizer))
+    keep = keep_mask(ctx, special_ids(model.tokenizer))
     ci, pi = keep.nonzero(as_tuple=True)
     assert torch.equal(h.context_ids, ci[:300]) and torch.equal(h.positions, pi[:300])
     assert h.meta["tokens_per_s"] > 0
@@ -225,62 +215,3 @@ def test_shuffle_buffer_bounded_exactly_once_and_mixing():
     assert torch.equal(again, torch.cat(out))  # deterministic by seed
     other = torch.cat(list(ShuffleBuffer(64, seed=1).stream(iter(blocks), 20)))
     assert not torch.equal(other, torch.cat(out))
-
-
-# ----------------------------------------------------------------------------- on-disk cache
-
-def synthetic_harvest(n: int = 250) -> Harvest:
-    g = torch.Generator().manual_seed(0)
-    return Harvest(acts={"blocks.1.hook_resid_pre": torch.randn(n, 8, generator=g),
-                         "blocks.2.hook_resid_pre": torch.randn(n, 8, generator=g)},
-                   token_ids=torch.randint(3, 500, (n,), generator=g), positions=torch.randint(1, 128, (n,), generator=g),
-                   context_ids=torch.arange(n) // 100, meta={"tokens": n, "tokens_per_s": 1.0})
-
-
-def test_cache_round_trip(tmp_path):
-    h = synthetic_harvest()
-    write_cache(h, tmp_path, {"model": "m", "dataset": "d"}, shard_tokens=64)
-    assert len(list(tmp_path.glob("shard_*.safetensors"))) == 4
-    man = json.loads((tmp_path / MANIFEST).read_text())
-    assert man["kind"] == "saekit-activations" and man["tokens"] == 250 and man["model"] == "m"
-    assert man["d_in"] == {"blocks.1.hook_resid_pre": 8, "blocks.2.hook_resid_pre": 8}
-    back = read_cache(tmp_path)
-    for hook, a in h.acts.items():
-        assert torch.equal(back.acts[hook], a)
-    for name in ("token_ids", "positions", "context_ids"):
-        assert torch.equal(getattr(back, name), getattr(h, name))
-    one = read_cache(tmp_path, hooks=["blocks.2.hook_resid_pre"])
-    assert list(one.acts) == ["blocks.2.hook_resid_pre"]
-    with pytest.raises(ShapeError, match="not \\['blocks.9.hook_resid_pre'\\]"):
-        read_cache(tmp_path, hooks=["blocks.9.hook_resid_pre"])
-
-
-def test_corrupt_cache(tmp_path):
-    write_cache(synthetic_harvest(), tmp_path, {}, shard_tokens=100)
-    shard = tmp_path / "shard_00001.safetensors"
-    data = shard.read_bytes()
-    shard.write_bytes(data[: len(data) // 3])
-    with pytest.raises(FileFormatError, match="shard_00001.safetensors is not a readable safetensors file"):
-        read_cache(tmp_path)
-    shard.write_bytes(data)
-    # a foreign shard without the token bookkeeping
-    save_file({"acts.blocks.1.hook_resid_pre": torch.zeros(100, 8), "acts.blocks.2.hook_resid_pre": torch.zeros(100, 8),
-               "token_ids": torch.zeros(100, dtype=torch.long)}, str(shard))
-    with pytest.raises(FileFormatError, match=r"lacks tensors \['positions', 'context_ids'\]"):
-        read_cache(tmp_path)
-    shard.write_bytes(data)
-    man = json.loads((tmp_path / MANIFEST).read_text())
-    (tmp_path / MANIFEST).write_text(json.dumps({**man, "kind": "something-else"}))
-    with pytest.raises(FileFormatError, match="not a saekit activation cache"):
-        read_cache(tmp_path)
-    (tmp_path / MANIFEST).write_text("{ nope")
-    with pytest.raises(FileFormatError, match="not valid JSON"):
-        read_cache(tmp_path)
-    with pytest.raises(FileFormatError, match="does not exist"):
-        read_cache(tmp_path / "missing")
-    # a shard with a NaN: refused on read
-    h = synthetic_harvest()
-    h.acts["blocks.1.hook_resid_pre"][5, 2] = float("nan")
-    write_cache(h, tmp_path / "nan", {})
-    with pytest.raises(NonFiniteError, match="NaN/inf"):
-        read_cache(tmp_path / "nan")

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from saekit.config import SaeConfig, TrainConfig
-from saekit.distributed import DistConfig, DistributedTrainer, setup, shutdown, split
+from saekit.config import DistConfig, SaeConfig, TrainConfig
+from saekit.dist import DistributedTrainer, setup, shutdown, split
 from saekit.errors import SaekitError
 from saekit.sae import load_sae
 from saekit.train import Trainer
@@ -121,15 +121,16 @@ def test_a_dead_or_stuck_rank_stops_the_others_with_a_clear_error(tmp_path):
 
 
 def test_torchrun_cli_matches_one_process_on_a_cache(tmp_path):
+    from saekit.cache import ActivationCache
     from saekit.cli import main
-    from saekit.harvest import Harvest, write_cache
+    from saekit.harvest import Harvest
 
     x = synthetic()
     x[[5, 2000]] *= 200  # a massive token in each rank's slice: excluded by the global median
     n = len(x)
     harvest = Harvest({"blocks.1.hook_resid_pre": x}, torch.arange(n) % 100, torch.arange(n) % 127 + 1,
                       torch.arange(n) // 127, {"tokens": n})
-    write_cache(harvest, tmp_path / "cache", {"model": "synthetic", "dataset": "synthetic"}, shard_tokens=1000)
+    ActivationCache.write(tmp_path / "cache", harvest, {"model": "synthetic", "dataset": "synthetic"}, shard_tokens=1000)
     args = ["train", "--activations", str(tmp_path / "cache"), "--no-eval", "--k", "4", "--d-sae", "128",
             "--batch-size", "256", "--epochs", "2", "--device", "cpu", "--dead-tokens", "512"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
@@ -145,16 +146,16 @@ def test_torchrun_cli_matches_one_process_on_a_cache(tmp_path):
 
 
 def test_split_and_cache_slices(tmp_path):
-    from saekit.distributed import read_cache_slice
-    from saekit.harvest import Harvest, write_cache
+    from saekit.cache import ActivationCache
+    from saekit.harvest import Harvest
 
     assert split(10, 3) == [4, 3, 3] and sum(split(7, 4)) == 7
-    x = torch.randn(250, 4)
+    x = torch.randn(250, 4, generator=torch.Generator().manual_seed(0))
     n = len(x)
-    write_cache(Harvest({"h": x}, torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long),
-                        torch.zeros(n, dtype=torch.long), {}), tmp_path, {}, shard_tokens=64)
+    cache = ActivationCache.write(tmp_path, Harvest({"h": x}, torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long),
+                                                    torch.zeros(n, dtype=torch.long), {}), {}, shard_tokens=64)
     for lo, hi in [(0, 250), (60, 70), (63, 129), (200, 250), (10, 10)]:
-        assert torch.equal(read_cache_slice(tmp_path, None, lo, hi)["h"], x[lo:hi])
+        assert torch.equal(cache.slice(lo, hi)["h"], x[lo:hi])
 
 
 @pytest.mark.integration
@@ -172,7 +173,10 @@ def test_distributed_modules_train_one_hook_per_process(tmp_path):
         assert sae.hook == hook and sae.info["harvest_tokens"] == 2048
         assert sae.info["distributed"]["mode"] == "modules"
         assert f"[rank {rank}] trained 1 SAE(s) on {hook}" in run.stdout
-    from saekit.harvest import read_cache
+    from saekit.cache import ActivationCache
 
-    cache = read_cache(tmp_path / "activations")  # one ordinary cache, written by both ranks
+    cache = ActivationCache(tmp_path / "activations").read()  # one ordinary cache, written by both ranks
     assert len(cache) == 2048 and list(cache.acts) == hooks
+    for hook in hooks:  # one massive threshold per hook, over both ranks' tokens, recorded once
+        norms = cache.acts[hook].norm(dim=1)
+        assert cache.meta["massive"][hook]["median_norm"] == pytest.approx(float(norms.median()))

@@ -106,7 +106,7 @@ def random_sae():
 
 def test_evaluate_on_the_real_model(model, default_contexts, random_sae):
     from saekit.harvest import Harvester, keep_mask
-    from saekit.lm import special_token_ids
+    from saekit.tokens import special_ids
 
     _, held = default_contexts
     ctx = held.tokens[:8]
@@ -126,7 +126,7 @@ def test_evaluate_on_the_real_model(model, default_contexts, random_sae):
         assert m[key] == pytest.approx(direct[key], rel=1e-4, abs=1e-6), key
     # clean CE equals a plain full forward over the evaluated predictions
     used = ctx[: int(h.context_ids.max()) + 1]
-    keep = keep_mask(used, special_token_ids(model.tokenizer))
+    keep = keep_mask(used, special_ids(model.tokenizer))
     keep &= keep.flatten().cumsum(0).view_as(keep) <= 300
     with torch.no_grad():
         logits = model(used)

@@ -285,16 +285,17 @@ def test_cached_harvest_builds_the_same_store(tiny_store, tmp_path):
     """`--activations` (no model forward) and the model pass give identical arrays."""
     from safetensors.torch import load_file
 
+    from saekit.cache import ActivationCache
     from saekit.data import load_contexts
     from saekit.features import analyze
-    from saekit.harvest import Harvester, write_cache
+    from saekit.harvest import Harvester
     from saekit.lm import load_model
 
     man = manifest(tiny_store["store"])
     model = load_model(str(tiny_store["model"]))
     train, _ = load_contexts(model.tokenizer, str(tiny_store["data"]), 32, 0.1, 0)
     harvest = Harvester(model, [HOOK]).harvest(train.tokens, 1500, batch_contexts=7, progress=False)
-    write_cache(harvest, tmp_path / "acts", {"model_arg": str(tiny_store["model"]), "dataset": str(tiny_store["data"]),
+    ActivationCache.write(tmp_path / "acts", harvest, {"model_arg": str(tiny_store["model"]), "dataset": str(tiny_store["data"]),
                                              "context_size": 32, "heldout_fraction": 0.1, "seed": 0})
     cfg = FeatureConfig(**{k: v for k, v in man["config"].items()})
     analyze(tiny_store["sae"], tmp_path / "store", cfg, activations=tmp_path / "acts", model=model, progress=False)
@@ -305,6 +306,17 @@ def test_cached_harvest_builds_the_same_store(tiny_store, tmp_path):
         assert a.keys() == b.keys()
         for k in a:
             assert torch.allclose(a[k].double(), b[k].double(), atol=1e-4), (name, k)
+
+    # The store leaves out the massive tokens of the threshold recorded at harvest in the cache, not its own
+    norms = harvest.acts[HOOK].norm(dim=1)
+    low = float(norms.quantile(0.9))  # a recorded threshold that makes a tenth of the tokens "massive"
+    ActivationCache.write(tmp_path / "acts-low", harvest, {"model_arg": str(tiny_store["model"])},
+                          massive={HOOK: {"multiple": 1.0, "median_norm": low, "threshold": low}})
+    analyze(tiny_store["sae"], tmp_path / "store-low", cfg, activations=tmp_path / "acts-low", model=model, progress=False)
+    got = manifest(tmp_path / "store-low")
+    seen = got["tokens_seen"]
+    assert got["massive_threshold"] == low and "activation cache" in got["massive_threshold_from"]
+    assert got["massive_excluded"] == int((norms[:seen] > low).sum()) > 0
 
 
 def test_labels_concurrent_sessions(tmp_path):

@@ -94,7 +94,8 @@ def model():
 @pytest.fixture(scope="module")
 def sae_and_acts(model, tmp_path_factory):
     """A small random SAE saved to disk and a tiny activation cache of real activations."""
-    from saekit.harvest import Harvester, write_cache
+    from saekit.cache import ActivationCache
+    from saekit.harvest import Harvester
     from saekit.steer import prompt_tokens
 
     texts = E.default_prompts()["neutral"]
@@ -103,7 +104,7 @@ def sae_and_acts(model, tmp_path_factory):
     h = Harvester(model, [HOOK]).harvest(torch.tensor([i[:T] for i in ids]), len(texts) * (T - 1) - 8,
                                          progress=False)
     cache = tmp_path_factory.mktemp("acts")
-    write_cache(h, cache, {"model": "default"})
+    ActivationCache.write(cache, h, {"model": "default"})
     sae = SparseAutoencoder.initialized(SaeConfig(d_in=576, d_sae=128, k=8), sample=h.acts[HOOK], seed=0)
     sae_dir = tmp_path_factory.mktemp("sae")
     sae.info = {"hook": HOOK, "model_arg": "default", "activations": str(cache)}
