@@ -190,3 +190,85 @@ class TrainRun:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+
+
+@dataclass
+class FeatureConfig:
+    """What the feature store holds and over how many tokens it is computed."""
+
+    tokens: int = 300_000
+    """Tokens to analyse (position 0 and separators never count; massive tokens are then left out)."""
+    top_n: int = 20
+    """Top activating examples kept per latent (at most one per context)."""
+    window_before: int = 24
+    """Tokens shown before an example's activating token."""
+    window_after: int = 8
+    """Tokens shown after an example's activating token."""
+    sample_size: int = 40
+    """Random firings kept per latent (at most one per context) to fill the quantile groups."""
+    quantile_groups: int = 5
+    """Quantile bands of each latent's activations (equal shares of its firings, not equal-width bins)."""
+    profile_tokens: int = 10
+    """Tokens kept in each latent's token profile."""
+    profile_prior: float = 2.0
+    """Token profile rank = harmonic mean of rate = fires on token / (token count + prior) and share = fires on
+    token / the latent's firings: frequent tokens it rarely fires on and rare tokens seen once both rank low."""
+    logit_tokens: int = 10
+    """Top and bottom tokens of each latent's logit effect."""
+    neighbours: int = 10
+    """Nearest latents by decoder cosine."""
+    map: Literal["auto", "umap", "pca"] = "auto"
+    """2D map of decoder directions: umap (needs umap-learn), pca, or auto (umap if installed)."""
+    batch_contexts: int = 16
+    """Contexts per model forward (and per bookkeeping batch)."""
+    massive_multiple: float | None = None
+    """Massive tokens are left out: by default those above the threshold recorded at harvest (in the cache, else
+    the SAE); a number instead leaves out norms above this multiple of the first batch's median (0 keeps all)."""
+    seed: int = 0
+    """Seed of the random sample behind the quantile groups."""
+    device: str = "auto"
+    """'auto' (cuda if available, else cpu), 'cpu' or 'cuda'."""
+
+    @property
+    def window(self) -> int:
+        return self.window_before + 1 + self.window_after
+
+
+@dataclass
+class SteerEvalConfig:
+    """Steering evaluation: a strength sweep per feature."""
+
+    features: list[int] = field(default_factory=list)
+    """Features to steer (comma list); empty picks `auto_features` features firing on 1 in 500 to 1 in 20 tokens."""
+    auto_features: int = 3
+    """How many features to pick when none are given."""
+    mode: str = "add"
+    """Edit swept: add (strength in typical activations), clamp (value in typical activations) or scale (factor)."""
+    strengths: list[float] = field(default_factory=lambda: [0.0, 2.0, 4.0, 8.0])
+    """Strengths swept (0, the unsteered row, is always included)."""
+    positions: str = "all"
+    """Steer prompt, generated or all positions."""
+    prompts: str = ""
+    """JSON file {"steer": [...], "neutral": [...]}; empty uses the prompts shipped with saekit."""
+    n_prompts: int = 8
+    """Steering prompts used (from the start of the list)."""
+    n_neutral: int = 8
+    """Neutral prompts used for the side-effect KL."""
+    max_new_tokens: int = 24
+    """Tokens generated per prompt."""
+    temperature: float = 1.0
+    """Sampling temperature (0: greedy)."""
+    seed: int = 0
+    """Sampling seed (prompt i uses seed + i; every strength shares it)."""
+    top_tokens: int = 10
+    """Top logit tokens of the feature whose probability is tracked."""
+    baseline: bool = True
+    """Also sweep the difference-of-means steering vector."""
+    dom_examples: int = 64
+    """Top-activating tokens averaged for the difference-of-means vector."""
+    activations: str = ""
+    """Activation cache for typical activations and the baseline; empty: the SAE's own cache, else a fresh harvest."""
+    reference_tokens: int = 50_000
+    """Tokens read from that cache (or harvested) for typical activations and the baseline."""
+    kv_cache: bool = True
+    """Generate with the KV cache (one token per step) rather than rerunning the sequence."""

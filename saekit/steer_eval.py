@@ -18,7 +18,7 @@ mean on random tokens), normalised and added at the same norm as the SAE edit â€
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,51 +27,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import steer
+from .config import SteerEvalConfig
 from .errors import DataError, SaekitError
 from .sae import SparseAutoencoder
 
 PROMPTS_FILE = "steer_prompts.json"
 PPL_LIMIT = 1.5
-
-
-@dataclass
-class SteerEvalConfig:
-    """Steering evaluation: a strength sweep per feature."""
-
-    features: list[int] = field(default_factory=list)
-    """Features to steer (comma list); empty picks `auto_features` features firing on 1 in 500 to 1 in 20 tokens."""
-    auto_features: int = 3
-    """How many features to pick when none are given."""
-    mode: str = "add"
-    """Edit swept: add (strength in typical activations), clamp (value in typical activations) or scale (factor)."""
-    strengths: list[float] = field(default_factory=lambda: [0.0, 2.0, 4.0, 8.0])
-    """Strengths swept (0, the unsteered row, is always included)."""
-    positions: str = "all"
-    """Steer prompt, generated or all positions."""
-    prompts: str = ""
-    """JSON file {"steer": [...], "neutral": [...]}; empty uses the prompts shipped with saekit."""
-    n_prompts: int = 8
-    """Steering prompts used (from the start of the list)."""
-    n_neutral: int = 8
-    """Neutral prompts used for the side-effect KL."""
-    max_new_tokens: int = 24
-    """Tokens generated per prompt."""
-    temperature: float = 1.0
-    """Sampling temperature (0: greedy)."""
-    seed: int = 0
-    """Sampling seed (prompt i uses seed + i; every strength shares it)."""
-    top_tokens: int = 10
-    """Top logit tokens of the feature whose probability is tracked."""
-    baseline: bool = True
-    """Also sweep the difference-of-means steering vector."""
-    dom_examples: int = 64
-    """Top-activating tokens averaged for the difference-of-means vector."""
-    activations: str = ""
-    """Activation cache for typical activations and the baseline; empty: the SAE's own cache, else a fresh harvest."""
-    reference_tokens: int = 50_000
-    """Tokens read from that cache (or harvested) for typical activations and the baseline."""
-    kv_cache: bool = True
-    """Generate with the KV cache (one token per step) rather than rerunning the sequence."""
 
 
 @dataclass
