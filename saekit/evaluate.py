@@ -138,10 +138,10 @@ def evaluate(model, sae: SparseAutoencoder, contexts: torch.Tensor, cfg: EvalCon
                         "lower --eval-tokens or raise the held-out fraction.")
     x = torch.cat([a[k] for _, k, a in batches])
     recorded = sae.info.get("massive_threshold") if cfg.massive_multiple is None else None
-    out = reconstruction_metrics(sae, x, cfg.massive_multiple or MASSIVE_MULTIPLE, cfg.dense_threshold,
-                                 massive_threshold=recorded)
+    multiple = MASSIVE_MULTIPLE if cfg.massive_multiple is None else cfg.massive_multiple
+    out = reconstruction_metrics(sae, x, multiple, cfg.dense_threshold, massive_threshold=recorded)
     out["massive_threshold_from"] = ("the harvest (recorded in the SAE)" if recorded is not None else
-                                     f"{cfg.massive_multiple or MASSIVE_MULTIPLE:g}× the evaluated tokens' median norm")
+                                     f"{multiple:g}× the evaluated tokens' median norm")
     mean_act = x.mean(0)
 
     # Pass 2: CE and KL with the SAE, zero and mean splices (unkept positions keep their activation).

@@ -75,7 +75,7 @@ def _harvest_into(cfg: HarvestConfig, directory: Path, model, comm: Comm) -> tup
     massive = {hook: massive_record(comm.global_median(h.norms(hook), "gathering activation norms"),
                                     cfg.massive_multiple) for hook in cfg.hooks}
     manifest = {**cfg.manifest(model_id(model)), "harvest_config": dataclasses.asdict(cfg)}
-    cache = ActivationCache.write(directory, h, manifest, massive, comm if comm.world > 1 else None)
+    cache = ActivationCache.write(directory, h, manifest, massive, comm)
     if comm.world > 1:
         comm.say(f"harvest: {cache.tokens:,} tokens on {comm.world} processes in {time.perf_counter() - start:.0f} s "
                  "(data loading included)")
@@ -105,8 +105,7 @@ def _activations(spec: TrainRun, comm: Comm, out: Path) -> tuple[ActivationCache
 
 
 def _rows_of(cache: ActivationCache, hooks: list[str], comm: Comm) -> dict[str, torch.Tensor]:
-    if comm.world == 1:
-        return cache.read(hooks).acts
+    """This process's contiguous share of the cache (all of it on one process)."""
     lo = sum(split(cache.tokens, comm.world)[: comm.rank])
     return cache.slice(lo, lo + split(cache.tokens, comm.world)[comm.rank], hooks)
 

@@ -82,10 +82,11 @@ class EpochOrder:
     max_epochs: float | None = None
 
     def __init__(self, acts: torch.Tensor, tokens: int, batch_size: int, seed: int):
+        self.acts = check_activations(acts)
         if tokens < batch_size:
             raise SaekitError(f"only {tokens} activations for a batch of {batch_size}; harvest more tokens "
                               "or lower --batch-size.")
-        self.acts, self.tokens, self.batch_size, self.seed = check_activations(acts), tokens, batch_size, seed
+        self.tokens, self.batch_size, self.seed = tokens, batch_size, seed
         self.steps_per_epoch = tokens // batch_size
         self._perm: tuple[int, torch.Tensor] | None = None
 
@@ -162,6 +163,8 @@ def input_scale(acts: torch.Tensor) -> float:
 class Trainer:
     """Trains `cfg.saes` together on one BatchSource (a [tokens, d_in] tensor means epochs over it in memory)."""
 
+    across: Across | None = None  # how BatchTopK sees the global batch (None: this process's batch is all of it)
+
     def __init__(self, cfg: TrainConfig, acts: torch.Tensor | BatchSource, out_dir: str | Path,
                  info: dict[str, Any] | None = None, resume: bool = False):
         self.cfg = cfg
@@ -173,7 +176,7 @@ class Trainer:
         self.data = self._batches(acts)
         if self.data.max_epochs is not None and cfg.epochs > self.data.max_epochs:
             raise SaekitError("a streamed harvest is seen once: use epochs=1, or cache the harvest to reuse it.")
-        head = check_activations(self.data.head(65536)).to(self.device)
+        head = self.data.head(65536).to(self.device)  # every BatchSource checks its activations
         d_in = head.shape[1]
         for c in cfg.saes:
             if c.d_in != d_in:
@@ -291,8 +294,6 @@ class Trainer:
     def _reduce_grads(self, sae: SparseAutoencoder, fired: torch.Tensor, stats: torch.Tensor):
         """(latents fired anywhere, [error sum, AuxK error sum, active codes]) after gradients are final."""
         return fired, stats
-
-    across: Across | None = None  # how BatchTopK sees the global batch (None: this process's batch is all of it)
 
     # ------------------------------------------------------------------ loop
     def fit(self, progress: bool = True, stop_after: int | None = None) -> list[Path]:

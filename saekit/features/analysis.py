@@ -5,6 +5,7 @@ identically, so they build the same store."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,15 +21,6 @@ from .store import FORMAT_VERSION, STORE_KIND, write_store
 
 if TYPE_CHECKING:
     from ..config import DataConfig
-
-
-def _massive_keep(acts: torch.Tensor, threshold: list[float], multiple: float) -> torch.Tensor:
-    """Keep mask: drop tokens whose norm exceeds the threshold; with none given (`threshold` empty), it is
-    `multiple` × the first batch's median norm (multiple 0 keeps every token)."""
-    norms = acts.norm(dim=1)
-    if not threshold:
-        threshold.append(multiple * float(norms.median()) if len(norms) and multiple > 0 else float("inf"))
-    return norms <= threshold[0]
 
 
 def _load_sae_with_hook(sae_dir: str | Path):
@@ -62,16 +54,17 @@ def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = No
     hook = sae.hook
     data = DataConfig.from_manifest(info, model=model_arg, dataset=dataset)
     cache = None
-    # The massive threshold recorded at harvest (the cache's, else the SAE's), unless a multiple is asked for.
-    threshold = [] if cfg.massive_multiple is not None else [t for t in [info.get("massive_threshold")] if t]
-    threshold_from = "the SAE (recorded at harvest)" if threshold else "the first batch"
+    # The massive threshold recorded at harvest (the cache's, else the SAE's), unless a multiple is asked for;
+    # with neither, the first batch's median sets it.
+    threshold: float | None = None if cfg.massive_multiple is not None else info.get("massive_threshold")
+    threshold_from = "the SAE (recorded at harvest)"
     if activations is not None:
         from ..cache import ActivationCache
 
         acts_cache = ActivationCache(activations)
         cache = acts_cache.read([hook])
         if cfg.massive_multiple is None and acts_cache.massive_threshold(hook) is not None:
-            threshold, threshold_from = [acts_cache.massive_threshold(hook)], "the activation cache (recorded at harvest)"
+            threshold, threshold_from = acts_cache.massive_threshold(hook), "the activation cache (recorded at harvest)"
         if cache.acts[hook].shape[1] != sae.cfg.d_in:
             raise ShapeError(f"the cache in {activations} has width {cache.acts[hook].shape[1]} at {hook}, "
                              f"but the SAE's d_in is {sae.cfg.d_in}.")
@@ -97,11 +90,17 @@ def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = No
     bar = tqdm(total=budget, desc="analyze", unit="tok", disable=not progress, dynamic_ncols=True)
 
     def consume(acts, ids, pos, ctx) -> bool:
-        nonlocal seen, massive
+        nonlocal seen, massive, threshold, threshold_from
         take = min(len(ids), budget - seen)
         acts, ids, pos, ctx = acts[:take], ids[:take], pos[:take], ctx[:take]
         seen += take
-        keep = _massive_keep(acts, threshold, cfg.massive_multiple or MASSIVE_MULTIPLE)
+        norms = acts.norm(dim=1)
+        if threshold is None:
+            multiple = MASSIVE_MULTIPLE if cfg.massive_multiple is None else cfg.massive_multiple
+            median = float(norms.median()) if len(norms) else 0.0
+            threshold = multiple * median if multiple > 0 and median > 0 else math.inf
+            threshold_from = f"{multiple:g}× the first batch's median norm" if multiple > 0 else "none (all kept)"
+        keep = norms <= threshold
         massive += int((~keep).sum())
         values, indices = sae.encode(acts[keep].to(device))
         builder.add(values, indices, ids[keep], pos[keep], ctx[keep])
@@ -156,7 +155,7 @@ def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = No
         "sae": dataclasses.asdict(sae.cfg), "hook": hook, "model": info.get("model") or model_id(model),
         "split": "train", **source,
         "tokens": builder.tokens, "tokens_seen": seen, "massive_excluded": massive,
-        "massive_threshold": threshold[0] if threshold else None, "massive_threshold_from": threshold_from,
+        "massive_threshold": threshold if threshold is not None and math.isfinite(threshold) else None, "massive_threshold_from": threshold_from,
         "d_sae": sae.cfg.d_sae, "vocab_size": vocab_size,
         "config": dataclasses.asdict(cfg), "map_method": finfo.pop("map_method"),
         "hist": {"log10_lo": HIST_LO, "log10_hi": HIST_HI, "bins_per_decade": BINS_PER_DECADE},
