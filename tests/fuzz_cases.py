@@ -40,6 +40,7 @@ import stat
 import subprocess
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -591,6 +592,22 @@ class Outcome:
                                               "seconds", "why")} | {"message": self.message[-2000:]}
 
 
+@contextlib.contextmanager
+def user_warnings(out: io.StringIO):
+    """The warnings a user of the command line would see (Python's default filters), written to `out` as
+    Python prints them, under pytest (which records warnings itself) and in a script alike."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        try:
+            yield
+        finally:
+            for w in caught:
+                out.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno))
+
+
 class CaseTimeout(BaseException):
     """A case ran past CASE_TIMEOUT_S (raised from SIGALRM, so `except Exception` can't swallow it)."""
 
@@ -734,7 +751,8 @@ def run_case(case: Case, world: World) -> Outcome:
     start = time.perf_counter()
     try:
         os.chdir(world.cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), no_launch(), time_limit(CASE_TIMEOUT_S):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), no_launch(), \
+                time_limit(CASE_TIMEOUT_S), user_warnings(out):
             try:
                 code = main(argv)
             except SystemExit as e:
