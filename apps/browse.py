@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -120,7 +121,8 @@ def overview_page(path: str, store: FeatureStore, labels: Labels) -> None:
     s = store.stats
     density = s["density"]
     st.title("Features")
-    st.caption(f"SAE `{man['sae_dir']}` · hook `{man['hook']}` · model `{man['model']}` · dataset `{man['dataset']}`")
+    st.caption(" · ".join(f"{name} `{man.get(key, '?')}`" for name, key in
+                          (("SAE", "sae_dir"), ("hook", "hook"), ("model", "model"), ("dataset", "dataset"))))
     c = st.columns(5)
     c[0].metric("latents", f"{store.d_sae:,}")
     c[1].metric("tokens analysed", f"{store.tokens:,}")
@@ -313,12 +315,18 @@ def search_page(path: str, store: FeatureStore, labels: Labels) -> None:
 def main() -> None:
     st.set_page_config(page_title="saekit features", layout="wide")
     path = str(store_path().resolve())
-    try:
+    try:  # FeatureStore checks every file's header: a missing or damaged store is reported here, once
         store = get_store(path)
     except SaekitError as e:
-        st.error(str(e))
+        st.error(f"Cannot open the feature store: {e}")
         st.stop()
-    labels = get_labels(path, store.manifest.get("sae_weights_sha256"))
+    try:
+        labels = get_labels(path, store.manifest.get("sae_weights_sha256"))
+    except sqlite3.Error as e:
+        st.error(f"Cannot open the labels database {Path(path) / 'labels.sqlite'} ({e}). If the store's directory "
+                 "is read-only, copy the store somewhere writable and browse the copy; if the file is damaged, "
+                 "move it aside (it holds your labels and notes) and reload to start an empty one.")
+        st.stop()
     sync_url(store.d_sae)
     with st.sidebar:
         st.radio("Page", list(PAGES.values()), key="nav")
@@ -326,7 +334,12 @@ def main() -> None:
         st.caption(f"store `{path}`")
     page = SLUG[st.session_state["nav"]]
     st.query_params.from_dict({"page": page, **({"feature": str(st.session_state["feature_id"])} if page == "feature" else {})})
-    {"overview": overview_page, "feature": feature_page, "text": text_page, "search": search_page}[page](path, store, labels)
+    render_page = {"overview": overview_page, "feature": feature_page, "text": text_page, "search": search_page}[page]
+    try:
+        render_page(path, store, labels)
+    except SaekitError as e:  # one page fails (a file damaged since the store opened, a model that won't load):
+        st.error(f"The {PAGES[page]} page could not be shown: {e}")  # the sidebar and other pages still work
+        st.caption("The other pages may still work: pick one in the sidebar.")
 
 
 main()

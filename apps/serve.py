@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import sys
@@ -21,9 +22,26 @@ def streamlit_command(store: Path, port: int) -> list[str]:
             "--server.fileWatcherType", "none", "--", "--store", str(store)]
 
 
+def check_port(port) -> int:
+    """`port` as an int in 1–65535, or a SaekitError naming --port."""
+    try:
+        value = int(port)
+        if value != port and not isinstance(port, str):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise SaekitError(f"--port must be a whole number from 1 to 65535, not {port!r}.") from None
+    if not 1 <= value <= 65535:
+        raise SaekitError(f"--port must be from 1 to 65535, not {value}; pass e.g. --port 8501.")
+    return value
+
+
 def browse(store: str | Path, port: int = 8501) -> NoReturn:
-    store = Path(store).resolve()
-    FeatureStore(store)  # a missing or foreign store fails here, with what to do, not inside the app
+    """Serve the browser for `store`. Everything that can be checked is checked before streamlit starts:
+    the port, and the store (its manifest and every tensor file's header, FeatureStore.check), so a missing,
+    foreign or damaged store is a SaekitError saying what to do, and no server starts."""
+    port = check_port(port)
+    store = Path(store).expanduser().resolve()
+    FeatureStore(store)  # a missing, foreign or damaged store fails here, with what to do, not inside the app
     try:
         import streamlit  # noqa: F401
     except ImportError as e:
@@ -32,7 +50,9 @@ def browse(store: str | Path, port: int = 8501) -> NoReturn:
         try:
             s.bind(("127.0.0.1", port))
         except OSError as e:
-            raise SaekitError(f"port {port} on 127.0.0.1 is in use; pass another with --port.") from e
+            why = "is in use" if e.errno == errno.EADDRINUSE else f"cannot be opened ({e.strerror or e})"
+            raise SaekitError(f"port {port} on 127.0.0.1 {why}; pass another with --port (e.g. --port 8502; "
+                              "ports below 1024 need administrator rights).") from e
     print(f"saekit: browsing {store} at http://127.0.0.1:{port}  (Ctrl-C stops)", flush=True)
     env = {**os.environ, "SAEKIT_STORE": str(store), "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
     # Become the server rather than its parent: a SIGTERM to `saekit browse` (a supervisor, a test fixture)

@@ -82,6 +82,7 @@ def _gguf_to_hf_dir(gguf: Path) -> Path:
     out = cache_dir() / "models" / f"{gguf.stem}-{key}"
     if (out / "model.safetensors").is_file():
         return out
+    check_gguf_header(gguf)
     print(f"saekit: dequantizing {gguf.name} to fp32 once; cached in {out}")
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -105,6 +106,38 @@ def _gguf_to_hf_dir(gguf: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def check_gguf_header(gguf: Path) -> None:
+    """A ModelError naming `gguf` unless it starts like a GGUF file: the magic bytes, a known version, and
+    tensor and metadata counts its size can hold (a cheap check before any reader trusts those counts)."""
+    redo = "Download or convert it again (llama.cpp's convert_hf_to_gguf.py), or pass a Hugging Face directory."
+    try:
+        size = gguf.stat().st_size
+        with open(gguf, "rb") as f:
+            head = f.read(24)
+    except OSError as e:
+        raise ModelError(f"could not read the GGUF file {gguf}: {e.strerror or e}. Check the path and its "
+                         "permissions.") from e
+    if size == 0:
+        raise ModelError(f"{gguf} is empty, not a GGUF model file. {redo}")
+    if head[:4] != b"GGUF":
+        raise ModelError(f"{gguf} is not a GGUF file (it does not start with the bytes 'GGUF'; it starts with "
+                         f"{head[:4]!r}). {redo}")
+    if len(head) < 24:
+        raise ModelError(f"{gguf} is truncated: {size} bytes, too short for a GGUF header. {redo}")
+    order = "little" if int.from_bytes(head[4:8], "little") & 0xFFFF else "big"  # gguf reads byte-swapped files
+    version = int.from_bytes(head[4:8], order)
+    if 3 < version < 100:
+        raise ModelError(f"{gguf} is a GGUF file of version {version}, newer than the gguf reader here; update it: "
+                         "pip install -U gguf transformers")
+    if version not in (2, 3):
+        raise ModelError(f"{gguf} claims GGUF version {version}, which no reader here reads (versions 2 and 3 are "
+                         f"read); it is corrupt or very old. {redo}")
+    tensors, kvs = int.from_bytes(head[8:16], order), int.from_bytes(head[16:24], order)
+    if 24 * tensors + 12 * kvs > size:  # each tensor's info takes ≥ 24 bytes, each metadata entry ≥ 12
+        raise ModelError(f"{gguf} is truncated or corrupt: its header announces {tensors:,} tensors and {kvs:,} "
+                         f"metadata entries, more than its {size:,} bytes can hold. {redo}")
 
 
 def _gguf_architecture(gguf: Path) -> tuple[str | None, str]:
@@ -224,16 +257,21 @@ def resolve(name: str) -> tuple[Path | str, str]:
     if name == "default":
         return _gguf_to_hf_dir(default_gguf_path()), DEFAULT_MODEL
     path = Path(name).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelError(f"GGUF file {path} does not exist.")
-        return _gguf_to_hf_dir(path), path.stem
+    forms = "--model takes 'default', a .gguf file, a Hugging Face model directory, or a hub name (online)."
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelError(f"{path} is not a Hugging Face model directory (no config.json).")
+            raise ModelError(f"{path} is not a Hugging Face model directory (it has no config.json; a model "
+                             "directory holds config.json, tokenizer files and weights, as save_pretrained writes "
+                             f"them). {forms}")
         return path, str(path.resolve())
-    if path.exists() or name.startswith((".", "/", "~")):
-        raise ModelError(f"{name} is neither a .gguf file nor a model directory.")
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file {path} does not exist. {forms}")
+        return _gguf_to_hf_dir(path), path.stem
+    if path.exists():
+        raise ModelError(f"{name} is a file but not a .gguf file, so it is no model saekit can load. {forms}")
+    if name.startswith((".", "/", "~")):
+        raise ModelError(f"{name} does not exist. {forms}")
     return name, name
 
 

@@ -114,3 +114,77 @@ def test_missing_store_is_reported(monkeypatch, tmp_path):
     monkeypatch.setenv("SAEKIT_STORE", str(tmp_path))
     at = AppTest.from_file(SCRIPT, default_timeout=30).run()
     assert at.error and "saekit analyze" in at.error[0].value
+
+
+def _store_copy(tiny_store, tmp_path):
+    import shutil
+
+    return shutil.copytree(tiny_store["store"], tmp_path / "store", ignore=shutil.ignore_patterns("labels.sqlite*"))
+
+
+def test_damaged_store_is_reported_once_at_open(tiny_store, monkeypatch, tmp_path, app_test_guard):
+    """A truncated features.safetensors: one clear error when the app opens the store, no traceback, and no
+    page that half-renders."""
+    store = _store_copy(tiny_store, tmp_path)
+    data = (store / "features.safetensors").read_bytes()
+    (store / "features.safetensors").write_bytes(data[: len(data) // 2])
+    monkeypatch.setenv("SAEKIT_STORE", str(store))
+    for page in ("overview", "feature"):
+        at = AppTest.from_file(SCRIPT, default_timeout=30)
+        at.query_params["page"] = page
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert len(at.error) == 1 and not at.title
+        msg = at.error[0].value
+        assert "features.safetensors" in msg and "truncated" in msg and "saekit analyze" in msg
+
+
+def test_a_page_that_fails_shows_its_error_and_keeps_the_sidebar(tiny_store, monkeypatch, tmp_path, app_test_guard):
+    """A SaekitError while one page renders (here: the feature file damaged after the store opened) is shown on
+    that page; the sidebar and the other pages keep working."""
+    from saekit.errors import FileFormatError
+
+    store = _store_copy(tiny_store, tmp_path)
+    monkeypatch.setenv("SAEKIT_STORE", str(store))
+    at = ok(AppTest.from_file(SCRIPT, default_timeout=60).run())
+
+    def damaged(self, i, *a, **k):
+        raise FileFormatError(f"{self.path}/features.safetensors is damaged or truncated; rebuild the store with "
+                              "`saekit analyze SAE_DIR --out STORE`.")
+
+    monkeypatch.setattr(FeatureStore, "feature", damaged)
+    at.sidebar.radio(key="nav").set_value("Feature").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert len(at.error) == 1 and "The Feature page could not be shown" in at.error[0].value
+    assert "saekit analyze" in at.error[0].value
+    assert at.sidebar.radio(key="nav").value == "Feature" and at.sidebar.number_input(key="feature_id")
+    at.sidebar.radio(key="nav").set_value("Overview").run()
+    assert ok(at).title[0].value == "Features"
+
+
+def test_browse_checks_store_and_port_before_starting_a_server(tiny_store, tmp_path, monkeypatch, capsys):
+    """`saekit browse` on a missing or damaged store, or with a bad --port, exits 2 with what to do, and never
+    starts streamlit."""
+    import os
+
+    from saekit.apps.serve import browse, check_port
+
+    from saekit.cli import main
+    from saekit.errors import SaekitError
+
+    started = []
+    monkeypatch.setattr(os, "execve", lambda *a: started.append(a))
+    store = _store_copy(tiny_store, tmp_path)
+    data = (store / "stats.safetensors").read_bytes()
+    (store / "stats.safetensors").write_bytes(data[:-3])
+    with pytest.raises(SaekitError, match=r"stats.safetensors is damaged or truncated.*saekit analyze"):
+        browse(store, 8599)
+    assert main(["browse", str(store)]) == 2
+    assert "stats.safetensors" in capsys.readouterr().err
+    assert main(["browse", str(tmp_path / "absent")]) == 2
+    assert "saekit analyze" in capsys.readouterr().err
+    for port in (0, -1, 65536, "http", 80.5, None):
+        with pytest.raises(SaekitError, match="--port"):
+            browse(tiny_store["store"], port)
+    assert check_port("8502") == 8502 and check_port(65535) == 65535
+    assert not started

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from helpers import HOOK
@@ -117,6 +118,91 @@ def test_default_corpus_has_2225_documents():
     docs = read_documents("default")
     assert len(docs) == 2225  # BBC News
     assert all(d.strip() for d in docs)
+
+
+def test_single_text_file_is_split_into_paragraphs_or_lines(tmp_path, tiny_store):
+    """One text file is one document only when there are several files; alone, it is split at blank lines
+    (or at lines when it has none), and too few documents to hold out from says what to do."""
+    from transformers import AutoTokenizer
+
+    from saekit.data import load_contexts
+
+    paras = ["First paragraph,\nover two lines.", "Second one.", "  Third, indented.", "Fourth."]
+    one = tmp_path / "one.txt"
+    one.write_text("\n\n" + paras[0] + "\n\n" + paras[1] + "\n  \n\t\n\n" + paras[2] + "\r\n\r\n" + paras[3] + "\n")
+    assert read_documents(str(one)) == paras
+    assert read_documents(str(tmp_path / "o*.txt")) == paras  # a glob matching one file
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "a.md").write_text("\n\n".join(paras))
+    assert read_documents(str(alone)) == paras  # the only file of a directory
+    (alone / "b.md").write_text("another file\n\nof two paragraphs")
+    assert len(read_documents(str(alone))) == 2  # several files: one document each, blank lines kept
+
+    lines = tmp_path / "lines.txt"
+    lines.write_text("line one\nline two\n   \nline three")  # a whitespace-only line is no paragraph break…
+    assert read_documents(str(lines)) == ["line one\nline two", "line three"]  # …unless it is blank: it is
+    lines.write_text("line one\nline two\r\nline three\n")
+    assert read_documents(str(lines)) == ["line one", "line two", "line three"]
+
+    single = tmp_path / "single.txt"
+    single.write_text("just one sentence, no line break")
+    docs = read_documents(str(single))
+    assert docs == ["just one sentence, no line break"]
+    with pytest.raises(DataError, match=r"only 1 document: .*--heldout-fraction 0.*directory of text files"):
+        split_documents(docs, 0.05, seed=0)
+    tok = AutoTokenizer.from_pretrained(tiny_store["model"])
+    with pytest.raises(DataError, match="--heldout-fraction 0"):
+        load_contexts(tok, str(single), context_size=8, heldout_fraction=0.05)
+    train, held = load_contexts(tok, str(single), context_size=8, heldout_fraction=0)
+    assert held is None and train.documents == 1
+
+    story = tmp_path / "story.txt"
+    story.write_text("\n\n".join(f"Paragraph {i}: the cat sat on a mat while rain fell." for i in range(40)))
+    train, held = load_contexts(tok, str(story), context_size=16, heldout_fraction=0.1)
+    assert (train.documents, held.documents) == (36, 4)
+    with pytest.raises(DataError, match=r"held-out split \(1 of 40 documents\).*--heldout-fraction"):
+        load_contexts(tok, str(story), context_size=64, heldout_fraction=0.01)
+
+
+def test_binary_or_non_utf8_files_are_refused_as_text(tmp_path, tiny_store):
+    from transformers import AutoTokenizer
+
+    from saekit.data import load_contexts
+
+    rng = np.random.default_rng(0)
+    noise = tmp_path / "noise.txt"
+    noise.write_bytes(rng.bytes(20_000))
+    tok = AutoTokenizer.from_pretrained(tiny_store["model"])
+    with pytest.raises(DataError, match=r"noise.txt is not UTF-8 text"):
+        load_contexts(tok, str(noise), context_size=8, heldout_fraction=0)  # was accepted as one document
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(b"plain text" * 100 + b"\0" + b"more text")
+    with pytest.raises(DataError, match=r"nul.txt is not UTF-8 text \(it holds NUL bytes"):
+        read_documents(str(nul))
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_text("Grüße aus Köln\n\nzweiter Absatz", encoding="utf-16")
+    with pytest.raises(DataError, match="utf16.txt is not UTF-8 text"):
+        read_documents(str(utf16))
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("Le café était fermé à Noël.\n\nDeux.".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.txt is not UTF-8 text \(5 of its .* first at byte 6\).*iconv"):
+        read_documents(str(latin))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.txt").write_text("good text")
+    (mixed / "b.txt").write_bytes(rng.bytes(3000))
+    with pytest.raises(DataError, match=r"b.txt is not UTF-8 text"):
+        read_documents(str(mixed))
+    # a stray Latin-1 byte in a long UTF-8 text (one file of the default corpus has a '£' so) is replaced, as before
+    stray = tmp_path / "stray.txt"
+    stray.write_bytes("a £15m signing, ".encode() * 20 + b"a \xa315.8m signing")
+    assert read_documents(str(stray)) == ["a £15m signing, " * 20 + "a \ufffd15.8m signing"]
+    for suffix in ("jsonl", "parquet"):  # json/jsonl/parquet go through HF datasets, which refuses them too
+        junk = tmp_path / f"junk.{suffix}"
+        junk.write_bytes(rng.bytes(5000))
+        with pytest.raises(DataError, match=rf"could not read dataset .*junk.{suffix}"):
+            read_documents(str(junk))
 
 
 # ----------------------------------------------------------------------------- the harvester

@@ -365,3 +365,87 @@ def test_cli_analyze_and_browse_errors(tiny_store, tmp_path, capsys):
     assert manifest(out)["tokens"] == 300 and "saekit browse" in capsys.readouterr().out
     assert main(["browse", str(tmp_path / "nothing")]) == 2
     assert "saekit analyze" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- damaged stores
+
+def _store_copy(tiny_store, tmp_path, name: str = "copy"):
+    import shutil
+
+    return shutil.copytree(tiny_store["store"], tmp_path / name, ignore=shutil.ignore_patterns("labels.sqlite*"))
+
+
+@pytest.mark.parametrize("name", ["stats.safetensors", "features.safetensors", "contexts.safetensors",
+                                  "vocab.safetensors"])
+def test_damaged_store_file_fails_at_open_naming_it(tiny_store, tmp_path, name):
+    """A truncated, padded, emptied, overwritten or missing tensor file is found when the store opens (headers
+    only), not later on a page; the error names the file and says how to rebuild."""
+    from saekit.errors import FileFormatError
+
+    good = (tiny_store["store"] / name).read_bytes()
+    damages = {"truncated": good[: len(good) - 7], "padded": good + b"\0" * 16, "empty": b"",
+               "random": np.random.default_rng(0).bytes(len(good)), "header only": good[:40], None: None}
+    for kind, data in damages.items():
+        store = _store_copy(tiny_store, tmp_path, f"copy-{kind}")
+        if data is None:
+            (store / name).unlink()
+        else:
+            (store / name).write_bytes(data)
+        with pytest.raises(FileFormatError) as e:
+            FeatureStore(store)
+        assert name in str(e.value) and "saekit analyze" in str(e.value), (kind, str(e.value))
+
+
+def test_store_with_wrong_tensors_or_manifest_fails_at_open(tiny_store, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from saekit.errors import FileFormatError
+    from saekit.files import write_json
+
+    store = _store_copy(tiny_store, tmp_path)
+    feats = load_file(store / "features.safetensors")
+    save_file({k: v for k, v in feats.items() if k != "hist"}, store / "features.safetensors")
+    with pytest.raises(FileFormatError, match=r"features.safetensors lacks the tensors \['hist'\].*saekit analyze"):
+        FeatureStore(store)
+    save_file({**feats, "hist": feats["hist"][:-1]}, store / "features.safetensors")  # one latent short
+    with pytest.raises(FileFormatError, match=r"features.safetensors: tensor 'hist' has shape .*64 latents"):
+        FeatureStore(store)
+    save_file({k: v for k, v in feats.items() if k != "logit_top_value"}, store / "features.safetensors")
+    with pytest.raises(FileFormatError, match="logit_top_value"):  # logit arrays: all four or none
+        FeatureStore(store)
+    save_file({k: v for k, v in feats.items() if not k.startswith("logit_")}, store / "features.safetensors")
+    assert FeatureStore(store).feature(0).logits_top == []  # a store without logit effects is fine
+    save_file(feats, store / "features.safetensors")
+    FeatureStore(store)
+
+    man = manifest(store)
+    write_json(store / "manifest.json", {k: v for k, v in man.items() if k != "d_sae"})
+    with pytest.raises(FileFormatError, match="manifest.json lacks or garbles 'd_sae'.*saekit analyze"):
+        FeatureStore(store)
+    write_json(store / "manifest.json", {**man, "d_sae": 65})
+    with pytest.raises(FileFormatError, match="stats.safetensors: tensor .* has shape .*65 latents"):
+        FeatureStore(store)
+
+
+def test_store_file_damaged_after_open_gives_file_format_error(tiny_store, tmp_path):
+    """A file replaced by a truncated one while the browser runs: the next page load reports it, no raw error."""
+    from saekit.errors import FileFormatError
+
+    store_dir = _store_copy(tiny_store, tmp_path)
+    store = FeatureStore(store_dir)
+    good = (store_dir / "features.safetensors").read_bytes()
+    (store_dir / "features.safetensors").unlink()  # the open mmap keeps the old inode; a new thread reopens
+    (store_dir / "features.safetensors").write_bytes(good[:1000])
+    errors = []
+    t = threading.Thread(target=lambda: errors.append(_catch(lambda: store.feature(0))))
+    t.start()
+    t.join()
+    assert isinstance(errors[0], FileFormatError) and "features.safetensors" in str(errors[0])
+
+
+def _catch(fn):
+    try:
+        fn()
+    except Exception as e:  # returned for the assertion in the calling thread
+        return e
+    return None

@@ -271,6 +271,51 @@ def test_missing_and_foreign_paths_are_model_errors(tmp_path):
         load_model(str(tmp_path / "empty"))
 
 
+def test_not_a_gguf_file_is_a_model_error_before_any_loading(tmp_path, monkeypatch, capsys):
+    """Random bytes, an empty file, the magic followed by noise, a header announcing more than the file holds:
+    each a ModelError naming the file and saying what to do, found from the header before transformers or the
+    GGUF reader trust it (nothing is 'dequantized', nothing is cached)."""
+    from saekit.lm import load_model
+
+    monkeypatch.setenv("SAEKIT_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    cases = {
+        "random.gguf": (rng.bytes(200_000), "does not start with the bytes 'GGUF'"),
+        "empty.gguf": (b"", "is empty"),
+        "magic.gguf": (b"GGUF" + rng.bytes(10_000), "claims GGUF version"),
+        "short.gguf": (b"GGUF\x03\x00\x00\x00", "truncated"),
+        "counts.gguf": (b"GGUF" + (3).to_bytes(4, "little") + (10**12).to_bytes(8, "little")
+                        + (5).to_bytes(8, "little") + rng.bytes(1000), "announces 1,000,000,000,000 tensors"),
+        "future.gguf": (b"GGUF" + (4).to_bytes(4, "little") + bytes(16), "pip install -U gguf"),
+    }
+    for name, (data, why) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ModelError) as e:
+            load_model(str(tmp_path / name))
+        msg = str(e.value)
+        assert str(tmp_path / name) in msg and why in msg, msg
+        assert "again" in msg or "pip install" in msg, msg
+    assert "dequantizing" not in capsys.readouterr().out and not (tmp_path / "cache").exists()
+
+
+def test_paths_that_are_no_model_say_what_model_takes(tmp_path):
+    from saekit.lm import load_model
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text("not a model")
+    named = tmp_path / "looks.gguf"  # a directory named like a GGUF file
+    named.mkdir()
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"x" * 64)
+    for path, why in ((texts, "no config.json"), (named, "no config.json"), (weights, "not a .gguf file"),
+                      (tmp_path / "absent" / "model", "does not exist")):
+        with pytest.raises(ModelError) as e:
+            load_model(str(path))
+        msg = str(e.value)
+        assert str(path) in msg and why in msg and "--model takes 'default', a .gguf file" in msg, msg
+
+
 def test_sharded_hf_dir_loads_and_a_missing_tensor_is_a_model_error(tiny, tmp_path):
     import shutil
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from ..errors import FileFormatError
 from ..files import read_json, write_json, write_tensors
@@ -30,6 +31,16 @@ STORE_KIND = "saekit-feature-store"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STATS, FEATURES, CONTEXTS, VOCAB = "stats.safetensors", "features.safetensors", "contexts.safetensors", "vocab.safetensors"
+REBUILD = "rebuild the store with `saekit analyze SAE_DIR --out STORE` (labels.sqlite in it is kept)"
+# The tensors each file must hold; those marked per latent have d_sae rows. Optional groups: all or none.
+PER_LATENT = {
+    STATS: ("count", "act_sum", "act_max", "map_xy", "top_tokens"),
+    FEATURES: ("hist", *(f"{p}_{k}" for p in ("top", "sample") for k in ("value", "ctx", "pos", "acts")),
+               "profile_token", "profile_fires", "profile_token_count", "profile_mean", "neighbour_id", "neighbour_cos"),
+}
+OPTIONAL_PER_LATENT = {FEATURES: ("logit_top_token", "logit_top_value", "logit_bottom_token", "logit_bottom_value")}
+REQUIRED = {CONTEXTS: ("tokens",), VOCAB: ("bytes", "offsets", "special")}
+READ_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError)  # what safetensors raises for a bad file
 
 
 def write_store(out: str | Path, manifest: dict[str, Any], stats: dict[str, torch.Tensor],
@@ -104,9 +115,60 @@ class FeatureStore:
         if self.manifest.get("format_version", 0) > FORMAT_VERSION:
             raise FileFormatError(f"{self.path} was written by a newer saekit (format {self.manifest['format_version']}); "
                                   "upgrade saekit.")
-        self.d_sae = int(self.manifest["d_sae"])
-        self.tokens = int(self.manifest["tokens"])
+        field = "d_sae"
+        try:
+            self.d_sae = int(self.manifest[field])
+            field = "tokens"
+            self.tokens = int(self.manifest[field])
+            for key in ("window_before", "window_after", "quantile_groups"):
+                field = f"config.{key}"
+                int(self.manifest["config"][key])
+        except (KeyError, TypeError, ValueError) as e:
+            raise FileFormatError(f"{man_path} lacks or garbles {field!r} (it needs whole numbers d_sae, tokens and "
+                                  f"config.window_before, window_after, quantile_groups); {REBUILD}.") from e
+        if self.d_sae < 1:
+            raise FileFormatError(f"{man_path} says the store has {self.d_sae} latents; {REBUILD}.")
         self._local = threading.local()  # safetensors handles per thread: app sessions are threads
+        self.check()
+
+    def check(self) -> None:
+        """Cheap integrity check of every tensor file the store reads (headers only, no tensor data): each
+        exists, its safetensors header parses and its size matches the header (safe_open checks that the data
+        covers the file exactly, so a truncated or padded file fails), and it holds the tensors the reader
+        needs, per-latent ones with d_sae rows. A FileFormatError names the file and says to rebuild."""
+        for name in (STATS, FEATURES, CONTEXTS, VOCAB):
+            f = self._open(name)
+            path = self.path / name
+            keys = set(f.keys())
+            need = [*PER_LATENT.get(name, ()), *REQUIRED.get(name, ())]
+            optional = OPTIONAL_PER_LATENT.get(name, ())
+            if any(k in keys for k in optional):
+                need += optional
+            if missing := [k for k in need if k not in keys]:
+                raise FileFormatError(f"{path} lacks the tensors {missing} (it holds {sorted(keys)}); it is from "
+                                      f"another saekit version or damaged: {REBUILD}.")
+            for k in need:
+                shape = self._shape(f, name, k)
+                if k in PER_LATENT.get(name, ()) or k in optional:
+                    if not shape or shape[0] != self.d_sae:
+                        raise FileFormatError(f"{path}: tensor {k!r} has shape {shape}, but the manifest says "
+                                              f"{self.d_sae} latents, one row each; {REBUILD}.")
+        if len(self._shape(self._open(CONTEXTS), CONTEXTS, "tokens")) != 2:
+            raise FileFormatError(f"{self.path / CONTEXTS}: 'tokens' is not a [contexts, positions] array; {REBUILD}.")
+        v = self._open(VOCAB)
+        n_off, n_special = (self._shape(v, VOCAB, k) for k in ("offsets", "special"))
+        if len(n_off) != 1 or n_special != [n_off[0] - 1]:
+            raise FileFormatError(f"{self.path / VOCAB}: offsets {n_off} and special {n_special} do not describe "
+                                  f"one vocabulary; {REBUILD}.")
+
+    def _shape(self, f, name: str, key: str) -> list[int]:
+        try:
+            return list(f.get_slice(key).get_shape())
+        except READ_ERRORS as e:
+            raise self._damaged(name, e) from e
+
+    def _damaged(self, name: str, e: Exception) -> FileFormatError:
+        return FileFormatError(f"{self.path / name} is damaged or truncated ({type(e).__name__}: {e}); {REBUILD}.")
 
     def _open(self, name: str):
         from safetensors import safe_open
@@ -115,16 +177,25 @@ class FeatureStore:
         if name not in handles:
             path = self.path / name
             if not path.is_file():
-                raise FileFormatError(f"{path} is missing; rebuild the store with `saekit analyze`.")
-            handles[name] = safe_open(str(path), framework="pt")
+                raise FileFormatError(f"{path} is missing; {REBUILD}.")
+            try:  # parses the header and checks the data covers the file exactly; reads no tensor data
+                handles[name] = safe_open(str(path), framework="pt")
+            except READ_ERRORS as e:
+                raise self._damaged(name, e) from e
         return handles[name]
 
     def _all(self, name: str) -> dict[str, torch.Tensor]:
         f = self._open(name)
-        return {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            return {k: f.get_tensor(k) for k in f.keys()}
+        except READ_ERRORS as e:  # the file changed under an open handle
+            raise self._damaged(name, e) from e
 
     def _row(self, key: str, i: int) -> torch.Tensor:
-        return self._open(FEATURES).get_slice(key)[i: i + 1][0]
+        try:
+            return self._open(FEATURES).get_slice(key)[i: i + 1][0]
+        except READ_ERRORS as e:
+            raise self._damaged(FEATURES, e) from e
 
     @cached_property
     def stats(self) -> dict[str, np.ndarray]:
@@ -145,7 +216,10 @@ class FeatureStore:
 
     def column(self, key: str) -> np.ndarray:
         """A whole per-latent array from features.safetensors (e.g. for search)."""
-        return self._open(FEATURES).get_tensor(key).numpy()
+        try:
+            return self._open(FEATURES).get_tensor(key).numpy()
+        except READ_ERRORS as e:
+            raise self._damaged(FEATURES, e) from e
 
     def top_tokens_text(self, i: int, n: int = 3) -> str:
         ids = self.stats["top_tokens"][i][:n]
@@ -164,7 +238,10 @@ class FeatureStore:
                 continue
             p = int(pos[j])
             lo, hi = max(0, p - before), min(T, p - before + W)
-            ids = tokens_slice[c: c + 1, lo:hi][0].tolist()
+            try:
+                ids = tokens_slice[c: c + 1, lo:hi][0].tolist()
+            except (READ_ERRORS + (IndexError,)) as e:  # an example pointing past the contexts stored
+                raise self._damaged(CONTEXTS, e) from e
             a = acts[j, lo - (p - before): hi - (p - before)].float().tolist()
             out.append(Example(float(value[j]), c, p, ids, self.vocab.pieces(ids), a, p - lo))
         return out
