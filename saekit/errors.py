@@ -43,3 +43,15 @@ class FileFormatError(SaekitError):
 
 class NonFiniteError(SaekitError):
     """NaN or inf in activations or in the loss."""
+
+
+class OptionError(SaekitError):
+    """A config option of the wrong type or out of range; `option` is its field name."""
+
+    def __init__(self, option: str, value: object, problem: str):
+        self.option, self.value, self.problem = option, value, problem
+        super().__init__(f"{option} = {value!r}: {problem}")
+
+
+class OutputError(SaekitError):
+    """An output path that cannot be written, or that holds something a command would destroy."""

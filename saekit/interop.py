@@ -40,8 +40,8 @@ from typing import Any
 import torch
 
 from .config import SaeConfig
-from .errors import FileFormatError, SaekitError, ShapeError
-from .files import read_json, read_tensors, write_json, write_tensors
+from .errors import FileFormatError, OptionError, OutputError, SaekitError, ShapeError
+from .files import claim_output, read_json, read_tensors, replacing, write_json, write_tensors
 from .sae import CFG_FILE, WEIGHTS_FILE, SparseAutoencoder
 
 SPARSIFY_WEIGHTS = "sae.safetensors"
@@ -161,8 +161,9 @@ def export_sparsify(sae: SparseAutoencoder, out: str | Path, hookpoint: str | No
         "saekit": {**sae.info, "hook": sae.hook, "sae": asdict(c), "threshold": float(sae.threshold),
                    "hookpoint": hookpoint},
     }
-    write_tensors(folder / SPARSIFY_WEIGHTS, tensors, metadata={"format": "pt"})
-    write_json(folder / CFG_FILE, cfg)
+    with replacing(folder) as staged:
+        write_tensors(staged / SPARSIFY_WEIGHTS, tensors, metadata={"format": "pt"})
+        write_json(staged / CFG_FILE, cfg)
     return folder
 
 
@@ -192,7 +193,7 @@ def import_sparsify(path: str | Path, hookpoint: str | None = None, hook: str | 
     _check_shapes(folder / SPARSIFY_WEIGHTS, w, expect)
     own = cfg.get("saekit") or {}
     arch = (own.get("sae") or {}).get("architecture", "topk")
-    sae = SparseAutoencoder(SaeConfig(d_in=d_in, d_sae=d_sae, k=k, architecture=arch))
+    sae = SparseAutoencoder(_sae_config(folder / CFG_FILE, d_in=d_in, d_sae=d_sae, k=k, architecture=arch))
     _assign(sae, W_enc=w["encoder.weight"].t(), b_enc=w["encoder.bias"], W_dec=w["W_dec"], b_dec=w["b_dec"],
             threshold=own.get("threshold"))
     point = own.get("hookpoint") or (str(folder.relative_to(path)) if folder != path else folder.name)
@@ -289,8 +290,8 @@ def import_saelens(path: str | Path, hook: str | None = None, k: int | None = No
         W_enc, b_enc, W_dec = W_enc * n, b_enc * n, W_dec / n[:, None]
     if cfg.get("apply_b_dec_to_input", True) is False:
         b_enc = b_enc + b_dec @ W_enc  # x·W + b = (x − b_dec)·W + (b + b_dec·W)
-    sae = SparseAutoencoder(SaeConfig(d_in=d_in, d_sae=d_sae, k=int(k),
-                                      architecture="topk" if arch == "topk" else "batchtopk"))
+    sae = SparseAutoencoder(_sae_config(path / CFG_FILE, d_in=d_in, d_sae=d_sae, k=int(k),
+                                        architecture="topk" if arch == "topk" else "batchtopk"))
     _assign(sae, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, threshold=threshold)
     hook = hook or meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
     sae.info = {"hook": hook, "model": meta.get("model_name") or cfg.get("model_name"),
@@ -303,6 +304,13 @@ def import_saelens(path: str | Path, hook: str | None = None, k: int | None = No
 
 
 # ----------------------------------------------------------------------------- shared
+
+def _sae_config(file: Path, **fields: Any) -> SaeConfig:
+    try:
+        return SaeConfig(**fields)
+    except OptionError as e:
+        raise FileFormatError(f"{file}: {e}.") from e
+
 
 def _check_shapes(file: Path, w: dict[str, torch.Tensor], expect: dict[str, tuple[int, ...]]) -> None:
     for name, shape in expect.items():
@@ -334,15 +342,32 @@ def load_any(path: str | Path, fmt: str = "auto", hookpoint: str | None = None, 
 
 def convert(src: str | Path, out: str | Path, to: str = "saekit", fmt: str = "auto", hookpoint: str | None = None,
             hook: str | None = None, k: int | None = None, n_layers: int | None = None,
-            approximate_batchtopk: bool = False) -> Path:
-    """Convert an SAE between formats; returns the written directory (a hookpoint folder for sparsify)."""
+            approximate_batchtopk: bool = False, overwrite: bool = False) -> Path:
+    """Convert an SAE between formats; returns the written directory (a hookpoint folder for sparsify).
+    An existing SAE there is replaced only by the same weights, or with `overwrite`."""
+    if to not in FORMATS:
+        raise SaekitError(f"unknown target format {to!r}: use one of {', '.join(FORMATS)}.")
     sae = load_any(src, fmt, hookpoint=hookpoint, hook=hook, k=k, n_layers=n_layers)
     out = Path(out)
-    if to in ("saekit", "saelens"):
-        if (out / SPARSIFY_WEIGHTS).exists():
-            raise SaekitError(f"{out} already holds a sparsify SAE; choose another output directory.")
-        return export_saelens(sae, out)
     if to == "sparsify":
         point = hookpoint if hookpoint and detect_format(src) != "sparsify" else None
+        if point or sae.hook:
+            _claim_sae_dir(out / (point or hookpoint_for(sae.hook)), sae, SPARSIFY_WEIGHTS, overwrite, "out_dir", src)
         return export_sparsify(sae, out, hookpoint=point, approximate_batchtopk=approximate_batchtopk)
-    raise SaekitError(f"unknown target format {to!r}: use one of {', '.join(FORMATS)}.")
+    _claim_sae_dir(out, sae, WEIGHTS_FILE, overwrite, "out_dir", src)
+    return export_saelens(sae, out)
+
+
+def _claim_sae_dir(folder: Path, sae: SparseAutoencoder, weights_file: str, overwrite: bool, flag: str,
+                   src: str | Path) -> None:
+    if folder.resolve() == Path(src).resolve():
+        raise OutputError(f"{flag} {folder} is the source itself; write the converted SAE to another folder.")
+    def differs(path: Path) -> str | None:
+        try:
+            old = load_any(path)
+        except SaekitError:
+            return "unreadable weights"
+        return None if old.weights_hash() == sae.weights_hash() else (
+            f"other weights: d_sae {old.cfg.d_sae}, k {old.cfg.k}, hook {old.hook}")
+
+    claim_output(folder, "an SAE", lambda p: (p / weights_file).is_file(), overwrite, differs, flag=flag)

@@ -7,6 +7,7 @@ Commands (cli.py) build the typed configs and call these functions; nothing here
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,10 @@ import torch
 from .cache import MANIFEST, ActivationCache
 from .config import DataConfig, EvalConfig, HarvestConfig, SaeConfig, TrainConfig, TrainRun
 from .dist import Comm, DistributedTrainer, launch, split, wants_distributed
-from .errors import DataError, SaekitError
-from .files import read_json, write_json
+from .errors import DataError, OptionError, OutputError, SaekitError
+from .files import claim_output, read_json, removed_on_failure, write_json
 from .harvest import MASSIVE_MULTIPLE, massive_record
-from .train import StreamBatches, Trainer, resolve_device
+from .train import CHECKPOINT, StreamBatches, Trainer, resolve_device
 
 STREAM_HEAD_TOKENS = 16384  # a streamed run estimates the median norm on its first tokens
 
@@ -43,8 +44,10 @@ def contexts(model, data: DataConfig):
 
 # ----------------------------------------------------------------------------- harvest
 
-def harvest(cfg: HarvestConfig, out: str | Path) -> ActivationCache:
-    """`saekit harvest`: every hook of `cfg` in one pass over the training split, into a cache at `out`."""
+def harvest(cfg: HarvestConfig, out: str | Path, overwrite: bool = False) -> ActivationCache:
+    """`saekit harvest`: every hook of `cfg` in one pass over the training split, into a cache at `out`
+    (which may hold a cache of this same harvest; anything else there needs `overwrite`)."""
+    claim_cache(Path(out), cfg, overwrite)
     model = load_model(cfg.model, cfg.device)
     cache, local = _harvest_into(cfg, Path(out), model, Comm.single(resolve_device(cfg.device)))
     for hook, acts in local.items():
@@ -53,6 +56,18 @@ def harvest(cfg: HarvestConfig, out: str | Path) -> ActivationCache:
     meta = cache.manifest["harvest"]
     print(f"harvested {cache.tokens:,} tokens at {meta['tokens_per_s']:,.0f} tokens/s → {out}")
     return cache
+
+
+def claim_cache(directory: Path, cfg: HarvestConfig, overwrite: bool, flag: str = "--out") -> None:
+    """Refuse, before the model pass, a place where the cache cannot go or would destroy something."""
+    claim_output(directory, "an activation cache", ActivationCache.holds_one, overwrite,
+                 lambda p: _changed(read_json(p / MANIFEST).get("harvest_config", {}), dataclasses.asdict(cfg)), flag)
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """'key old → new, …' over the keys whose values differ; None when none do."""
+    diff = [f"{k} {old.get(k)!r} → {v!r}" for k, v in new.items() if old.get(k) != v]
+    return ", ".join(diff) or None
 
 
 def _harvest_into(cfg: HarvestConfig, directory: Path, model, comm: Comm) -> tuple[ActivationCache, dict[str, torch.Tensor]]:
@@ -92,9 +107,7 @@ def _activations(spec: TrainRun, comm: Comm, out: Path) -> tuple[ActivationCache
         return cache, _rows_of(cache, hooks, comm), None
     cache_dir = out / "activations"
     model = load_model(h.model, h.device)
-    same = (cache_dir / MANIFEST).is_file() and \
-        read_json(cache_dir / MANIFEST).get("harvest_config") == dataclasses.asdict(h)
-    if comm.agree(same, "checking the activation cache"):
+    if comm.agree(_reused(cache_dir, h), "checking the activation cache"):
         comm.say(f"saekit: reusing the activations cached in {cache_dir}")
         cache = ActivationCache(cache_dir)
         return cache, _rows_of(cache, h.hooks, comm), model
@@ -127,6 +140,49 @@ def train(spec: TrainRun, comm: Comm | None = None) -> list[Path]:
     tcfg = dataclasses.replace(spec.train, seed=h.seed, device=h.device)
     comm = comm or Comm.single(resolve_device(h.device))
     out = Path(run.out)
+    # Every rank checks before any rank writes (the agreement is the barrier); all stop if one objects.
+    refusal = None
+    try:
+        claim_run(spec)
+    except SaekitError as e:
+        refusal = e
+    if not comm.agree(refusal is None, "checking the output folder"):
+        raise refusal or OutputError(f"another process refused --out {out}; see its message.")
+    with removed_on_failure(out):
+        return _train(spec, tcfg, comm, out)
+
+
+def claim_run(spec: TrainRun) -> None:
+    """Before any work: `--out` may be new, or hold a run to `--resume` (or to start again with `--overwrite`);
+    a run's checkpoint is never replaced silently, and nothing of another kind is touched."""
+    run, out = spec.run, Path(spec.run.out)
+    if run.resume and run.overwrite:
+        raise OptionError("resume", True, "--resume continues the run in --out and --overwrite starts it again; "
+                                          "pass one of them")
+    checkpoints = sorted(out.glob(CHECKPOINT)) + sorted(out.glob(f"*/{CHECKPOINT}")) if out.is_dir() else []
+    if run.resume and not checkpoints:
+        raise OutputError(f"--resume: {out} holds no {CHECKPOINT}; start without --resume.")
+    if checkpoints and not (run.resume or run.overwrite):
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(checkpoints[0].stat().st_mtime))
+        raise OutputError(f"--out {out} holds a training run (checkpoint {checkpoints[0]}, written {when}); pass "
+                          "--resume to continue it, --overwrite to start it again, or choose another --out.")
+    claim_output(out, "a training run", _holds_run, run.overwrite)
+    if not run.activations and not run.stream:
+        claim_cache(out / "activations", spec.harvest, run.overwrite, "--out (its activations/ cache)")
+
+
+def _holds_run(path: Path) -> bool:
+    marks = (CHECKPOINT, "metrics.jsonl", "activations")
+    return any((path / m).exists() or any(path.glob(f"*/{m}")) for m in marks)
+
+
+def _reused(cache_dir: Path, h: HarvestConfig) -> bool:
+    """Whether `cache_dir` holds a cache of exactly this harvest (a re-run or a --resume reads it, no model pass)."""
+    return (cache_dir / MANIFEST).is_file() and read_json(cache_dir / MANIFEST).get("harvest_config") == dataclasses.asdict(h)
+
+
+def _train(spec: TrainRun, tcfg: TrainConfig, comm: Comm, out: Path) -> list[Path]:
+    h, run = spec.harvest, spec.run
     if run.stream:
         if comm.world > 1:
             raise SaekitError("--stream is not supported with --distributed yet: harvest into a cache (the default) "
@@ -243,6 +299,8 @@ def evaluate_sae(sae_dir: str | Path, cfg: EvalConfig, model=None, model_arg: st
     from .sae import load_sae
 
     sae = load_sae(sae_dir)
+    if not os.access(sae_dir, os.W_OK):
+        raise OutputError(f"cannot write eval.json in {sae_dir} (permission denied); make it writable or evaluate a copy.")
     data = DataConfig.from_manifest(sae.info, model=model_arg, dataset=dataset)
     model = model or load_model(data.model, device)
     _, held = contexts(model, data)
@@ -263,12 +321,15 @@ def demo(spec: TrainRun) -> list[Path]:
     from .features import FeatureConfig, analyze
 
     start = time.perf_counter()
+    out = Path(spec.run.out)
+    claim_run(spec)  # the store goes inside the run's folder: claimed with it
     paths = train(spec)
     for p in paths:
         print(f"\nSAE saved in {p} (hook {read_json(p / 'cfg.json')['metadata']['hook_name']}); eval.json beside it.")
     for p in paths:  # the feature store, from the cached activations: no second model pass
-        store = Path(spec.run.out) / ("store" if len(paths) == 1 else f"store-{p.name}")
-        analyze(p, store, FeatureConfig(), activations=read_json(p / "cfg.json")["saekit"].get("activations"))
+        store = out / ("store" if len(paths) == 1 else f"store-{p.name}")
+        analyze(p, store, FeatureConfig(), activations=read_json(p / "cfg.json")["saekit"].get("activations"),
+                overwrite=True)
         print(f"browse its features:  saekit browse {store}   (or: make browse)")
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
     return paths

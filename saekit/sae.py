@@ -21,8 +21,8 @@ from torch import nn
 
 from . import ops
 from .config import SaeConfig
-from .errors import FileFormatError, ShapeError
-from .files import read_json, read_tensors, tensors_hash, write_json, write_tensors
+from .errors import FileFormatError, OptionError, ShapeError
+from .files import read_json, read_tensors, replacing, tensors_hash, write_json, write_tensors
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
@@ -61,8 +61,6 @@ def geometric_median(points: torch.Tensor, iters: int = 50, eps: float = 1e-6) -
 class SparseAutoencoder(nn.Module):
     def __init__(self, cfg: SaeConfig, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
-        if cfg.k < 1 or cfg.k > cfg.d_sae:
-            raise ShapeError(f"k must be between 1 and d_sae ({cfg.d_sae}), not {cfg.k}.")
         self.cfg = cfg
         kw = dict(device=device, dtype=dtype)
         self.W_enc = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_sae, **kw))
@@ -185,7 +183,8 @@ class SparseAutoencoder(nn.Module):
         return tensors_hash(self.weights())
 
     def save(self, directory: str | Path, manifest: dict[str, Any] | None = None) -> Path:
-        """Write cfg.json + sae_weights.safetensors (atomically), readable by SAELens and saekit."""
+        """Write cfg.json + sae_weights.safetensors, readable by SAELens and saekit, as a new folder swapped in
+        whole: files beside the old weights (an eval.json) described those weights and go with them."""
         directory = Path(directory)
         weights = self.weights()
         info = {**self.info, **(manifest or {})}
@@ -213,8 +212,9 @@ class SparseAutoencoder(nn.Module):
                 **info,
             },
         }
-        write_tensors(directory / WEIGHTS_FILE, weights)
-        write_json(directory / CFG_FILE, cfg)
+        with replacing(directory) as staged:
+            write_tensors(staged / WEIGHTS_FILE, weights)
+            write_json(staged / CFG_FILE, cfg)
         return directory
 
     @classmethod
@@ -228,7 +228,7 @@ class SparseAutoencoder(nn.Module):
             sae_cfg = SaeConfig(**own["sae"]) if "sae" in own else SaeConfig(
                 d_in=int(cfg["d_in"]), d_sae=int(cfg["d_sae"]), k=int(cfg["k"]),
                 architecture="batchtopk" if cfg.get("architecture") == "jumprelu" else "topk")
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OptionError) as e:
             raise FileFormatError(f"{directory / CFG_FILE} lacks or mangles a field ({e}); "
                                   "a saekit/SAELens TopK cfg.json needs d_in, d_sae and k.") from e
         if cfg.get("architecture", "topk") not in ("topk", "jumprelu"):

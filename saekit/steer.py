@@ -17,21 +17,22 @@ from the same seed, with the same Gumbel noise per step, so the two differ only 
 from __future__ import annotations
 
 import textwrap
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from .config import Positions, SteerMode
 from .errors import HookError, SaekitError
 from .sae import SparseAutoencoder
 
-Mode = Literal["add", "clamp", "scale", "ablate"]
-Positions = Literal["all", "prompt", "generated"]
-MODES = ("add", "clamp", "scale", "ablate")
-POSITIONS = ("all", "prompt", "generated")
+Mode = SteerMode
+MODES: tuple[str, ...] = typing.get_args(SteerMode)
+POSITIONS: tuple[str, ...] = typing.get_args(Positions)
 Value = float | torch.Tensor  # a tensor [B] gives each batch row its own value; NaN leaves that row alone
 Scale = torch.Tensor | Callable[[int], float] | Any
 

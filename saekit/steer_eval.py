@@ -31,6 +31,8 @@ from .config import SteerEvalConfig
 from .errors import DataError, SaekitError
 from .sae import SparseAutoencoder
 
+REPORT = "steer_eval.json"
+
 PROMPTS_FILE = "steer_prompts.json"
 PPL_LIMIT = 1.5
 
@@ -334,10 +336,6 @@ def figure(rows: list[dict[str, Any]], path: str | Path, title: str = "steering 
 def run(model, sae: SparseAutoencoder, cfg: SteerEvalConfig, x: torch.Tensor | None = None, store=None,
         progress: bool = True) -> dict[str, Any]:
     """The whole evaluation: reference activations → features → sweeps. Returns rows, verdicts and meta."""
-    if cfg.mode not in ("add", "clamp", "scale"):
-        raise SaekitError(f"steer-eval sweeps add, clamp or scale, not {cfg.mode!r}.")
-    if cfg.positions not in steer.POSITIONS:
-        raise SaekitError(f"--positions must be one of {', '.join(steer.POSITIONS)}.")
     prompts = default_prompts(cfg.prompts or None)
     steer_p, neutral = prompts["steer"][: cfg.n_prompts], prompts["neutral"][: cfg.n_neutral]
     start = time.perf_counter()
@@ -357,16 +355,30 @@ def run(model, sae: SparseAutoencoder, cfg: SteerEvalConfig, x: torch.Tensor | N
         "reference_tokens": len(x), "seconds": time.perf_counter() - start}
 
 
+def claim_report(out: Path, cfg: SteerEvalConfig, overwrite: bool = False) -> None:
+    """Refuse, before any work, an `out` holding anything but a steering evaluation of this same config."""
+    from .files import claim_output, read_json
+
+    def differs(path: Path) -> str | None:
+        old = read_json(path / REPORT).get("config", {})
+        return ", ".join(f"{k} {old.get(k)!r} → {v!r}" for k, v in asdict(cfg).items() if old.get(k) != v) or None
+
+    claim_output(out, "a steering evaluation", lambda p: (p / REPORT).is_file(), overwrite, differs)
+
+
 def run_and_report(model, sae: SparseAutoencoder, cfg: SteerEvalConfig, sae_dir: Path, store, out: Path) -> dict[str, Any]:
-    """`saekit steer-eval`: run the sweep, write steer_eval.json and the plotly figure into `out`, print the table."""
-    from .files import write_json
+    """`saekit steer-eval`: run the sweep, write steer_eval.json and the plotly figure into `out` (a folder
+    swapped in whole when both are written), print the table."""
+    from .files import replacing, write_json
     from .lm import model_id
 
     res = run(model, sae, cfg, store=store)
     res |= {"sae": str(sae_dir), "model": model_id(model), "hook": sae.hook, "weights_sha256": sae.weights_hash(),
             "typical_from": str(store.path) if store is not None else "reference tokens"}
-    write_json(out / "steer_eval.json", res)
-    fig = figure(res["rows"], out / "steer_eval.html", title=f"steering trade-off — {sae_dir.name} at {sae.hook}")
+    with replacing(out) as staged:
+        write_json(staged / REPORT, res)
+        figure(res["rows"], staged / "steer_eval.html", title=f"steering trade-off — {sae_dir.name} at {sae.hook}")
+    fig = out / "steer_eval.html"
     print()
     for f in res["features"]:
         print(f"feature {f['feature']}: fires on {f['frequency']:.2%} of reference tokens, typical activation "
@@ -382,5 +394,5 @@ def run_and_report(model, sae: SparseAutoencoder, cfg: SteerEvalConfig, sae_dir:
         else:
             print(f"  feature {v['feature']} {v['method']}: strength {v['strength']:g}: hit {v['hit_base']:.3f} → "
                   f"{v['hit']:.3f} (+{v['gain']:.3f}), ppl× {v['ppl_ratio']:.2f}, KL {v['kl']:.4f}")
-    print(f"\nwrote {out / 'steer_eval.json'} and {fig} ({res['seconds']:.0f} s)")
+    print(f"\nwrote {out / REPORT} and {fig} ({res['seconds']:.0f} s)")
     return res

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -32,6 +33,10 @@ from .sae import Across, SparseAutoencoder, lr_rule
 from .version import __version__
 
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_KEYS = ("step", "scale", "config", "saes", "optimizers", "schedules", "since_fired", "rng", "history")
+# What a resumed run must share with its checkpoint (the data it was on, and the state's shapes and meaning)
+RESUME_INFO = ("hook", "model", "dataset", "context_size", "harvest_tokens")
+RESUME_CONFIG = ("saes", "batch_size", "optimizer", "seed")
 
 
 def sae_name(cfg: SaeConfig) -> str:
@@ -379,6 +384,18 @@ class Trainer:
         return atomic_write(self.out / "training.html", lambda p: fig.write_html(str(p), include_plotlyjs="cdn"))
 
     # ------------------------------------------------------------------ checkpoints
+    def _mismatches(self, saved: dict[str, Any], saved_info: dict[str, Any]) -> list[str]:
+        """Every setting a resumed run must share with its checkpoint that it does not: 'name: then → now'."""
+        now = json.loads(json.dumps(asdict(self.cfg)))
+        out = [f"{k}: {saved_info[k]!r} → {self.info.get(k)!r}" for k in RESUME_INFO
+               if k in saved_info and saved_info[k] != self.info.get(k)]
+        out += [f"{k}: {saved[k]!r} → {now[k]!r}" for k in RESUME_CONFIG if k != "saes" and saved.get(k) != now[k]]
+        if len(saved["saes"]) != len(now["saes"]):
+            out.append(f"number of SAEs: {len(saved['saes'])} → {len(now['saes'])}")
+        out += [f"SAE {i} {k}: {a[k]!r} → {b[k]!r}" for i, (a, b) in enumerate(zip(saved["saes"], now["saes"]))
+                for k in b if a.get(k) != b[k]]
+        return out
+
     def save_checkpoint(self) -> Path:
         state = {
             "step": self.step,
@@ -390,6 +407,7 @@ class Trainer:
             "since_fired": self.since_fired,
             "rng": torch.get_rng_state(),
             "history": json.dumps(self.history),
+            "info": json.dumps(self.info, default=str),
         }
         return atomic_write(self.out / CHECKPOINT, lambda p: torch.save(state, p))
 
@@ -398,15 +416,21 @@ class Trainer:
         if not path.is_file():
             raise SaekitError(f"--resume: no checkpoint at {path}. Start without --resume.")
         try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except Exception as e:
-            raise FileFormatError(f"{path} is not a readable saekit checkpoint ({e}).") from e
-        saved = json.loads(state["config"])
-        now = json.loads(json.dumps(asdict(self.cfg)))
-        for key in ("saes", "batch_size", "optimizer", "seed"):
-            if saved[key] != now[key]:
-                raise ShapeError(f"--resume: the checkpoint was trained with {key}={saved[key]} but this run asks "
-                                 f"for {now[key]}; use the same configuration or a new --out.")
+            with warnings.catch_warnings():  # torch's advice (weights_only=False) is exactly what saekit never does
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as e:  # torch raises many types for foreign files; none of its advice applies here
+            raise FileFormatError(f"{path} is not a saekit checkpoint (torch cannot read it as tensors and plain "
+                                  f"values: {type(e).__name__}; saekit never unpickles other objects). Restore it, "
+                                  "or start the run again with --overwrite.") from None
+        missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise FileFormatError(f"{path} is not a saekit checkpoint (it lacks {', '.join(missing)}). Restore it, "
+                                  "or start the run again with --overwrite.")
+        mismatches = self._mismatches(json.loads(state["config"]), json.loads(state.get("info", "{}")))
+        if mismatches:
+            raise ShapeError(f"--resume: this run differs from the checkpoint in {path}: {'; '.join(mismatches)}. "
+                             "Resume with the same hook, data and SAE settings, or use a new --out.")
         for sae, sd in zip(self.saes, state["saes"]):
             if tuple(sd["W_enc"].shape) != tuple(sae.W_enc.shape):
                 raise ShapeError(f"--resume: checkpoint W_enc {tuple(sd['W_enc'].shape)} vs {tuple(sae.W_enc.shape)}.")

@@ -11,7 +11,7 @@ from helpers import HOOK, small_sae
 from safetensors.torch import save_file
 
 from saekit.config import SaeConfig
-from saekit.errors import FileFormatError, ShapeError
+from saekit.errors import FileFormatError, OptionError, ShapeError
 from saekit.sae import CFG_FILE, WEIGHTS_FILE, SparseAutoencoder, geometric_median, load_sae
 
 
@@ -31,8 +31,8 @@ def test_encode_decode_shapes():
     assert sae.decode(values, indices).shape == (10, 16)
     assert sae(x).shape == (10, 16)
     assert sae.dense_codes(x).shape == (10, 48)
-    with pytest.raises(ShapeError, match="k must be between 1 and d_sae"):
-        SparseAutoencoder(SaeConfig(d_in=16, d_sae=8, k=9))
+    with pytest.raises(OptionError, match="k = 9: more active latents than the SAE has"):
+        SaeConfig(d_in=16, d_sae=8, k=9)  # checked where the config is built
 
 
 def test_topk_matches_dense_reference():

@@ -252,7 +252,7 @@ def test_stop_and_resume_is_bit_identical(synthetic, tmp_path, optimizer, archit
 def test_resume_with_a_different_width_is_a_shape_error(synthetic, tmp_path):
     Trainer(config(), synthetic.acts, tmp_path).fit(progress=False, stop_after=2)
     narrow = config(saes=[SaeConfig(d_in=16, d_sae=128, k=4)])
-    with pytest.raises(ShapeError, match=r"--resume: the checkpoint was trained with saes=.*'d_in': 32.*'d_in': 16"):
+    with pytest.raises(ShapeError, match=r"--resume: this run differs from the checkpoint .*SAE 0 d_in: 32 → 16"):
         Trainer(narrow, synthetic.acts[:, :16], tmp_path, resume=True)
     with pytest.raises(ShapeError, match="has d_in 32 but the activations have width 16"):
         Trainer(config(), synthetic.acts[:, :16], tmp_path / "x")
@@ -260,12 +260,40 @@ def test_resume_with_a_different_width_is_a_shape_error(synthetic, tmp_path):
         Trainer(config(), synthetic.acts, tmp_path / "fresh", resume=True)
 
 
+def test_resume_names_every_setting_that_differs_and_keeps_the_checkpoint(synthetic, tmp_path):
+    info = {"hook": "blocks.0.hook_resid_pre", "model": "m", "dataset": "d", "harvest_tokens": len(synthetic.acts)}
+    Trainer(config(), synthetic.acts, tmp_path, info=info).fit(progress=False, stop_after=2)
+    before = (tmp_path / CHECKPOINT).read_bytes()
+    other = config(saes=[SaeConfig(d_in=32, d_sae=64, k=8)], optimizer="signum")
+    with pytest.raises(ShapeError) as e:
+        Trainer(other, synthetic.acts, tmp_path, info={**info, "hook": "blocks.1.hook_resid_pre"}, resume=True)
+    for part in ("hook: 'blocks.0.hook_resid_pre' → 'blocks.1.hook_resid_pre'", "optimizer: 'adam' → 'signum'",
+                 "SAE 0 d_sae: 128 → 64", "SAE 0 k: 4 → 8"):
+        assert part in str(e.value)
+    assert (tmp_path / CHECKPOINT).read_bytes() == before
+
+
+def test_a_pickle_that_is_not_a_checkpoint_is_named_without_torch_advice(synthetic, tmp_path):
+    import pickle
+
+    from saekit.errors import FileFormatError
+
+    Trainer(config(), synthetic.acts, tmp_path).fit(progress=False, stop_after=1)
+    torch.save({"step": 3}, tmp_path / CHECKPOINT)  # loads safely, but holds no training state
+    with pytest.raises(FileFormatError, match="lacks scale, config") as e:
+        Trainer(config(), synthetic.acts, tmp_path, resume=True)
+    (tmp_path / CHECKPOINT).write_bytes(pickle.dumps({"step": 3}))  # a plain pickle: never unpickled
+    with pytest.raises(FileFormatError, match="never unpickles") as e:
+        Trainer(config(), synthetic.acts, tmp_path, resume=True)
+    assert "weights_only" not in str(e.value)
+
+
 def test_corrupt_checkpoint(synthetic, tmp_path):
     Trainer(config(), synthetic.acts, tmp_path).fit(progress=False, stop_after=1)
     (tmp_path / CHECKPOINT).write_bytes(b"not a checkpoint")
     from saekit.errors import FileFormatError
 
-    with pytest.raises(FileFormatError, match="not a readable saekit checkpoint"):
+    with pytest.raises(FileFormatError, match="is not a saekit checkpoint"):
         Trainer(config(), synthetic.acts, tmp_path, resume=True)
 
 

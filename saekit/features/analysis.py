@@ -14,10 +14,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DataError, FileFormatError, ShapeError
+from ..files import claim_output, read_json, replacing
 from ..tokens import Vocab, bos_id, separator_id
 from .builder import FeatureBuilder
 from .config import BINS_PER_DECADE, HIST_HI, HIST_LO, FeatureConfig
-from .store import FORMAT_VERSION, STORE_KIND, write_store
+from .store import FORMAT_VERSION, MANIFEST, STORE_KIND, write_store
+
+LABELS_FILE = "labels.sqlite"  # the user's labels (apps/labels.py): carried over when a store is rebuilt
 
 if TYPE_CHECKING:
     from ..config import DataConfig
@@ -33,12 +36,30 @@ def _load_sae_with_hook(sae_dir: str | Path):
     return sae
 
 
+def claim_store(out: Path, sae_hash: str, cfg: FeatureConfig, overwrite: bool = False) -> None:
+    """Refuse, before any work, an `out` that holds something other than a store of this SAE and config."""
+
+    def differs(path: Path) -> str | None:
+        man = read_json(path / MANIFEST)
+        if man.get("sae_weights_sha256") != sae_hash:
+            return f"from other SAE weights ({man.get('sae_dir', '?')})"
+        old = man.get("config", {})
+        changed = [f"{k} {old[k]!r} → {v!r}" for k, v in dataclasses.asdict(cfg).items() if k in old and old[k] != v]
+        return ", ".join(changed) or None
+
+    claim_output(out, "a feature store", lambda p: (p / MANIFEST).is_file() and
+                 read_json(p / MANIFEST).get("kind") == STORE_KIND, overwrite, differs)
+
+
 def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = None, activations: str | Path | None = None,
-            model=None, model_arg: str | None = None, dataset: str | None = None, progress: bool = True) -> Path:
+            model=None, model_arg: str | None = None, dataset: str | None = None, progress: bool = True,
+            overwrite: bool = False) -> Path:
     """Build the feature store for the SAE in `sae_dir` into `out` (one pass; see module doc).
 
     `activations`: a cache written by `saekit harvest`/`train` (no model forward). Otherwise `model` (or
     `model_arg`, default the SAE's recorded model) runs over the SAE's dataset (or `dataset`).
+    `out` may already hold a store of this SAE and config (it is rebuilt, its labels kept); anything else there
+    is refused unless `overwrite`. The store is written beside `out` and swapped in when complete.
     """
     from ..config import DataConfig
     from ..harvest import MASSIVE_MULTIPLE
@@ -50,6 +71,7 @@ def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = No
     device = resolve_device(cfg.device)
     sae_dir, out = Path(sae_dir), Path(out)
     sae = _load_sae_with_hook(sae_dir).to(device)
+    claim_store(out, sae.weights_hash(), cfg, overwrite)
     info = sae.info
     hook = sae.hook
     data = DataConfig.from_manifest(info, model=model_arg, dataset=dataset)
@@ -164,7 +186,8 @@ def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = No
                     "tokens_per_s": seen / max(pass_s, 1e-9), **finfo,
                     "total_seconds": time.perf_counter() - start},
     }
-    write_store(out, manifest, stats, feats, used_contexts, vocab, started=start)
+    with replacing(out, keep=(LABELS_FILE,)) as staged:
+        write_store(staged, manifest, stats, feats, used_contexts, vocab, started=start)
     print(f"feature store: {builder.tokens:,} tokens ({massive} massive left out), {sae.cfg.d_sae} latents, "
           f"{seen / max(pass_s, 1e-9):,.0f} tokens/s, map {manifest['map_method']} → {out}")
     return out
