@@ -14,7 +14,8 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-FILE = "labels.sqlite"
+from saekit.features.store import LABELS
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS labels (
     feature    INTEGER PRIMARY KEY,
@@ -46,7 +47,7 @@ class Conflict(Exception):
 
 class Labels:
     def __init__(self, store_dir: str | Path, sae_hash: str | None = None):
-        self.path = Path(store_dir) / FILE
+        self.path = Path(store_dir) / LABELS
         with closing(self._connect()) as db, db:
             db.executescript(SCHEMA)
             if sae_hash is not None:

@@ -134,7 +134,7 @@ def test_d_in_mismatch_from_a_cache_on_resume(run, tmp_path):
     args = ["train", "--d-sae", 32, "--k", 4, "--epochs", 1, "--batch-size", 200, "--no-eval", "--out", tmp_path / "run"]
     assert run(*args, "--activations", tmp_path / "a")[0] == 0
     code, _, stderr = run(*args, "--activations", tmp_path / "b", "--resume")
-    assert code == 2 and "'d_in': 16" in stderr and "'d_in': 24" in stderr and "Traceback" not in stderr
+    assert code == 2 and "SAE 0 d_in: 16 → 24" in stderr and "Traceback" not in stderr
 
 
 def test_missing_sae_dir_exits_2_from_the_real_entry_point(tmp_path):

@@ -18,9 +18,7 @@ from ..files import claim_output, read_json, replacing
 from ..tokens import Vocab, bos_id, separator_id
 from .builder import FeatureBuilder
 from .config import BINS_PER_DECADE, HIST_HI, HIST_LO, FeatureConfig
-from .store import FORMAT_VERSION, MANIFEST, STORE_KIND, write_store
-
-LABELS_FILE = "labels.sqlite"  # the user's labels (apps/labels.py): carried over when a store is rebuilt
+from .store import FORMAT_VERSION, LABELS, MANIFEST, STORE_KIND, write_store
 
 if TYPE_CHECKING:
     from ..config import DataConfig
@@ -186,7 +184,7 @@ def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = No
                     "tokens_per_s": seen / max(pass_s, 1e-9), **finfo,
                     "total_seconds": time.perf_counter() - start},
     }
-    with replacing(out, keep=(LABELS_FILE,)) as staged:
+    with replacing(out, keep=(LABELS,)) as staged:
         write_store(staged, manifest, stats, feats, used_contexts, vocab, started=start)
     print(f"feature store: {builder.tokens:,} tokens ({massive} massive left out), {sae.cfg.d_sae} latents, "
           f"{seen / max(pass_s, 1e-9):,.0f} tokens/s, map {manifest['map_method']} → {out}")

@@ -31,6 +31,7 @@ STORE_KIND = "saekit-feature-store"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STATS, FEATURES, CONTEXTS, VOCAB = "stats.safetensors", "features.safetensors", "contexts.safetensors", "vocab.safetensors"
+LABELS = "labels.sqlite"  # the user's labels and notes (apps/labels.py): carried over when the store is rebuilt
 REBUILD = "rebuild the store with `saekit analyze SAE_DIR --out STORE` (labels.sqlite in it is kept)"
 # The tensors each file must hold; those marked per latent have d_sae rows. Optional groups: all or none.
 PER_LATENT = {
