@@ -680,7 +680,8 @@ def _restore(root: Path, before: Snapshot, after: Snapshot) -> None:
             p.write_bytes(b)
     ro = root / "readonly"
     if ro.is_dir():
-        ro.chmod(0o555)
+        with contextlib.suppress(OSError):  # a read-only mount is read-only already
+            ro.chmod(0o555)
 
 
 def classify(case: Case, code: int | None, text: str, escaped: BaseException | None, before: Snapshot,
