@@ -80,6 +80,7 @@ def test_overview_feature_page_and_your_text(server, tiny_store, tmp_path):
         try:
             page = browser.new_page(viewport={"width": 1500, "height": 1800})
             page.set_default_timeout(60_000)
+            expect.set_options(timeout=60_000)  # assertions wait as long as actions: a loaded 2-core CI is slow
             page.goto(server)
             expect(page.get_by_role("heading", name="Features")).to_be_visible()
             expect(page.locator(".js-plotly-plot").first).to_be_visible()  # density histogram / map
