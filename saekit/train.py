@@ -361,7 +361,9 @@ class Trainer:
             manifest = {"training": {"config": asdict(self.cfg), "steps": self.step,
                                      "tokens_seen": self.step * self.cfg.batch_size,
                                      "input_scale": self.scale, "dead_tokens": self.dead_tokens,
-                                     "path": ops.training_path(self.device)},
+                                     "path": ops.training_path(self.device),
+                                     # tokens whose bf16 shortlist was not provably complete (picked on fp32 rows)
+                                     "selection_recomputed_fraction": ops.recomputed_fraction()},
                         "saekit_version": __version__}
             paths.append(self.trained_sae(i).save(self.out / name, manifest))
         return paths

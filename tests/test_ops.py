@@ -163,6 +163,44 @@ def test_bf16_selection_keeps_fp32_values(gen, auto, monkeypatch):
         close(got, want, tol=1e-4)
 
 
+@pytest.mark.parametrize("aux", [False, True])
+def test_bf16_shortlist_is_the_exact_top_k_on_ties_and_near_ties(gen, auto, monkeypatch, aux):
+    """Latents whose pre-activations bf16 cannot tell apart (near-ties far below its 2^-8 but far above fp32's
+    rounding) and exact ties crowd the k-th place: rows whose shortlist cannot be proven complete are
+    recomputed in fp32, so every pick is the exact top k (its values are the top-k values; ties may pick
+    either of equal latents)."""
+    monkeypatch.setenv("SAEKIT_ENCODER_GEMM", "bf16")
+    N, d, n, k = 128, 64, 512, 8
+    x = randn(gen, N, d).float()
+    W = randn(gen, d, n).float() * 0.05
+    W[:, :40] = randn(gen, d, 1).float() + 1e-4 * randn(gen, d, 40).float()  # 40 near-parallel latents
+    W[:, 40:56] = W[:, 56:57]  # 17 identical latents: exact ties
+    W[:, 60:90] = randn(gen, d, 1).float() * 0.5 + 2e-3 * randn(gen, d, 30).float()
+    b, bd = torch.zeros(n), torch.zeros(d)
+    eligible = torch.ones(n, dtype=torch.bool) if aux else None
+    recomputed_before = ops._recomputed[0]
+    v, i, av, ai = ops.encode_topk(x, W, b, bd, k, eligible, k)
+    pre = x.double() @ W.double()
+    for got_v, got_i in [(v, i)] + ([(av, ai)] if aux else []):
+        torch.testing.assert_close(got_v.double().sort(1).values, pre.topk(k, dim=1).values.relu().sort(1).values,
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pre.gather(1, got_i).relu(), got_v.double(), rtol=1e-5, atol=1e-5)
+        assert all(len(set(row.tolist())) == k for row in got_i)
+    assert ops._recomputed[0] > recomputed_before  # the near-ties defeated the shortlist on some rows
+
+
+def test_bf16_shortlist_recomputes_few_rows_on_ordinary_inputs(gen, auto, monkeypatch):
+    monkeypatch.setenv("SAEKIT_ENCODER_GEMM", "bf16")
+    N, d, n, k = 512, 64, 1024, 16
+    x, W, b, bd = (randn(gen, *s).float() for s in ((N, d), (d, n), (n,), (d,)))
+    ops._recomputed[:] = [0, 0]
+    v, i, _, _ = ops.encode_topk(x, W, b, bd, k)
+    pre = (x.double() - bd.double()) @ W.double() + b.double()
+    torch.testing.assert_close(v.double().sort(1).values, pre.topk(k, dim=1).values.relu().sort(1).values,
+                               rtol=1e-5, atol=1e-5)
+    assert ops.recomputed_fraction() < 0.5
+
+
 def test_selection_dtype(monkeypatch):
     x = torch.zeros(2, 3)
     monkeypatch.setenv("SAEKIT_ENCODER_GEMM", "fp32")
