@@ -12,17 +12,27 @@ so the SAE's reconstruction error x − decode(z) is kept and nothing but the ed
 Generated tokens are steered too, with and without a KV cache: a KV-cache step shows the hook a sequence
 of length 1, which SAELens's tutorial hook skips. `generate` samples baseline and steered rows in one batch
 from the same seed, with the same Gumbel noise per step, so the two differ only through the edits.
+
+Speed (issue 13): the generation loop runs through the HF model inside the bridge without the bridge's
+wrapper modules (`PlainHF`: same weights, HF's own KV cache, the edit as a torch hook on the decoder layer),
+wherever that computes what the bridge computes, and `generate` runs it on one CPU thread. 30 tokens of
+baseline + steered for the default model take ~2.3 s on a 2-core machine shared with other jobs, where the
+bridge loop on torch's two threads took 20–80 s (a thread descheduled by the OS stalls every small op at
+its barrier). The tokens and log-probs are the bridge loop's; benchmarks/steer_speed.py measures both.
 """
 
 from __future__ import annotations
 
+import copy
+import re
 import textwrap
 import typing
+import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -248,17 +258,22 @@ def steer(model, sae: SparseAutoencoder, edits: Sequence[Edit] | Edit, hook: str
           edit_bos: bool = False) -> Iterator[Steering]:
     """`with steer(model, sae, edits): model(tokens)` runs steered; on exit the hook is removed and the
     model is exactly as before (no weights are touched). `edits` may also be a ready `Steering`."""
-    from .lm import check_hooks
-
     steering = edits if isinstance(edits, Steering) else Steering(
         sae, [edits] if isinstance(edits, Edit) else edits, hook, scale, prompt_len, rows, edit_bos)
-    check_hooks(model, [steering.hook])
-    width = model.cfg.d_model if steering.hook.endswith(("resid_pre", "resid_post", "resid_mid")) else None
-    if width is not None and width != sae.cfg.d_in:
-        raise SaekitError(f"the SAE has d_in {sae.cfg.d_in} but {steering.hook} has width {width}: "
-                          "this SAE was trained on another model.")
+    _check_fits(model, steering)
     with model.hooks(fwd_hooks=[(steering.hook, steering)]):
         yield steering
+
+
+def _check_fits(model, steering: Steering) -> None:
+    """A HookError for a hook the model lacks; a SaekitError for an SAE of another width."""
+    from .lm import check_hooks
+
+    check_hooks(model, [steering.hook])
+    width = model.cfg.d_model if steering.hook.endswith(("resid_pre", "resid_post", "resid_mid")) else None
+    if width is not None and width != steering.sae.cfg.d_in:
+        raise SaekitError(f"the SAE has d_in {steering.sae.cfg.d_in} but {steering.hook} has width {width}: "
+                          "this SAE was trained on another model.")
 
 
 # ----------------------------------------------------------------------------- generation
@@ -271,10 +286,13 @@ def prompt_tokens(tokenizer, prompt: str) -> list[int]:
 
 
 def stop_ids(tokenizer) -> set[int]:
+    """EOS and the chat end tokens the vocabulary has. (A token maps to an id and back to itself exactly when the
+    vocabulary holds it; `get_vocab()` would build a 49k-entry dict, ~0.15 s, on every call.)"""
     ids = {tokenizer.eos_token_id}
     for t in ("<|endoftext|>", "<|im_end|>"):
-        if t in tokenizer.get_vocab():
-            ids.add(tokenizer.convert_tokens_to_ids(t))
+        i = tokenizer.convert_tokens_to_ids(t)
+        if isinstance(i, int) and tokenizer.convert_ids_to_tokens(i) == t:
+            ids.add(i)
     return {i for i in ids if i is not None}
 
 
@@ -313,6 +331,180 @@ class KVCache:
         return logits
 
 
+def foreign_hooks(model: torch.nn.Module) -> list[int]:
+    """Ids of the forward (pre-)hooks on `model`'s modules other than the bridge's own (its blocks wire some on their
+    first forward and keep the handles in `_capture_hook_handles`); hook points included."""
+    modules = list(model.modules())
+    own = {h.id for m in modules for h in getattr(m, "_capture_hook_handles", ())}
+    return [k for m in modules for d in (m._forward_pre_hooks, m._forward_hooks) for k in d if k not in own]
+
+
+class PlainHF:
+    """The HF model a TransformerBridge wraps, without the bridge's wrapper modules, sharing its weights
+    (no copy), for generation.
+
+    The bridge swaps every HF submodule for a wrapper that fires its hook points, so one decode step of the
+    default model makes ~1,800 Python module calls and 30 `inspect.signature` calls; this plain copy makes
+    ~400. Steering hooks the HF decoder layer that the hook name denotes (`blocks.L.hook_resid_pre`: the
+    input of layer L, `…resid_post`: its output) with a plain torch hook, and decoding uses HF's own
+    past_key_values. `agrees` checks once per hook that this path computes what the bridge computes (the
+    hook's activation and the logits on a short prompt, to 1e-4; for the default model they agree bit for
+    bit) and says no otherwise, so callers fall back to the bridge for any other hook or architecture."""
+
+    _RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+    _CHECK_TEXT = "The fast path is taken only where it computes what the bridge computes."
+
+    def __init__(self, bridge):
+        from transformers import AutoModelForCausalLM
+
+        hf = bridge.original_model
+        strip = re.compile(r"\._?original_component(?=\.|$)")
+        tensors: dict[str, torch.Tensor] = {}
+        for name, t in [*hf.named_parameters(remove_duplicate=False), *hf.named_buffers(remove_duplicate=False)]:
+            tensors.setdefault(strip.sub("", name), t)
+        with torch.device("meta"):
+            plain = AutoModelForCausalLM.from_config(copy.deepcopy(hf.config))
+        for name, t in [*plain.named_parameters(remove_duplicate=False), *plain.named_buffers(remove_duplicate=False)]:
+            src = tensors.get(name)
+            if src is None or src.shape != t.shape:
+                raise LookupError(f"{name}: not in the bridge's model or of another shape")
+            owner, _, attr = name.rpartition(".")
+            module = plain.get_submodule(owner)
+            (module._parameters if attr in module._parameters else module._buffers)[attr] = src
+        self.model = plain.eval()
+        self.config = plain.config
+        names: dict[int, str] = {}
+        for name, module in hf.named_modules(remove_duplicate=False):
+            names.setdefault(id(module), strip.sub("", name))
+        self._layers = [plain.get_submodule(names[id(b)]) for b in bridge.blocks]
+        self._weights = self.weights_of(bridge)
+        self._agrees: dict[str | None, bool] = {}
+
+    @staticmethod
+    def weights_of(bridge) -> tuple[int, ...]:
+        """Where the bridge's weights live: a model moved or given new weights since needs a new PlainHF."""
+        return tuple(p.data_ptr() for p in bridge.parameters())
+
+    def location(self, hook: str) -> tuple[torch.nn.Module, str] | None:
+        m = self._RESID.match(hook)
+        if m is None or int(m.group(1)) >= len(self._layers):
+            return None
+        return self._layers[int(m.group(1))], m.group(2)
+
+    @contextmanager
+    def hooked(self, hook: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+        """Run `fn` on the activation at `hook` (a bridge hook name `location` maps) and use what it returns."""
+        layer, where = self.location(hook)  # type: ignore[misc]
+
+        def pre(module, args, kwargs):
+            if args:
+                return (fn(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+
+        def post(module, args, output):
+            return (fn(output[0]), *output[1:]) if isinstance(output, tuple) else fn(output)
+
+        handle = (layer.register_forward_pre_hook(pre, with_kwargs=True) if where == "pre"
+                  else layer.register_forward_hook(post))
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    @torch.no_grad()
+    def agrees(self, bridge, hook: str | None) -> bool:
+        """Whether the logits and the activation at `hook` (None: logits only) match the bridge's on a short
+        prompt (checked once per hook)."""
+        if hook not in self._agrees:
+            ok = hook is None or self.location(hook) is not None
+            if ok:
+                device = next(bridge.parameters()).device
+                toks = torch.tensor([prompt_tokens(bridge.tokenizer, self._CHECK_TEXT)], device=device)
+                seen: dict[str, torch.Tensor] = {}
+
+                def grab(key):
+                    def fn(act, hook=None):
+                        seen[key] = act.detach().clone()
+                        return act
+                    return fn
+
+                with bridge.hooks(fwd_hooks=[(hook, grab("bridge"))] if hook else []):
+                    ref = bridge(toks)
+                with self.hooked(hook, grab("plain")) if hook else nullcontext():
+                    got = self.model(toks, use_cache=False).logits
+                close = lambda a, b: a.shape == b.shape and bool(torch.allclose(a, b, rtol=0, atol=1e-4))  # noqa: E731
+                ok = close(ref, got) and (hook is None or close(seen["bridge"], seen["plain"]))
+            self._agrees[hook] = ok
+        return self._agrees[hook]
+
+    def forward(self, use_cache: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        """tokens [B, T] → logits [B, T, vocab]; with `use_cache` each call continues the last (HF's DynamicCache).
+        Runs in inference mode (the same numbers, less bookkeeping per op); the logits are inference tensors."""
+        import inspect
+
+        from transformers import DynamicCache
+
+        kwargs: dict[str, Any] = {"use_cache": use_cache}
+        if use_cache:  # transformers ≥ 5.2x names it `cache` and warns on every call given `past_key_values`
+            name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+            kwargs[name] = DynamicCache(config=self.config)
+
+        def forward(tokens: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return self.model(tokens, **kwargs).logits
+        return forward
+
+
+_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # bridge → PlainHF, or the reason there is none
+Engine = Literal["auto", "hf", "bridge"]
+
+
+def plain_hf(model, hook: str | None, engine: Engine = "auto") -> PlainHF | None:
+    """The PlainHF to run `model` with, steered at `hook` (None: unsteered), or None for the bridge: engine
+    "bridge"; hooks attached to the bridge (the plain model would not run them); a hook or model the plain path does not
+    map or does not match. Engine "hf" raises instead of falling back (tests and benchmarks)."""
+    if engine == "bridge":
+        return None
+    why = None
+    if not hasattr(model, "original_model") or not hasattr(model, "blocks"):
+        why = "the model is no TransformerBridge over an HF model"
+    elif foreign_hooks(model):  # on hook points or straight on the bridge's modules
+        why = "the bridge has hooks attached, which only the bridge would run"
+    if why is None:
+        plain = _PLAIN.get(model)
+        if isinstance(plain, PlainHF) and plain._weights != PlainHF.weights_of(model):
+            plain = None  # moved to another device or given new weights: build again
+        if plain is None:
+            try:
+                plain = PlainHF(model)
+            except Exception as e:  # another architecture or transformer-lens layout: the bridge still works
+                plain = f"the HF model could not be rebuilt without the bridge ({type(e).__name__}: {e})"
+            _PLAIN[model] = plain
+        if isinstance(plain, str):
+            why = plain
+        elif not plain.agrees(model, hook):
+            why = f"the plain HF path does not compute what the bridge computes at {hook}"
+        else:
+            return plain
+    if engine == "hf":
+        raise SaekitError(f"cannot generate through the plain HF model: {why}.")
+    return None
+
+
+@contextmanager
+def cpu_threads(n: int | None, device) -> Iterator[None]:
+    """Torch's intra-op threads set to `n` for the block (CPU only; None: left alone), then put back."""
+    old = torch.get_num_threads()
+    if n is None or torch.device(device).type != "cpu" or n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 @dataclass
 class Sampled:
     """Tokens [B, N] sampled from one prompt, their log-probs under the sampling model [B, N], the number of
@@ -329,11 +521,17 @@ class Sampled:
 @torch.no_grad()
 def sample(model, prompt: list[int], rows: int, max_new_tokens: int, seed: int = 0, temperature: float = 1.0,
            steering: Steering | None = None, use_cache: bool = True, track: torch.Tensor | None = None,
-           stop_early: bool = True) -> Sampled:
+           stop_early: bool = True, threads: int | None = None, engine: Engine = "auto") -> Sampled:
     """Sample `rows` continuations of one prompt in one batch. Every row sees the same Gumbel noise per step
     (one seeded stream), so rows differ only through the steering (per-row values / `steering.rows`).
     temperature 0 is greedy. With `use_cache` each step feeds one token and the HF KV cache; without it
-    each step reruns the whole sequence."""
+    each step reruns the whole sequence.
+
+    `engine`: "auto" runs the loop through the HF model under the bridge (`PlainHF`, the same numbers without
+    the bridge's Python overhead) wherever that is exact, else through the bridge; "bridge" and "hf" force one.
+    `threads`: torch's CPU threads during the loop (None: as set). A decode step is a chain of small
+    matrix-vector products, and a second thread that the OS has lent to another process stalls every one of
+    them at its barrier, so one thread is both faster on a shared machine and independent of the core count."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt] * rows, dtype=torch.long, device=device)
     P = ids.shape[1]
@@ -342,28 +540,39 @@ def sample(model, prompt: list[int], rows: int, max_new_tokens: int, seed: int =
     out = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)
     logprobs = torch.zeros(rows, max_new_tokens, device=device)
     tracked = torch.zeros(rows, max_new_tokens, device=device) if track is not None else None
+    track = track.to(device) if track is not None else None
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
-    kv = KVCache(model) if use_cache else None
+    if steering is not None:
+        _check_fits(model, steering)
     n = max_new_tokens
-    with steer(model, steering.sae, steering) if steering is not None else nullcontext():
+    with cpu_threads(threads, device), ExitStack() as stack:
+        plain = plain_hf(model, steering.hook if steering is not None else None, engine)  # (built once per model)
+        if plain is not None:
+            forward = plain.forward(use_cache)
+            if steering is not None:
+                stack.enter_context(plain.hooked(steering.hook, steering))
+        else:
+            forward = KVCache(model).forward if use_cache else model
+            if steering is not None:
+                stack.enter_context(steer(model, steering.sae, steering))
         if steering is not None:
             steering.prompt_len = P
         try:
             for step in range(max_new_tokens):
                 if steering is not None:  # absolute position of the first token fed this step
-                    steering.offset = P + step - 1 if (kv is not None and step > 0) else 0
-                if kv is not None:
-                    logits = kv.forward(ids if step == 0 else out[:, step - 1: step])
+                    steering.offset = P + step - 1 if (use_cache and step > 0) else 0
+                if use_cache:
+                    logits = forward(ids if step == 0 else out[:, step - 1: step])
                 else:
-                    logits = model(torch.cat([ids, out[:, :step]], 1))
+                    logits = forward(torch.cat([ids, out[:, :step]], 1))
                 logp = torch.log_softmax(logits[:, -1].float(), -1)
                 u = torch.rand(logp.shape[-1], generator=gen).clamp_(1e-20, 1 - 1e-7).to(device)
                 tok = (logp / temperature - torch.log(-torch.log(u))).argmax(-1) if temperature > 0 else logp.argmax(-1)
                 out[:, step] = tok
                 logprobs[:, step] = logp.gather(1, tok[:, None])[:, 0]
                 if tracked is not None:
-                    tracked[:, step] = logp[:, track.to(device)].exp().sum(-1)
+                    tracked[:, step] = logp[:, track].exp().sum(-1)
                 newly = torch.isin(tok, stops) & ~done
                 lengths[newly] = step + 1
                 done |= newly
@@ -416,12 +625,14 @@ def _wrap(text: str, width: int) -> list[str]:
 
 def generate(model, sae: SparseAutoencoder, prompt: str, edits: Sequence[Edit] | Edit, seed: int = 0,
              max_new_tokens: int = 40, temperature: float = 1.0, scale: Scale | None = None,
-             use_cache: bool = True, hook: str | None = None) -> Generation:
-    """Baseline and steered continuations of `prompt`, sampled in one batch from the same seed."""
+             use_cache: bool = True, hook: str | None = None, threads: int | None = 1,
+             engine: Engine = "auto") -> Generation:
+    """Baseline and steered continuations of `prompt`, sampled in one batch from the same seed.
+    On CPU the loop runs on one thread unless `threads` says otherwise (see `sample`)."""
     edits = [edits] if isinstance(edits, Edit) else list(edits)
     ids = prompt_tokens(model.tokenizer, prompt)
     steering = Steering(sae, edits, hook, scale, rows=torch.tensor([False, True]))
-    s = sample(model, ids, 2, max_new_tokens, seed, temperature, steering, use_cache)
+    s = sample(model, ids, 2, max_new_tokens, seed, temperature, steering, use_cache, threads=threads, engine=engine)
     tok = model.tokenizer
     parts = []
     for r in range(2):

@@ -228,6 +228,119 @@ def test_generate_kv_and_full_agree_and_log_probs(model, sae):
     assert "baseline" in a.side_by_side() and "add feature 7 30" in a.side_by_side()
 
 
+# Tokens the generation loop before issue 13.5 (every step through the bridge) sampled on one thread, with this
+# module's random SAE: (generate kwargs, baseline tokens, steered tokens). Regenerate with the old loop
+# (benchmarks/steer_speed.py keeps it as old_generate) if the default model or the SAE init changes.
+BEFORE = [
+    (dict(prompt="Stocks fell", edits=[S.add(7, 30.0)], seed=3, temperature=1.0, use_cache=True),
+     [288, 40205, 1187, 216, 33, 28, 36, 32, 32, 2876, 335, 11655],
+     [288, 260, 476, 1374, 396, 6351, 429, 551, 1180, 2164, 366, 288]),
+    (dict(prompt="The market rose sharply after the", edits=[S.clamp(5, 8.0), S.scale(9, 3.0)], seed=11,
+          temperature=1.0, use_cache=False),
+     [216, 34, 32, 33, 35, 29, 33, 36, 12430, 2318, 6405, 338],
+     [216, 34, 32, 34, 33, 29, 34, 32, 34, 34, 16554, 5288]),
+    (dict(prompt="Once upon a time", edits=[S.add(3, 60.0, "generated")], seed=1, temperature=0.7, use_cache=True,
+          hook="blocks.10.hook_resid_post"),
+     [198, 788, 253, 905, 282, 11746, 1420, 28, 198, 504, 9615, 282],
+     [198, 34385, 11414, 28, 957, 14119, 198, 198, 57, 761, 719, 578]),
+]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", range(len(BEFORE)))
+def test_generation_is_what_it_was_and_the_same_on_both_engines(model, sae, case):
+    """The plain HF loop (what generate runs by default) and the bridge loop give the same tokens and log-probs
+    (to 1e-4; for the default model they are identical bit for bit), and the tokens the loop gave before the
+    plain path existed."""
+    kw, base, steered = BEFORE[case]
+    assert S.plain_hf(model, kw.get("hook", HOOK)) is not None  # generate takes the plain path here
+    fast = S.generate(model, sae, max_new_tokens=12, **kw)
+    ref = S.generate(model, sae, max_new_tokens=12, engine="bridge", **kw)
+    assert (fast.baseline_tokens, fast.steered_tokens) == (base, steered)
+    assert (ref.baseline_tokens, ref.steered_tokens) == (base, steered)
+    assert (fast.baseline, fast.steered, fast.steered_pieces) == (ref.baseline, ref.steered, ref.steered_pieces)
+    for got, want in ((fast.baseline_logprobs, ref.baseline_logprobs), (fast.steered_logprobs, ref.steered_logprobs)):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=0)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("hook", [HOOK, "blocks.10.hook_resid_post"])
+def test_plain_hf_logits_match_the_bridge_step_by_step(model, sae, hook):
+    """Prefill and KV-cache steps, steered at the SAE's hook (latent and add edits, one row steered): the plain HF
+    model's logits agree with the bridge's to 1e-4 (they are in fact identical) and its weights are the bridge's."""
+    plain = S.plain_hf(model, hook, "hf")
+    assert plain.model.lm_head.weight.data_ptr() == model.original_model.lm_head.weight.data_ptr()
+    toks = tokens(model).expand(2, -1)
+    f = active_feature(sae, capture(model, toks[:1])[0])
+    logits = {}
+    for engine in ("bridge", "hf"):
+        st = S.Steering(sae, [S.scale(f, 4.0), S.add(7, 20.0, "generated")], hook, rows=torch.tensor([False, True]))
+        if engine == "bridge":
+            forward, ctx = S.KVCache(model).forward, S.steer(model, sae, st)
+        else:
+            forward, ctx = plain.forward(use_cache=True), plain.hooked(hook, st)
+        with ctx, torch.no_grad():
+            st.prompt_len = toks.shape[1]
+            steps = [forward(toks)]
+            for t in (300, 301, 302):
+                steps.append(forward(torch.tensor([[t], [t]])))
+        logits[engine] = steps
+    for a, b in zip(logits["bridge"], logits["hf"]):
+        torch.testing.assert_close(b.clone(), a, atol=1e-4, rtol=0)
+    assert not torch.equal(logits["hf"][-1][0], logits["hf"][-1][1])  # the steered row did move
+
+
+@pytest.mark.integration
+def test_bridge_fallbacks_and_threads(model, sae):
+    """Hooks the plain model cannot place, or hooks already on the bridge, keep generation on the bridge (the
+    user's hook still fires); engine="hf" says why instead. The thread count is put back after generating."""
+    kw = dict(prompt="Stocks fell", max_new_tokens=3, seed=0)
+    mlp = S.Steering(sae, [S.add(7, 30.0)], "blocks.3.hook_mlp_out")
+    assert S.plain_hf(model, mlp.hook) is None
+    with pytest.raises(SaekitError, match="does not compute what the bridge computes at blocks.3.hook_mlp_out"):
+        S.plain_hf(model, mlp.hook, "hf")
+    assert S.generate(model, sae, edits=[S.add(7, 30.0)], hook=mlp.hook, **kw).steered_tokens  # ran on the bridge
+    fired = []
+    with model.hooks(fwd_hooks=[("blocks.2.hook_resid_post", lambda act, hook: fired.append(act.shape) or act)]):
+        assert S.plain_hf(model, HOOK) is None
+        with pytest.raises(SaekitError, match="hooks attached"):
+            S.plain_hf(model, HOOK, "hf")
+        S.generate(model, sae, edits=[S.add(7, 30.0)], **kw)
+    assert len(fired) == 3  # prefill + 2 KV steps through the bridge
+    assert S.plain_hf(model, HOOK) is not None  # hooks gone: the fast path again
+    handle = model.blocks[2].register_forward_hook(lambda module, args, output: fired.append(0))  # a torch hook
+    try:
+        assert S.plain_hf(model, HOOK) is None
+    finally:
+        handle.remove()
+    assert S.plain_hf(model, HOOK) is not None
+    threads = torch.get_num_threads()
+    with S.cpu_threads(threads + 1, "cpu"):
+        assert torch.get_num_threads() == threads + 1
+        S.generate(model, sae, edits=[S.add(7, 30.0)], **kw)  # threads=1 inside
+        assert torch.get_num_threads() == threads + 1
+    assert torch.get_num_threads() == threads
+
+
+def test_stop_ids_without_the_vocabulary_dict():
+    class Tok:  # a vocabulary with <|im_end|> but no <|endoftext|>; unknown tokens map to <unk>
+        eos_token_id = 2
+        vocab = {"<unk>": 0, "<|im_end|>": 2, "hi": 5}
+
+        def convert_tokens_to_ids(self, t):
+            return self.vocab.get(t, 0)
+
+        def convert_ids_to_tokens(self, i):
+            return {v: k for k, v in self.vocab.items()}[i]
+
+        def get_vocab(self):
+            return dict(self.vocab)
+
+    assert S.stop_ids(Tok()) == {2}
+    Tok.vocab = {**Tok.vocab, "<|endoftext|>": 7}
+    assert S.stop_ids(Tok()) == {2, 7}
+
+
 def test_find_store_only_for_the_same_weights(sae, tmp_path):
     import json
 
