@@ -198,11 +198,29 @@ def _exact_topk(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, cand
     return values, candidates.gather(1, pick)
 
 
-def _verified_topk(rounded: torch.Tensor, xc: torch.Tensor, xb: torch.Tensor, W_enc: torch.Tensor,
-                   Wb: torch.Tensor, b_enc: torch.Tensor, bb: torch.Tensor, k: int,
-                   cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+class _Rounding:
+    """What the bound in `_verified_topk` needs of one bf16 GEMM's inputs, computed once per forward."""
+
+    def __init__(self, xc: torch.Tensor, xb: torch.Tensor, W: torch.Tensor, Wb: torch.Tensor, b: torch.Tensor,
+                 bb: torch.Tensor):
+        self.x_norm = xc.norm(dim=1) * (1 + BF16_ROUNDOFF)  # ≥ ‖x̃‖
+        self.dx_norm = (xb.float() - xc).norm(dim=1)  # ‖δx‖, exact: about 0.6·2^-8·‖x‖, half the worst case
+        self.w_norm = W.norm(dim=0)  # ‖W_j‖
+        self.dw_norm = (Wb.float() - W).norm(dim=0)  # ‖δW_j‖
+        self.db = (bb.float() - b).abs()  # |δb_j|
+
+    def slack(self, floor: torch.Tensor, cols: torch.Tensor | None, d: int) -> torch.Tensor:
+        """Per token: how far any latent's exact pre-activation can exceed its rounded one when that is ≤ floor."""
+        pick = (lambda t: t) if cols is None else (lambda t: t.index_select(0, cols))
+        w, dw, db = pick(self.w_norm).max(), pick(self.dw_norm).max(), pick(self.db).max()
+        return (self.dx_norm * w + self.x_norm * dw + db + d * 2.0**-24 * self.x_norm * (w + dw)
+                + BF16_ROUNDOFF * (1 + BF16_ROUNDOFF) * floor.abs())
+
+
+def _verified_topk(rounded: torch.Tensor, xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
+                   rounding: _Rounding, cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact fp32 top-k of xc·W_enc + b_enc (over latents `cols`, all if None), found from `rounded` =
-    bf16(xb·Wb + bb), the same pre-activations from the bf16 copies xb, Wb, bb (over the same columns).
+    bf16(x̃·W̃ + b̃), the same pre-activations from bf16 copies of the inputs (over the same columns).
 
     A shortlist of k + margin latents by the rounded values is recomputed in fp32 and its top k kept. Every
     latent j left out has a rounded value ≤ the shortlist's smallest, a, and its exact value differs from its
@@ -212,19 +230,14 @@ def _verified_topk(rounded: torch.Tensor, xc: torch.Tensor, xb: torch.Tensor, W_
     whole in fp32. So the pick is the exact fp32 top-k by construction, not by the odds of rounding."""
     n = rounded.shape[1]
     m = _shortlist(k, n, True)
-    sub = (lambda t: t) if cols is None else (lambda t: t.index_select(-1, cols))
-    W, b = sub(W_enc), sub(b_enc)
+    W = W_enc if cols is None else W_enc.index_select(1, cols)
+    b = b_enc if cols is None else b_enc.index_select(0, cols)
     approx, local = rounded.topk(m, dim=-1, sorted=False)
     values, pick = _exact_topk(xc, W, b, local, k)
     if m < n:
-        Wr = sub(Wb).float()
-        x_norm, dx_norm = xb.float().norm(dim=1), (xb.float() - xc).norm(dim=1)
-        w_max, dw_max = W.norm(dim=0).max(), (Wr - W).norm(dim=0).max()
-        db_max = (sub(bb).float() - b).abs().max()
         floor = approx.min(dim=1).values.float()
-        slack = (dx_norm * w_max + x_norm * dw_max + db_max + xc.shape[1] * 2.0**-24 * x_norm * Wr.norm(dim=0).max()
-                 + BF16_ROUNDOFF * (1 + BF16_ROUNDOFF) * floor.abs())
-        unsure = (floor + slack > values.min(dim=1).values.clamp_min(0)).nonzero().squeeze(1)
+        unsure = (floor + rounding.slack(floor, cols, xc.shape[1]) > values.min(dim=1).values.clamp_min(0))
+        unsure = unsure.nonzero().squeeze(1)
         _recomputed[0] += unsure.numel()
         if unsure.numel():
             v, i = torch.addmm(b, xc.index_select(0, unsure), W).topk(k, dim=-1, sorted=False)
@@ -251,14 +264,14 @@ class _EncodeTopK(torch.autograd.Function):
         aux_values = aux_indices = None
         want_aux = aux_mask is not None and k_aux > 0
         if selection_dtype(x) == torch.bfloat16:  # the bf16 GEMM only shortlists; the pick is exact fp32 (proven)
-            rounded = xc.bfloat16(), W_enc.bfloat16(), b_enc.bfloat16()
-            pre = torch.addmm(rounded[2], rounded[0], rounded[1])
-            xb, Wb, bb = rounded
-            values, indices = _verified_topk(pre, xc, xb, W_enc, Wb, b_enc, bb, k)
+            xb, Wb, bb = xc.bfloat16(), W_enc.bfloat16(), b_enc.bfloat16()
+            pre = torch.addmm(bb, xb, Wb)
+            rounding = _Rounding(xc, xb, W_enc, Wb, b_enc, bb)
+            values, indices = _verified_topk(pre, xc, W_enc, b_enc, k, rounding)
             if want_aux:
                 eligible = aux_mask.nonzero().squeeze(1)
-                aux_values, aux_indices = _verified_topk(pre.index_select(1, eligible), xc, xb, W_enc, Wb, b_enc, bb,
-                                                         k_aux, eligible)
+                aux_values, aux_indices = _verified_topk(pre.index_select(1, eligible), xc, W_enc, b_enc, k_aux,
+                                                         rounding, eligible)
             del pre
         else:
             pre = torch.addmm(b_enc, xc, W_enc)
