@@ -26,6 +26,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def forward_flops(cfg, layers: int, context: int) -> float:
+    """FLOPs per token of `layers` transformer blocks (matmuls and causal attention at the mean length), the
+    work a forward to stop_at_layer must do: the floor to compare the measured speed with."""
+    d, heads = cfg.d_model, cfg.n_heads
+    d_head = cfg.d_head
+    kv = getattr(cfg, "n_key_value_heads", None) or heads
+    d_mlp = cfg.d_mlp
+    gated = 3 if getattr(cfg, "gated_mlp", True) else 2
+    proj = d * heads * d_head * 2 + d * kv * d_head * 2 + gated * d * d_mlp
+    attention = 2 * heads * d_head * (context + 1) / 2
+    return 2 * layers * (proj + attention)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
@@ -118,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['kept_tokens_per_s'] / rows['bare']['kept_tokens_per_s']:>8.3f}")
     verdict = "ok" if 1 - ratio <= 0.10 else "ABOVE TARGET"
     print(f"  overhead {1 - ratio:+.1%} (target ≤ 10%: {verdict})")
+    flops = forward_flops(model.cfg, harvester.stop, args.context_size)
+    result["gflop_per_token"] = flops / 1e9
+    result["bare_gflop_per_s"] = flops * rows["bare"]["all_tokens_per_s"] / 1e9
+    print(f"  the forward does {flops / 1e6:.0f} MFLOP per token ({harvester.stop} blocks): the bare forward runs at "
+          f"{result['bare_gflop_per_s']:.0f} GFLOP/s")
     if args.json:
         from saekit.files import write_json
 
