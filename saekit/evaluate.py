@@ -10,7 +10,10 @@ next-token predictions made at the spliced positions.
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
@@ -46,6 +49,12 @@ def reconstruction_metrics(sae: SparseAutoencoder, x: torch.Tensor, massive_mult
     """FVU (all tokens and without massive ones), nmse, L0, dead and dense fractions on activations x.
     Massive tokens: norm above `massive_threshold` (the one recorded at harvest), else above
     `massive_multiple` × the median norm of x."""
+    return _reconstruction(sae, x, massive_multiple, dense_threshold, batch, massive_threshold)[0]
+
+
+def _reconstruction(sae: SparseAutoencoder, x: torch.Tensor, massive_multiple: float, dense_threshold: float,
+                    batch: int, massive_threshold: float | None) -> tuple[dict[str, Any], torch.Tensor]:
+    """(reconstruction_metrics, x̂): evaluate splices the very x̂ it measured."""
     parts = []
     fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=x.device)
     l0 = 0.0
@@ -70,38 +79,153 @@ def reconstruction_metrics(sae: SparseAutoencoder, x: torch.Tensor, massive_mult
         "dense_fraction": (freq > dense_threshold).float().mean().item(),
         "massive_tokens": int(massive.sum()),
         "tokens": len(x),
-    }
+    }, x_hat
+
+
+SUFFIX_TOLERANCE = 1e-3
+"""Largest |Δ logit| (relative to the largest |logit|, at least 1) the shortcut path may show against a plain
+forward on the check context; a broken shortcut differs by whole units."""
+
+ROWS = 256
+"""Predictions whose full-vocabulary log-probabilities are held at once (per variant)."""
+
+
+def _pass_through(*args, **kwargs):
+    """A skipped module: its (first) input is its output."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextmanager
+def _skipping(modules):
+    """Modules that pass their input through while the context lasts."""
+    for module in modules:  # object.__setattr__: the bridge forwards a plain setattr to the wrapped HF module
+        object.__setattr__(module, "forward", _pass_through)
+    try:
+        yield
+    finally:
+        for module in modules:
+            if "forward" in vars(module):
+                object.__delattr__(module, "forward")
 
 
 class _Splicer:
-    """Runs the model with the hook's activation replaced; uses start_at_layer for resid_pre hooks so
-    the shared prefix is computed once per batch instead of once per variant."""
+    """Runs the model from the SAE's hook on, the hook's activation replaced.
+
+    Shortcut (`fast`), for a hook in block L: the prefix (blocks < L) runs once per context (`prefix`); every
+    variant runs only blocks ≥ L, from the residual entering block L with the hook's activation replaced where
+    the hook sits (the bridge's start_at_layer alone would still run blocks < L on the injected residual and
+    discard them), and stops before the unembedding, so that logits are made only for the predicting positions,
+    a few rows at a time (`logits_of`). `check` compares the shortcut with a plain forward once; if they differ
+    (an architecture whose blocks do not chain like this, or with work after its unembedding) every variant runs
+    the whole model with a replacing hook instead."""
 
     def __init__(self, model, hook: str):
-        from .lm import check_hooks, hook_layer
+        from .lm import check_hooks, hook_layer, stop_layer
 
         check_hooks(model, [hook])
         self.model, self.hook = model, hook
         layer = hook_layer(hook)
-        self.layer = layer if layer is not None and hook.endswith("hook_resid_pre") and layer > 0 else None
+        entry = f"blocks.{layer}.hook_resid_pre"
+        blocks = getattr(model, "blocks", None)
+        self.unembed = getattr(model, "unembed", None)
+        self.fast = (layer is not None and entry in model.hook_dict and blocks is not None and layer < len(blocks)
+                     and isinstance(self.unembed, torch.nn.Module))
+        # the hook is the residual entering block L: a variant is that residual (no hook needed), and variants
+        # with equal inputs have equal outputs (evaluate shares the ablated contexts' log-probabilities)
+        self.direct = self.fast and model.hook_dict[hook] is model.hook_dict[entry]
+        self.layer, self.entry = layer, entry
+        self.skip = list(blocks)[:layer] if self.fast else []
+        if self.direct:
+            self.stop = layer
+        elif self.fast:
+            self.stop = layer + 1 if layer + 1 < model.cfg.n_layers else None
+        else:
+            self.stop = stop_layer(model, [hook])
+        self.check_error: float | None = None
 
-    def activations(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.layer is not None:
-            return self.model(tokens, stop_at_layer=self.layer)
-        from .harvest import Harvester
+    def prefix(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the hook's activation, the residual entering block L) [B, T, d] on clean `tokens`."""
+        if self.direct and self.layer > 0:
+            act = self.model(tokens, stop_at_layer=self.layer)
+            return act, act
+        store: dict[str, torch.Tensor] = {}
 
-        return Harvester(self.model, [self.hook]).forward(tokens)[self.hook]
+        def saver(name: str):
+            def save(a, hook):
+                store[name] = a.detach()
+            return save
 
-    def logits(self, tokens: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        if self.layer is not None:
-            return self.model(act, start_at_layer=self.layer)
-        return self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook, lambda a, hook: act.to(a.dtype))])
+        hooks = [(self.hook, saver("act"))] + ([(self.entry, saver("entry"))] if self.fast and not self.direct else [])
+        self.model.run_with_hooks(tokens, fwd_hooks=hooks, stop_at_layer=self.stop)
+        return store["act"], store.get("entry", store["act"])
+
+    def outputs(self, tokens: torch.Tensor, entry: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """Per position, what `logits_of` turns into logits: the final hidden state [B, T, d_model] on the
+        shortcut, else the logits [B, T, vocab]; with the hook's activation replaced by `act` (`entry`: the clean
+        residual entering block L, unused when the hook is that residual)."""
+        def replace(a, hook):
+            return act.to(a.dtype)
+
+        if not self.fast:
+            return self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook, replace)])
+        with _skipping([*self.skip, self.unembed]):
+            if self.direct:
+                return self.model(act, start_at_layer=self.layer)
+            return self.model.run_with_hooks(entry, fwd_hooks=[(self.hook, replace)], start_at_layer=self.layer)
+
+    def logits_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """Logits [n, vocab] (float32) of rows [n, ·] taken from `outputs`."""
+        return (self.unembed(rows) if self.fast else rows).float()
+
+    def check(self, tokens: torch.Tensor, entry: torch.Tensor, act: torch.Tensor) -> None:
+        """Compare the shortcut on one clean context with a plain forward; fall back if they differ."""
+        if not self.fast:
+            return
+        ref = self.model(tokens[:1]).float()
+        try:
+            got = self.logits_of(self.outputs(tokens[:1], entry[:1], act[:1])[0])[None]
+            err = (got - ref).abs().max().item() if got.shape == ref.shape else math.inf
+            why = f"logits differ by {err:.3g}"
+        except Exception as e:  # noqa: BLE001 — any failure of the shortcut means: use the plain path
+            err, why = math.inf, f"{type(e).__name__}: {e}"
+        self.check_error = err
+        if not err <= SUFFIX_TOLERANCE * max(1.0, ref.abs().max().item()):
+            warnings.warn(f"evaluate: running the model from {self.entry} does not reproduce a full forward "
+                          f"({why}); every variant runs the whole model instead (slower).", stacklevel=3)
+            self.fast = self.direct = False
+
+
+def _nll(splice: _Splicer, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row next-token NLL [n] (float32) of `rows` [n, ·] (from splice.outputs) and their targets [n]."""
+    return torch.cat([F.nll_loss(F.log_softmax(splice.logits_of(rows[i: i + ROWS]), dim=-1), targets[i: i + ROWS],
+                                 reduction="none") for i in range(0, len(rows), ROWS)])
+
+
+def _pair_sums(splice: _Splicer, clean: torch.Tensor, spliced: torch.Tensor, targets: torch.Tensor
+               ) -> tuple[float, float, float]:
+    """(Σ NLL clean, Σ NLL spliced, Σ KL(p_clean ‖ p_spliced)) over rows [n, ·] of splice.outputs at the same
+    predictions; each clean log-softmax is made once and serves the KL right away."""
+    nll_clean = nll_spliced = kl = 0.0
+    for i in range(0, len(clean), ROWS):
+        t = targets[i: i + ROWS]
+        logp = F.log_softmax(splice.logits_of(clean[i: i + ROWS]), dim=-1)
+        logq = F.log_softmax(splice.logits_of(spliced[i: i + ROWS]), dim=-1)
+        nll_clean += F.nll_loss(logp, t, reduction="sum").item()
+        nll_spliced += F.nll_loss(logq, t, reduction="sum").item()
+        kl += F.kl_div(logq, logp, log_target=True, reduction="sum").item()
+    return nll_clean, nll_spliced, kl
 
 
 @torch.no_grad()
 def evaluate(model, sae: SparseAutoencoder, contexts: torch.Tensor, cfg: EvalConfig | None = None,
              hook: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """All metrics of the SAE spliced into `model` at its hook on held-out `contexts` [n, T]."""
+    """All metrics of the SAE spliced into `model` at its hook on held-out `contexts` [n, T].
+
+    Work: the model up to the hook once per context (pass 1); from the hook on (pass 2), the clean and the
+    x̂-spliced contexts of a batch in one forward, and the zero- and mean-ablated ones once per distinct input —
+    for a residual-stream hook every context whose only unspliced position is 0 has the same ablated input (the
+    BOS residual, then the fill), so its log-probabilities are made once for the whole evaluation. CE and KL come
+    from log-probabilities at the predicting positions only, `ROWS` at a time."""
     from .tokens import special_ids
 
     cfg = cfg or EvalConfig()
@@ -120,51 +244,91 @@ def evaluate(model, sae: SparseAutoencoder, contexts: torch.Tensor, cfg: EvalCon
         keep = keep_mask(toks, special)
         csum = keep.flatten().cumsum(0).view_as(keep)
         keep &= csum <= cfg.tokens - have  # exact budget: drop kept tokens past it
-        rows = keep.any(1)  # contexts with nothing to evaluate would cost 5 forwards for nothing
+        rows = keep.any(1)  # contexts with nothing to evaluate would cost forwards for nothing
         if not rows.any():
             continue
         toks, keep = toks[rows], keep[rows]
-        act = splice.activations(toks).float()
+        act, entry = splice.prefix(toks)
         if act.shape[-1] != sae.cfg.d_in:
             from .errors import ShapeError
 
             raise ShapeError(f"the SAE has d_in {sae.cfg.d_in} but {hook} has width {act.shape[-1]}.")
-        batches.append((toks, keep, act))
+        batches.append((toks, keep, act, entry))
         have += int(keep.sum())
         if have >= cfg.tokens:
             break
     if have < cfg.tokens:
         raise DataError(f"the held-out contexts give {have} tokens, fewer than the {cfg.tokens} asked; "
                         "lower --eval-tokens or raise the held-out fraction.")
-    x = torch.cat([a[k] for _, k, a in batches])
+    x = torch.cat([a[k].float() for _, k, a, _ in batches])
     recorded = sae.info.get("massive_threshold") if cfg.massive_multiple is None else None
     multiple = MASSIVE_MULTIPLE if cfg.massive_multiple is None else cfg.massive_multiple
-    out = reconstruction_metrics(sae, x, multiple, cfg.dense_threshold, massive_threshold=recorded)
+    out, x_hat = _reconstruction(sae, x, multiple, cfg.dense_threshold, 4096, recorded)
     out["massive_threshold_from"] = ("the harvest (recorded in the SAE)" if recorded is not None else
                                      f"{multiple:g}× the evaluated tokens' median norm")
-    mean_act = x.mean(0)
+    fills = {"zero": torch.zeros_like(x[0]), "mean": x.mean(0)}
 
     # Pass 2: CE and KL with the SAE, zero and mean splices (unkept positions keep their activation).
-    sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "mean": 0.0, "kl": 0.0}
-    n_pred = 0
-    for toks, keep, act in tqdm(batches, desc="eval", disable=not progress, dynamic_ncols=True):
+    sums = dict.fromkeys(("clean", "sae", "zero", "mean", "kl"), 0.0)
+    shared: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # ablation → (position-0 input, log-probabilities)
+    n_pred, done = 0, 0
+    toks0, _, act0, entry0 = batches[0]
+    splice.check(toks0, entry0, act0)
+    # contexts per forward: the shortcut holds hidden states only, the plain path full logits
+    per_forward = 2 * cfg.batch_contexts if splice.fast else cfg.batch_contexts
+    for toks, keep, act, entry in tqdm(batches, desc="eval", disable=not progress, dynamic_ncols=True):
         pred = keep[:, :-1]  # next-token predictions made at spliced positions
-        targets = toks[:, 1:][pred]
-        variants = {
-            "clean": act,
-            "sae": torch.where(keep[..., None], sae(act.reshape(-1, act.shape[-1])).view_as(act), act),
-            "zero": torch.where(keep[..., None], torch.zeros_like(act), act),
-            "mean": torch.where(keep[..., None], mean_act.expand_as(act), act),
-        }
-        logp_clean = None
-        for name, a in variants.items():
-            logp = F.log_softmax(splice.logits(toks, a)[:, :-1][pred].float(), dim=-1)
-            sums[name] += F.nll_loss(logp, targets, reduction="sum").item()
-            if name == "clean":
-                logp_clean = logp
-            elif name == "sae":
-                sums["kl"] += F.kl_div(logp, logp_clean, log_target=True, reduction="sum").item()
-        n_pred += len(targets)
+        targets = toks[:, 1:]
+        n_pred += int(pred.sum())
+        spliced = act.clone()
+        spliced[keep] = x_hat[done: done + int(keep.sum())].to(act.dtype)
+        done += int(keep.sum())
+
+        # clean and x̂ side by side
+        half = max(1, per_forward // 2)
+        for lo in range(0, len(toks), half):
+            s = slice(lo, lo + half)
+            n = len(toks[s])
+            o = splice.outputs(toks[s].repeat(2, 1), entry[s].repeat(2, 1, 1), torch.cat([act[s], spliced[s]]))
+            clean, spl = o[:n, :-1][pred[s]], o[n:, :-1][pred[s]]
+            del o
+            nll_c, nll_s, kl = _pair_sums(splice, clean, spl, targets[s][pred[s]])
+            sums["clean"] += nll_c
+            sums["sae"] += nll_s
+            sums["kl"] += kl
+
+        # ablations: a context whose ablated input equals an earlier one's (resid_pre hook, only position 0
+        # unspliced) reuses that one's log-probabilities; the others run in forwards
+        only_bos = ~keep[:, 0] & keep[:, 1:].all(1)
+        jobs, reuse = [], []  # (ablation, context, ablated activation, kept for reuse); (ablation, context)
+        for name, fill in fills.items():
+            ablated = torch.where(keep[..., None], fill.to(act.dtype), act)
+            for c in range(len(toks)):
+                if splice.direct and only_bos[c]:
+                    first = shared[name][0] if name in shared else next(
+                        (a[0] for j, _, a, kept in jobs if kept and j == name), None)
+                    if first is None:  # the first such context: its log-probabilities are kept for the others
+                        jobs.append((name, c, ablated[c], True))
+                        continue
+                    if torch.equal(ablated[c, 0], first):
+                        reuse.append((name, c))
+                        continue
+                jobs.append((name, c, ablated[c], False))
+        for lo in range(0, len(jobs), per_forward):
+            part = jobs[lo: lo + per_forward]
+            idx = torch.tensor([c for _, c, _, _ in part], device=toks.device)
+            o = splice.outputs(toks[idx], entry[idx], torch.stack([a for _, _, a, _ in part]))
+            at_pred = o[:, :-1][pred[idx]]
+            del o
+            nll = _nll(splice, at_pred, targets[idx][pred[idx]])
+            counts = pred[idx].sum(1).tolist()
+            for (name, _, a, kept), job_rows, job_nll in zip(part, at_pred.split(counts), nll.split(counts)):
+                sums[name] += job_nll.sum().item()
+                if kept:
+                    shared[name] = (a[0].clone(), torch.cat([F.log_softmax(splice.logits_of(r), dim=-1)
+                                                             for r in job_rows.split(ROWS)]))
+        for name, c in reuse:
+            sums[name] += F.nll_loss(shared[name][1], targets[c][pred[c]], reduction="sum").item()
     ce = {k: v / max(n_pred, 1) for k, v in sums.items()}
     out |= {
         "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero_ablation": ce["zero"], "ce_mean_ablation": ce["mean"],

@@ -148,3 +148,114 @@ def test_evaluate_errors(model, default_contexts, random_sae):
         evaluate(model, narrow, held.tokens[:2], EvalConfig(tokens=10), hook=HOOK, progress=False)
     with pytest.raises(HookError, match="records no hook"):
         evaluate(model, narrow, held.tokens[:2], EvalConfig(tokens=10), progress=False)
+
+
+# ----------------------------------------------------------------------------- chunked CE and KL
+
+class _RowsAreLogits:
+    """A stand-in splicer whose `outputs` rows are already logits (evaluate's fallback path)."""
+
+    @staticmethod
+    def logits_of(rows):
+        return rows.float()
+
+
+def test_chunked_ce_and_kl_equal_the_unchunked_sums(monkeypatch):
+    import saekit.evaluate as ev
+
+    monkeypatch.setattr(ev, "ROWS", 7)  # 50 rows: 7 full blocks and a ragged one
+    clean, spliced = torch.randn(50, 300) * 4, torch.randn(50, 300) * 4
+    targets = torch.randint(0, 300, (50,))
+    nll_c, nll_s, kl = ev._pair_sums(_RowsAreLogits(), clean, spliced, targets)
+    logp, logq = F.log_softmax(clean, -1), F.log_softmax(spliced, -1)
+    assert nll_c == pytest.approx(F.nll_loss(logp, targets, reduction="sum").item(), rel=1e-6)
+    assert nll_s == pytest.approx(F.nll_loss(logq, targets, reduction="sum").item(), rel=1e-6)
+    assert kl == pytest.approx((logp.exp() * (logp - logq)).sum().item(), rel=1e-5)
+    assert kl == pytest.approx(F.kl_div(logq, logp, log_target=True, reduction="sum").item(), rel=1e-5)
+    rows = ev._nll(_RowsAreLogits(), spliced, targets)
+    assert torch.allclose(rows, F.nll_loss(logq, targets, reduction="none"), rtol=1e-6, atol=1e-6)
+
+
+def reference_evaluate(model, sae, ctx, tokens: int, hook: str) -> dict[str, float]:
+    """The definitions, straightforwardly: the whole model on every variant (the hook's activation replaced at the
+    kept positions: not position 0, not a separator, not past the budget), full-vocabulary log-softmax."""
+    from saekit.harvest import keep_mask
+    from saekit.tokens import special_ids
+
+    keep = keep_mask(ctx, special_ids(model.tokenizer))
+    keep &= keep.flatten().cumsum(0).view_as(keep) <= tokens
+    store = {}
+    model.run_with_hooks(ctx, fwd_hooks=[(hook, lambda a, hook: store.setdefault("act", a.detach()))])
+    act = store["act"]
+    x = act[keep]
+    m = reconstruction_metrics(sae, x)
+    spliced = act.clone()
+    spliced[keep] = sae(x)
+    variants = {"clean": act, "sae": spliced, "zero": torch.where(keep[..., None], 0.0, act),
+                "mean": torch.where(keep[..., None], x.mean(0), act)}
+    stacked = torch.cat(list(variants.values()))  # the four variants as one batch of 4 × len(ctx) contexts
+    logits = model.run_with_hooks(ctx.repeat(4, 1), fwd_hooks=[(hook, lambda a, hook: stacked)])
+    pred = keep[:, :-1]
+    targets = ctx[:, 1:][pred]
+    logp = {name: F.log_softmax(part[:, :-1][pred].float(), dim=-1) for name, part in zip(variants, logits.chunk(4))}
+    for name in variants:
+        m[f"ce_{name}"] = F.nll_loss(logp[name], targets).item()
+    m["kl"] = F.kl_div(logp["sae"], logp["clean"], log_target=True, reduction="sum").item() / len(targets)
+    m["ce_recovered_zero"] = ce_recovered(m["ce_zero"], m["ce_sae"], m["ce_clean"])
+    m["ce_recovered_mean"] = ce_recovered(m["ce_mean"], m["ce_sae"], m["ce_clean"])
+    m["ce_tokens"] = len(targets)
+    return m
+
+
+def assert_same_metrics(m: dict, ref: dict) -> None:
+    assert m["tokens"] == ref["tokens"] and m["ce_tokens"] == ref["ce_tokens"]
+    names = {"ce_clean": "ce_clean", "ce_sae": "ce_sae", "ce_zero_ablation": "ce_zero", "ce_mean_ablation": "ce_mean",
+             "ce_recovered_zero": "ce_recovered_zero", "ce_recovered_mean": "ce_recovered_mean", "kl": "kl",
+             "fvu": "fvu", "fvu_excl_massive": "fvu_excl_massive", "nmse": "nmse", "l0": "l0",
+             "dead_fraction": "dead_fraction", "dense_fraction": "dense_fraction"}
+    for ours, theirs in names.items():  # a ratio of CE differences magnifies the last bits (threads, batch shapes)
+        tol = 1e-4 if ours.startswith("ce_recovered") else 1e-5
+        assert m[ours] == pytest.approx(ref[theirs], rel=1e-5, abs=tol), ours
+
+
+@pytest.fixture(scope="module")
+def short_contexts(default_contexts, tokenizer):
+    """32-token held-out contexts: two whose only unspliced position is 0 in different batches of 2 (the ablated
+    log-probabilities shared across batches), one with a separator inside, one cut by the token budget."""
+    from saekit.tokens import special_ids
+
+    ctx = default_contexts[1].tokens[:, :32]
+    inner = torch.isin(ctx[:, 1:], torch.tensor(special_ids(tokenizer))).any(1)
+    plain, with_sep = (~inner).nonzero()[:, 0], inner.nonzero()[:, 0]
+    chosen = ctx[torch.stack([plain[0], with_sep[0], plain[1], plain[2]])]
+    return chosen, 31 + 30 + 31 + 18  # the budget ends 18 tokens into the last context
+
+
+@pytest.fixture(scope="module")
+def short_sae():
+    return SparseAutoencoder.initialized(SaeConfig(d_in=576, d_sae=256, k=8), seed=1)
+
+
+@pytest.mark.parametrize("hook", [HOOK, "blocks.15.hook_mlp_out"])
+def test_evaluate_equals_the_straightforward_definitions(model, short_contexts, short_sae, hook, recwarn):
+    from saekit.evaluate import _Splicer
+
+    ctx, tokens = short_contexts
+    splice = _Splicer(model, hook)
+    assert splice.fast and splice.direct == (hook == HOOK)  # the shortcut; shared ablations only at resid_pre
+    m = evaluate(model, short_sae, ctx, EvalConfig(tokens=tokens, batch_contexts=2), hook=hook, progress=False)
+    assert not [w for w in recwarn if "does not reproduce" in str(w.message)]  # the shortcut was taken
+    assert m["tokens"] == tokens
+    assert_same_metrics(m, reference_evaluate(model, short_sae, ctx, tokens, hook))
+    assert m["kl"] > 0 and m["ce_zero_ablation"] > m["ce_clean"]
+
+
+def test_evaluate_falls_back_to_full_forwards_when_the_shortcut_differs(model, short_contexts, short_sae,
+                                                                        monkeypatch):
+    import saekit.evaluate as ev
+
+    ctx, tokens = short_contexts
+    monkeypatch.setattr(ev, "SUFFIX_TOLERANCE", -1.0)  # no shortcut can pass the check now
+    with pytest.warns(UserWarning, match="does not reproduce a full forward"):
+        m = evaluate(model, short_sae, ctx, EvalConfig(tokens=tokens, batch_contexts=2), hook=HOOK, progress=False)
+    assert_same_metrics(m, reference_evaluate(model, short_sae, ctx, tokens, HOOK))
