@@ -135,9 +135,7 @@ class _Splicer:
         self.direct = self.fast and model.hook_dict[hook] is model.hook_dict[entry]
         self.layer, self.entry = layer, entry
         self.skip = list(blocks)[:layer] if self.fast else []
-        if self.direct:
-            self.stop = layer
-        elif self.fast:
+        if self.fast:  # a hook in block L fires when blocks < L + 1 run (prefix: blocks < L for resid_pre L > 0)
             self.stop = layer + 1 if layer + 1 < model.cfg.n_layers else None
         else:
             self.stop = stop_layer(model, [hook])

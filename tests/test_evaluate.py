@@ -236,13 +236,13 @@ def short_sae():
     return SparseAutoencoder.initialized(SaeConfig(d_in=576, d_sae=256, k=8), seed=1)
 
 
-@pytest.mark.parametrize("hook", [HOOK, "blocks.15.hook_mlp_out"])
+@pytest.mark.parametrize("hook", [HOOK, "blocks.0.hook_resid_pre", "blocks.15.hook_mlp_out"])
 def test_evaluate_equals_the_straightforward_definitions(model, short_contexts, short_sae, hook, recwarn):
     from saekit.evaluate import _Splicer
 
     ctx, tokens = short_contexts
     splice = _Splicer(model, hook)
-    assert splice.fast and splice.direct == (hook == HOOK)  # the shortcut; shared ablations only at resid_pre
+    assert splice.fast and splice.direct == hook.endswith("hook_resid_pre")  # shared ablations only at resid_pre
     m = evaluate(model, short_sae, ctx, EvalConfig(tokens=tokens, batch_contexts=2), hook=hook, progress=False)
     assert not [w for w in recwarn if "does not reproduce" in str(w.message)]  # the shortcut was taken
     assert m["tokens"] == tokens
