@@ -322,8 +322,7 @@ def demo(spec: TrainRun) -> list[Path]:
 
     start = time.perf_counter()
     out = Path(spec.run.out)
-    claim_run(spec)  # the store goes inside the run's folder: claimed with it
-    paths = train(spec)
+    paths = train(spec)  # claims the run's folder first; the store goes inside it
     for p in paths:
         print(f"\nSAE saved in {p} (hook {read_json(p / 'cfg.json')['metadata']['hook_name']}); eval.json beside it.")
     for p in paths:  # the feature store, from the cached activations: no second model pass

@@ -105,26 +105,12 @@ def documents(n: int = 80, seed: int = 0) -> list[str]:
 
 
 def write_tiny_model(directory: Path, texts: list[str]) -> Path:
-    """A 2-layer random Llama (d_model 64) with a byte-level BPE tokenizer trained on `texts`, saved as an HF
-    directory (the pattern of tests/helpers.py and tests/test_models.py, copied so nothing imports test modules)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    """A 2-layer random Llama (d_model 64) with a tokenizer trained on `texts`, saved as an HF directory."""
+    from helpers import tiny_llama
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=D_MODEL, intermediate_size=2 * D_MODEL, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(directory)
-    fast.save_pretrained(directory)
+    model, tokenizer = tiny_llama(texts, D_MODEL)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
     return directory
 
 

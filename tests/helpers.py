@@ -76,17 +76,11 @@ TEXTS = [
 ]
 
 
-def build_world(root: Path, texts: list[str] = TEXTS) -> dict[str, Path]:
-    """Tokenizer + tiny model dir, dataset dir and SAE dir under root (idempotent)."""
+def tiny_llama(texts: list[str], d_model: int):
+    """A random 2-layer Llama (seed 0) and a byte-level BPE tokenizer trained on `texts`: (model, tokenizer)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    data, lm, sae_dir = root / "data", root / "tinylm", root / "sae"
-    if (sae_dir / "cfg.json").is_file():
-        return {"data": data, "model": lm, "sae": sae_dir}
-    data.mkdir(parents=True, exist_ok=True)
-    for i, t in enumerate(texts * 6):  # several copies: enough tokens for dozens of contexts
-        (data / f"doc{i:02d}.txt").write_text(t.replace("The", ["The", "A", "This"][i % 3], 1) + f" Item {i}.")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -96,10 +90,21 @@ def build_world(root: Path, texts: list[str] = TEXTS) -> dict[str, Path]:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       tie_word_embeddings=True, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
-    model = LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(cfg), fast
+
+
+def build_world(root: Path, texts: list[str] = TEXTS) -> dict[str, Path]:
+    """Tokenizer + tiny model dir, dataset dir and SAE dir under root (idempotent)."""
+    data, lm, sae_dir = root / "data", root / "tinylm", root / "sae"
+    if (sae_dir / "cfg.json").is_file():
+        return {"data": data, "model": lm, "sae": sae_dir}
+    data.mkdir(parents=True, exist_ok=True)
+    for i, t in enumerate(texts * 6):  # several copies: enough tokens for dozens of contexts
+        (data / f"doc{i:02d}.txt").write_text(t.replace("The", ["The", "A", "This"][i % 3], 1) + f" Item {i}.")
+    model, fast = tiny_llama(texts, d_model=32)
     with torch.no_grad():  # a visible final-norm weight, so tests can tell whether it was applied
         model.model.norm.weight.copy_(torch.linspace(0.2, 3.0, 32))
     model.save_pretrained(lm)
