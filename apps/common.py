@@ -1,0 +1,105 @@
+"""What every page of the browser shares: the cached store, labels and live model, the page names, and
+navigation (the page and feature id live in the URL, ?page=feature&feature=12, so pages can be bookmarked)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+from saekit.apps import render
+from saekit.apps.labels import Labels
+
+from saekit.features import FeatureStore
+
+PAGES = {"overview": "Overview", "feature": "Feature", "text": "Your text", "search": "Search"}
+SLUG = {v: k for k, v in PAGES.items()}
+
+
+def store_path() -> Path:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--store")
+    args, _ = parser.parse_known_args(sys.argv[1:])
+    path = args.store or os.environ.get("SAEKIT_STORE")
+    if not path:
+        st.error("No feature store given: run `saekit browse STORE` (or set SAEKIT_STORE).")
+        st.stop()
+    return Path(path)
+
+
+@st.cache_resource(show_spinner=False)
+def get_store(path: str) -> FeatureStore:
+    return FeatureStore(path)
+
+
+@st.cache_resource(show_spinner=False)
+def get_labels(path: str, sae_hash: str | None) -> Labels:
+    return Labels(path, sae_hash)
+
+
+@st.cache_resource(show_spinner="loading the model and SAE …")
+def get_live(path: str):
+    from saekit.apps.live import LiveModel
+
+    return LiveModel(get_store(path))
+
+
+@st.cache_resource(show_spinner=False)
+def base_table(path: str) -> pd.DataFrame:
+    store = get_store(path)
+    s = store.stats
+    return pd.DataFrame({
+        "feature": np.arange(store.d_sae), "density": s["density"], "fires": s["count"], "max": s["act_max"],
+        "mean": s["mean"], "top tokens": [store.top_tokens_text(i) for i in range(store.d_sae)],
+    })
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def map_figure(path: str, stamp: tuple[int, int]):
+    """The feature map (tens of thousands of points): rebuilt only when a label changes."""
+    store = get_store(path)
+    names = get_labels(path, store.manifest.get("sae_weights_sha256")).all_labels()
+    tops = base_table(path)["top tokens"]
+    hover = [f"#{i} · {tops[i]}" + (f" · {names[i]}" if i in names else "") for i in range(store.d_sae)]
+    return render.map_figure(store.stats["map_xy"], store.stats["density"], hover, store.manifest.get("map_method", "pca"))
+
+
+# ----------------------------------------------------------------------------- navigation
+
+def goto(page: str, feature: int | None = None) -> None:
+    """Widget callback: runs before the next script run, so it may set the widgets' state."""
+    st.session_state["nav"] = PAGES[page]
+    if feature is not None:
+        st.session_state["feature_id"] = int(feature)
+
+
+def _from_selection(key: str, page: str = "feature", column: str | None = None, frame_key: str | None = None):
+    """on_select callback of a chart or table: open the selected feature."""
+    sel = st.session_state.get(key, {}).get("selection", {})
+    if sel.get("points"):
+        point = sel["points"][0]
+        fid = point.get("customdata", point.get("point_index"))
+        goto(page, int(fid[0] if isinstance(fid, list) else fid))
+    elif sel.get("rows") and frame_key:
+        frame = st.session_state.get(frame_key)
+        if frame is not None and sel["rows"][0] < len(frame):
+            goto(page, int(frame.iloc[sel["rows"][0]][column or "feature"]))
+
+
+def sync_url(d_sae: int) -> None:
+    """The URL sets the page on a session's first run; afterwards the session's state sets the URL."""
+    qp = st.query_params
+    if "nav" not in st.session_state:
+        st.session_state["nav"] = PAGES.get(qp.get("page", "overview"), "Overview")
+        try:
+            st.session_state["feature_id"] = min(max(int(qp.get("feature", 0)), 0), d_sae - 1)
+        except ValueError:
+            st.session_state["feature_id"] = 0
+
+
+def feature_label(labels: dict[int, str], i: int) -> str:
+    return f"#{i}" + (f" · {labels[i]}" if labels.get(i) else "")
