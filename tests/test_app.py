@@ -102,12 +102,13 @@ def test_search_by_token_and_label(app, tiny_store):
     Labels(tiny_store["store"]).save(fid, "searchable label", "a note about money")
     app.query_params["page"] = "search"
     at = ok(app.run())
-    at.text_input(key="search_token").set_value(token.strip()).run()
+    at.number_input(key="search_min_count").set_value(1)
+    at.text_input(key="search_query").set_value(token.strip()).run()
     frame = ok(at).dataframe[0].value
     assert fid in set(frame["feature"])
-    at.text_input(key="search_label").set_value("about money").run()
-    at.button(key=f"label_open_{fid}").click().run()
-    assert ok(at).title[0].value == f"Feature {fid} — searchable label"
+    at.text_input(key="search_query").set_value("about money").run()
+    frame = ok(at).dataframe[0].value
+    assert list(frame["feature"]) == [fid] and frame["matched in"][0] == "notes"
 
 
 def test_missing_store_is_reported(monkeypatch, tmp_path):

@@ -274,8 +274,8 @@ def test_tiny_store_manifest_and_pages(tiny_store):
     f = store.feature(int(alive[0]))
     assert f.top and f.logits_top and f.profile and len(f.neighbours) == 10
     assert all("".join(e.pieces) for e in f.top)
-    hits = store.search_tokens(f.profile[0]["string"], exact=True)
-    assert any(h["feature"] == f.id for h in hits)
+    hits = store.search_tokens(f.profile[0]["string"], min_count=1).hits
+    assert any(h.feature == f.id for h in hits)
     with pytest.raises(IndexError):
         store.feature(store.d_sae)
 

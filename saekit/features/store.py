@@ -100,6 +100,31 @@ class Feature:
     neighbours: list[tuple[int, float]]
 
 
+@dataclass
+class SearchHit:
+    """One latent a token search found. The profile fields (score, fires, occurrences) are None when only its
+    top logit tokens matched; `logit` is None unless they matched."""
+
+    feature: int
+    whole_word: bool  # a token equals a query word (else it only contains one: substring search)
+    source: list[str]  # where the match is: "token profile", "logit tokens"
+    tokens: list[str]  # the matched tokens, the one that ranks the latent first
+    score: float | None  # that profile token's score: harmonic mean of rate and share
+    fires: int | None  # the latent's firings on it
+    occurrences: int | None  # its occurrences in the analysed tokens
+    logit: float | None  # the best matched token's logit effect, if a top logit token matched
+    max_act: float
+    density: float
+
+
+@dataclass
+class TokenSearch:
+    hits: list[SearchHit]
+    words: list[str]  # the query's words, case-folded
+    vocab: list[tuple[str, int, bool]]  # tokens holding a query word: (string, occurrences, whole word), whole first
+    below_min: int  # latents left out because every profile token they matched occurs fewer than min_count times
+
+
 class FeatureStore:
     """Read-only view of a store directory. Small arrays load once; a feature's rows load on demand
     (safetensors slices: only that latent's bytes are read)."""
@@ -294,38 +319,90 @@ class FeatureStore:
                                      self._examples("sample", i, keep=set(idx.tolist()))))
         return out
 
-    def search_tokens(self, query: str, exact: bool = False, limit: int = 100) -> list[dict[str, Any]]:
-        """Latents whose token profile or top logit tokens hold a token matching `query` (stripped,
-        case-insensitive; `exact` or substring)."""
-        if not query:
-            return []
-        q = query.lower()
-        qs = q.strip() or q  # a query of only whitespace looks for whitespace tokens
-        strings = self.vocab.strings
-        match = np.array([(s.lower().strip() == qs or s.lower() == q) if exact else (qs in s.lower())
-                          for s in strings], dtype=bool)
-        if not match.any():
-            return []
-        rows: dict[int, dict[str, Any]] = {}
-        prof = self.column("profile_token")
-        rate = self.column("profile_fires") / np.maximum(self.column("profile_token_count"), 1)
-        hit = (prof >= 0) & match[np.clip(prof, 0, len(match) - 1)]
-        for f, j in zip(*np.nonzero(hit)):
-            r = rows.setdefault(int(f), {"feature": int(f), "profile_rate": 0.0, "logit": None, "tokens": set()})
-            r["profile_rate"] = max(r["profile_rate"], float(rate[f, j]))
-            r["tokens"].add(strings[prof[f, j]])
+    # ------------------------------------------------------------------------- search
+
+    @cached_property
+    def _search_keys(self) -> list[str]:
+        """Each token as a query word would spell it: no surrounding whitespace, case-folded (a whitespace
+        token keeps itself, so a query of one space finds the space token)."""
+        return [s.strip().casefold() or s for s in self.vocab.strings]
+
+    def best_example(self, i: int) -> Example | None:
+        """The latent's highest-activating example (None if it never fired)."""
+        top = self._examples("top", i, keep={0})
+        return top[0] if top else None
+
+    def search_tokens(self, query: str, substring: bool = False, min_count: int = 5, limit: int = 100) -> TokenSearch:
+        """Latents whose token profile or top logit tokens hold a token matching a word of `query`.
+
+        A token matches a word when, stripped of surrounding whitespace (the byte-level Ġ / SentencePiece ▁
+        marker is a leading space here) and case, it equals the word; with `substring`, tokens that merely
+        contain a word match too, ranked after every whole-word match. A profile token must occur at least
+        `min_count` times in the analysed tokens (a token seen twice makes any latent look specific to it);
+        logit tokens come from the weights, so no count applies to them. Within each kind, latents rank by the
+        matched profile token's score, the harmonic mean of rate = fires / (occurrences + profile_prior) and
+        share = fires / the latent's firings (the token profile's own order); latents matched only through
+        logit tokens follow, by logit."""
+        if min_count < 1:
+            raise ValueError(f"min_count must be at least 1 (got {min_count}).")
+        words = [w.casefold() for w in query.split()] or ([query] if query else [])
+        if not words:
+            return TokenSearch([], [], [], 0)
+        strings, keys = self.vocab.strings, self._search_keys
+        whole = np.array([k in words for k in keys], dtype=bool)
+        part = np.array([any(w in k for w in words) for k in keys], dtype=bool) & ~whole
+        occurrences = self.stats.get("token_count")
+        if occurrences is None:
+            raise FileFormatError(f"{self.path / STATS} lacks 'token_count' (each token's occurrences); {REBUILD}.")
+        vocab = sorted(((strings[t], int(occurrences[t]), bool(whole[t])) for t in np.nonzero(whole | part)[0]),
+                       key=lambda v: (not v[2], -v[1]))
+        tier = np.where(whole, 0, np.where(part & substring, 1, 2))  # 2: no match
+        prior = self.manifest["config"].get("profile_prior")
+        if prior is None:
+            raise FileFormatError(f"{self.path / MANIFEST} lacks config.profile_prior (the token profile's rate "
+                                  f"prior, needed to score matches); {REBUILD}.")
+
+        hits: dict[int, SearchHit] = {}
+        tok = self.column("profile_token")
+        fires, tc = self.column("profile_fires"), self.column("profile_token_count")
+        count = self.stats["count"].astype(np.float64)[:, None]
+        rate, share = fires / (tc + float(prior)), fires / np.maximum(count, 1)
+        score = np.where(fires > 0, 2 * rate * share / np.maximum(rate + share, 1e-30), 0.0)
+        t_tier = np.where(tok >= 0, tier[np.clip(tok, 0, len(tier) - 1)], 2)
+        matched = t_tier < 2
+        below_min = set(np.nonzero(matched.any(1))[0].tolist())
+        matched &= tc >= min_count
+        # best matched profile token per latent: lowest tier, then highest score
+        order = np.lexsort((-score, t_tier), axis=-1)  # per row; the last key is the primary one
+        for f in np.nonzero(matched.any(1))[0]:
+            cols = [j for j in order[f] if matched[f, j]]
+            j = cols[0]
+            hits[int(f)] = SearchHit(
+                int(f), bool(t_tier[f, j] == 0), ["token profile"], [strings[tok[f, c]] for c in cols],
+                float(score[f, j]), int(fires[f, j]), int(tc[f, j]), None, 0.0, 0.0)
+        below_min -= set(hits)
         if "logit_top_token" in self.feature_keys:
             lt, lv = self.column("logit_top_token"), self.column("logit_top_value")
-            hit = match[np.clip(lt, 0, len(match) - 1)]
-            for f, j in zip(*np.nonzero(hit)):
-                r = rows.setdefault(int(f), {"feature": int(f), "profile_rate": 0.0, "logit": None, "tokens": set()})
-                r["logit"] = max(r["logit"] or -np.inf, float(lv[f, j]))
-                r["tokens"].add(strings[lt[f, j]])
-        out = sorted(rows.values(), key=lambda r: (-r["profile_rate"], -(r["logit"] or -np.inf)))[:limit]
-        for r in out:
-            r["tokens"] = " · ".join(sorted(display_token(t) for t in r["tokens"]))
-            r["density"] = float(self.stats["density"][r["feature"]])
-        return out
+            l_tier = np.where(lt >= 0, tier[np.clip(lt, 0, len(tier) - 1)], 2)
+            for f in np.nonzero((l_tier < 2).any(1))[0]:
+                cols = [j for j in np.lexsort((-lv[f], l_tier[f])) if l_tier[f, j] < 2]
+                best, word = float(lv[f, cols[0]]), bool(l_tier[f, cols[0]] == 0)
+                h = hits.get(int(f))
+                if h is None:
+                    hits[int(f)] = SearchHit(int(f), word, ["logit tokens"], [strings[lt[f, c]] for c in cols],
+                                             None, None, None, best, 0.0, 0.0)
+                    below_min.discard(int(f))
+                elif word or not h.whole_word:  # the logit match is as good as the profile's: it counts too
+                    h.source.append("logit tokens")
+                    h.whole_word |= word
+                    h.tokens += [s for s in (strings[lt[f, c]] for c in cols) if s not in h.tokens]
+                    h.logit = best
+        out = sorted(hits.values(), key=lambda h: (not h.whole_word, h.score is None, -(h.score or 0.0),
+                                                  -(h.logit or 0.0), h.feature))[:limit]
+        for h in out:
+            h.max_act = float(self.stats["act_max"][h.feature])
+            h.density = float(self.stats["density"][h.feature])
+        return TokenSearch(out, words, vocab, len(below_min))
 
 
 def open_store(path: str | Path) -> FeatureStore:
