@@ -73,6 +73,7 @@ def map_figure(path: str, stamp: tuple[int, int]):
 def goto(page: str, feature: int | None = None) -> None:
     """Widget callback: runs before the next script run, so it may set the widgets' state."""
     st.session_state["nav"] = PAGES[page]
+    st.session_state.pop("url_problem", None)  # the reader moved on from a bad URL
     if feature is not None:
         st.session_state["feature_id"] = int(feature)
 
@@ -90,16 +91,46 @@ def _from_selection(key: str, page: str = "feature", column: str | None = None, 
             goto(page, int(frame.iloc[sel["rows"][0]][column or "feature"]))
 
 
+def parse_url(page: str | None, feature: str | None, d_sae: int) -> tuple[str, int | None, str | None]:
+    """(page, feature id, problem) from the URL's ?page= and ?feature=. A bad value is never mapped to a
+    neighbour (feature 99999 is not shown as the last feature): it comes back as a problem to show, saying what
+    is wrong and what exists. No page means the overview; the feature page without a feature opens feature 0."""
+    asked = page or "overview"
+    page = asked.strip().lower()
+    if page not in PAGES:
+        return "overview", None, f"There is no page {asked!r} — pages: {', '.join(PAGES)}."
+    if page != "feature" or feature is None:
+        return page, 0 if page == "feature" else None, None
+    try:
+        fid = int(feature.strip())
+    except ValueError:
+        return page, None, f"{feature!r} is not a feature id: the store's features are numbered 0–{d_sae - 1}."
+    if not 0 <= fid < d_sae:
+        return page, None, f"Feature {fid} does not exist: the store's features are numbered 0–{d_sae - 1}."
+    return page, fid, None
+
+
 def sync_url(d_sae: int) -> None:
-    """The URL sets the page on a session's first run; afterwards the session's state sets the URL."""
+    """The URL sets the page and feature on a session's first run (a bad one leaves a `url_problem` for the
+    page to show); afterwards the session's state sets the URL."""
+    if "nav" in st.session_state:
+        return
     qp = st.query_params
-    if "nav" not in st.session_state:
-        st.session_state["nav"] = PAGES.get(qp.get("page", "overview"), "Overview")
-        try:
-            st.session_state["feature_id"] = min(max(int(qp.get("feature", 0)), 0), d_sae - 1)
-        except ValueError:
-            st.session_state["feature_id"] = 0
+    page, fid, problem = parse_url(qp.get("page"), qp.get("feature"), d_sae)
+    st.session_state["nav"] = PAGES[page]
+    if fid is not None:
+        st.session_state["feature_id"] = fid
+    if problem:
+        st.session_state["url_problem"] = problem
 
 
 def feature_label(labels: dict[int, str], i: int) -> str:
     return f"#{i}" + (f" · {labels[i]}" if labels.get(i) else "")
+
+
+def feature_name(store: FeatureStore, labels: dict[int, str], i: int) -> str:
+    """"#12 · its label", or "#12 · its top tokens" when it has no label."""
+    from saekit.tokens import display_token
+
+    tops = [display_token(store.vocab.token_str(t)) for t in store.stats["top_tokens"][i][:3] if t >= 0]
+    return render.feature_name(i, labels.get(i, ""), tops)

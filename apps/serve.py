@@ -19,7 +19,8 @@ def streamlit_command(store: Path, port: int) -> list[str]:
     return [sys.executable, "-m", "streamlit", "run", str(SCRIPT),
             "--server.address", "127.0.0.1", "--server.port", str(port), "--server.headless", "true",
             "--browser.serverAddress", "127.0.0.1", "--browser.gatherUsageStats", "false",
-            "--server.fileWatcherType", "none", "--", "--store", str(store)]
+            "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal",  # a local tool: no Deploy
+            "--", "--store", str(store)]
 
 
 def check_port(port) -> int:
