@@ -15,6 +15,8 @@ from saekit.errors import SaekitError
 from saekit.features import FeatureStore
 from saekit.tokens import bos_id, special_ids
 
+MAX_TOKENS = 512  # one forward of the live model per click; longer texts are cut (and the page says so)
+
 
 @dataclass
 class LiveResult:
@@ -23,6 +25,11 @@ class LiveResult:
     values: np.ndarray   # [T, K] activations of the active latents per token (0 where dropped)
     indices: np.ndarray  # [T, K] their ids
     kept: np.ndarray     # [T] bool: position 0 and special tokens are not encoded (as in the store)
+    total: int           # tokens the whole text has (BOS included): more than len(tokens) when it was cut
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > len(self.tokens)
 
     def dense(self, features: np.ndarray) -> np.ndarray:
         """[len(features), T] activations of the given latents on every token."""
@@ -72,16 +79,22 @@ class LiveModel:
         self.vocab = store.vocab
         self.lock = threading.Lock()
 
-    def tokenize(self, text: str, max_tokens: int = 512) -> list[int]:
-        return [bos_id(self.tokenizer), *self.tokenizer(text, add_special_tokens=False)["input_ids"]][:max_tokens]
+    def tokenize(self, text: str) -> list[int]:
+        """BOS and the text's tokens, uncut."""
+        return [bos_id(self.tokenizer), *self.tokenizer(text, add_special_tokens=False)["input_ids"]]
 
     @torch.no_grad()
-    def run(self, text: str, max_tokens: int = 512) -> LiveResult:
-        ids = self.tokenize(text, max_tokens)
+    def run(self, text: str, max_tokens: int = MAX_TOKENS) -> LiveResult:
+        """The SAE's activations on the first `max_tokens` tokens of `text` (BOS first); `total` says how many
+        the whole text has. An empty text is refused: there would be nothing but BOS to encode."""
+        if not text.strip():
+            raise SaekitError("the text is empty: type some text to run the model on.")
+        all_ids = self.tokenize(text)
+        ids = all_ids[:max_tokens]
         tokens = torch.tensor([ids])
         with self.lock:
             acts = self.harvester.forward(tokens)[self.hook][0].float()
         kept = np.array([i > 0 and t not in self.special for i, t in enumerate(ids)])
         values, indices = self.sae.encode(acts.to(self.sae.W_enc.device))
         values = values.cpu().numpy() * kept[:, None]
-        return LiveResult(ids, self.vocab.pieces(ids), values, indices.cpu().numpy(), kept)
+        return LiveResult(ids, self.vocab.pieces(ids), values, indices.cpu().numpy(), kept, len(all_ids))
