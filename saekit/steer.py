@@ -19,6 +19,10 @@ wherever that computes what the bridge computes, and `generate` runs it on one C
 baseline + steered for the default model take ~2.3 s on a 2-core machine shared with other jobs, where the
 bridge loop on torch's two threads took 20–80 s (a thread descheduled by the OS stalls every small op at
 its barrier). The tokens and log-probs are the bridge loop's; benchmarks/steer_speed.py measures both.
+
+Streaming (issue 14): `stream` is `generate` token by token — the loop is a generator (`sampling`), so each
+step's baseline and steered tokens reach the caller (the browser's steering panel) as soon as they are sampled;
+`generate` drains the same stream, so the two cannot disagree. The Generation says which path ran and how long.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ from __future__ import annotations
 import copy
 import re
 import textwrap
+import time
 import typing
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -459,12 +464,13 @@ _PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # bridge → Pl
 Engine = Literal["auto", "hf", "bridge"]
 
 
-def plain_hf(model, hook: str | None, engine: Engine = "auto") -> PlainHF | None:
-    """The PlainHF to run `model` with, steered at `hook` (None: unsteered), or None for the bridge: engine
-    "bridge"; hooks attached to the bridge (the plain model would not run them); a hook or model the plain path does not
-    map or does not match. Engine "hf" raises instead of falling back (tests and benchmarks)."""
+def fast_path(model, hook: str | None, engine: Engine = "auto") -> tuple[PlainHF | None, str]:
+    """(the PlainHF to run `model` with, steered at `hook` (None: unsteered), or None for the bridge; why not the plain
+    path, "" when it is taken). The bridge runs for engine "bridge"; hooks attached to the bridge (the plain model would
+    not run them); a hook or model the plain path does not map or does not match. Engine "hf" raises instead of
+    falling back (tests and benchmarks)."""
     if engine == "bridge":
-        return None
+        return None, "engine 'bridge' asked for"
     why = None
     if not hasattr(model, "original_model") or not hasattr(model, "blocks"):
         why = "the model is no TransformerBridge over an HF model"
@@ -485,10 +491,15 @@ def plain_hf(model, hook: str | None, engine: Engine = "auto") -> PlainHF | None
         elif not plain.agrees(model, hook):
             why = f"the plain HF path does not compute what the bridge computes at {hook}"
         else:
-            return plain
+            return plain, ""
     if engine == "hf":
         raise SaekitError(f"cannot generate through the plain HF model: {why}.")
-    return None
+    return None, why
+
+
+def plain_hf(model, hook: str | None, engine: Engine = "auto") -> PlainHF | None:
+    """The PlainHF to run `model` with, steered at `hook`, or None for the bridge (`fast_path` says why)."""
+    return fast_path(model, hook, engine)[0]
 
 
 @contextmanager
@@ -508,30 +519,35 @@ def cpu_threads(n: int | None, device) -> Iterator[None]:
 @dataclass
 class Sampled:
     """Tokens [B, N] sampled from one prompt, their log-probs under the sampling model [B, N], the number of
-    tokens kept per row (up to and including a stop token), and the probability mass each step put on
-    `track` tokens [B, N] (when asked)."""
+    tokens kept per row (up to and including a stop token), the probability mass each step put on
+    `track` tokens [B, N] (when asked), and the path the loop ran (`path_text`)."""
 
     prompt: list[int]
     tokens: torch.Tensor
     logprobs: torch.Tensor
     lengths: torch.Tensor
     tracked: torch.Tensor | None = None
+    path: str = ""
+
+
+def path_text(plain: bool, why: str, use_cache: bool, device) -> str:
+    """e.g. "plain HF model, KV cache, 1 CPU thread" or "TransformerBridge (why), no KV cache, 2 CPU threads"."""
+    engine = "plain HF model" if plain else f"TransformerBridge ({why})"
+    cache = "KV cache" if use_cache else "no KV cache (the whole sequence every step)"
+    n = torch.get_num_threads()
+    where = f"{n} CPU thread{'s' if n != 1 else ''}" if torch.device(device).type == "cpu" else str(device)
+    return f"{engine}, {cache}, {where}"
 
 
 @torch.no_grad()
-def sample(model, prompt: list[int], rows: int, max_new_tokens: int, seed: int = 0, temperature: float = 1.0,
-           steering: Steering | None = None, use_cache: bool = True, track: torch.Tensor | None = None,
-           stop_early: bool = True, threads: int | None = None, engine: Engine = "auto") -> Sampled:
-    """Sample `rows` continuations of one prompt in one batch. Every row sees the same Gumbel noise per step
-    (one seeded stream), so rows differ only through the steering (per-row values / `steering.rows`).
-    temperature 0 is greedy. With `use_cache` each step feeds one token and the HF KV cache; without it
-    each step reruns the whole sequence.
-
-    `engine`: "auto" runs the loop through the HF model under the bridge (`PlainHF`, the same numbers without
-    the bridge's Python overhead) wherever that is exact, else through the bridge; "bridge" and "hf" force one.
-    `threads`: torch's CPU threads during the loop (None: as set). A decode step is a chain of small
-    matrix-vector products, and a second thread that the OS has lent to another process stalls every one of
-    them at its barrier, so one thread is both faster on a shared machine and independent of the core count."""
+def sampling(model, prompt: list[int], rows: int, max_new_tokens: int, seed: int = 0, temperature: float = 1.0,
+             steering: Steering | None = None, use_cache: bool = True, track: torch.Tensor | None = None,
+             stop_early: bool = True, threads: int | None = None, engine: Engine = "auto"
+             ) -> Generator[tuple[torch.Tensor, torch.Tensor], None, Sampled]:
+    """`sample`, one step at a time: yields each step's (tokens [rows], their log-probs [rows]) on the CPU as soon as
+    they are sampled, and returns the Sampled. The hook and the thread count hold from the first `next` until
+    the generator ends or is closed (a `for` loop left early, `close()`), so consume it before running the model
+    otherwise."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt] * rows, dtype=torch.long, device=device)
     P = ids.shape[1]
@@ -547,7 +563,8 @@ def sample(model, prompt: list[int], rows: int, max_new_tokens: int, seed: int =
         _check_fits(model, steering)
     n = max_new_tokens
     with cpu_threads(threads, device), ExitStack() as stack:
-        plain = plain_hf(model, steering.hook if steering is not None else None, engine)  # (built once per model)
+        plain, why = fast_path(model, steering.hook if steering is not None else None, engine)  # (built once per model)
+        path = path_text(plain is not None, why, use_cache, device)
         if plain is not None:
             forward = plain.forward(use_cache)
             if steering is not None:
@@ -576,6 +593,7 @@ def sample(model, prompt: list[int], rows: int, max_new_tokens: int, seed: int =
                 newly = torch.isin(tok, stops) & ~done
                 lengths[newly] = step + 1
                 done |= newly
+                yield tok.cpu(), logprobs[:, step].cpu()
                 if stop_early and done.all():
                     n = step + 1
                     break
@@ -583,12 +601,39 @@ def sample(model, prompt: list[int], rows: int, max_new_tokens: int, seed: int =
             if steering is not None:
                 steering.offset = None  # back to inferred positions for any later use of this Steering
     return Sampled(prompt, out[:, :n].cpu(), logprobs[:, :n].cpu(), lengths.cpu(),
-                   tracked[:, :n].cpu() if tracked is not None else None)
+                   tracked[:, :n].cpu() if tracked is not None else None, path)
+
+
+def _drain(steps: Generator[Any, None, Any]) -> Any:
+    """Run a generator to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
+def sample(model, prompt: list[int], rows: int, max_new_tokens: int, seed: int = 0, temperature: float = 1.0,
+           steering: Steering | None = None, use_cache: bool = True, track: torch.Tensor | None = None,
+           stop_early: bool = True, threads: int | None = None, engine: Engine = "auto") -> Sampled:
+    """Sample `rows` continuations of one prompt in one batch. Every row sees the same Gumbel noise per step
+    (one seeded stream), so rows differ only through the steering (per-row values / `steering.rows`).
+    temperature 0 is greedy. With `use_cache` each step feeds one token and the HF KV cache; without it
+    each step reruns the whole sequence.
+
+    `engine`: "auto" runs the loop through the HF model under the bridge (`PlainHF`, the same numbers without
+    the bridge's Python overhead) wherever that is exact, else through the bridge; "bridge" and "hf" force one.
+    `threads`: torch's CPU threads during the loop (None: as set). A decode step is a chain of small
+    matrix-vector products, and a second thread that the OS has lent to another process stalls every one of
+    them at its barrier, so one thread is both faster on a shared machine and independent of the core count."""
+    return _drain(sampling(model, prompt, rows, max_new_tokens, seed, temperature, steering, use_cache, track,
+                           stop_early, threads, engine))
 
 
 @dataclass
 class Generation:
-    """Baseline and steered continuations of one prompt from the same seed."""
+    """Baseline and steered continuations of one prompt from the same seed. The pieces join to the texts; `path` is
+    the loop that ran (`path_text`), `seconds` its wall time from the first step (the prefill) to the last token."""
 
     prompt: str
     edits: list[str]
@@ -602,6 +647,13 @@ class Generation:
     steered_pieces: list[str]
     baseline_logprobs: list[float]  # log-prob of each generated token under the model that sampled it
     steered_logprobs: list[float]
+    path: str = ""
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Tokens sampled per second, both rows counted (they run as one batch)."""
+        return (len(self.baseline_tokens) + len(self.steered_tokens)) / self.seconds if self.seconds > 0 else 0.0
 
     def side_by_side(self, width: int = 100) -> str:
         col = max(20, (width - 3) // 2)
@@ -623,27 +675,140 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines
 
 
+ROWS = ("baseline", "steered")
+
+
+@dataclass(frozen=True)
+class Token:
+    """One new token of one row, as a `GenerationStream` yields it."""
+
+    row: int        # 0 baseline, 1 steered (ROWS)
+    step: int       # its index among the row's new tokens
+    id: int
+    piece: str      # the text it adds (a character split over several tokens comes whole with the last of them)
+    logprob: float  # under the model that sampled it
+    last: bool      # the row ends here (a stop token, or the max_new_tokens-th)
+
+
+class _Pieces:
+    """Text pieces of a growing token sequence: each token's piece is what it adds to the decoded text, a
+    character still incomplete held back until the token that completes it, so the pieces join to the text."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.pieces, self.text = tokenizer, [], [], ""
+
+    def add(self, token: int, last: bool) -> str:
+        self.ids.append(token)
+        text = _decode(self.tokenizer, self.ids)
+        if not last:
+            text = text.rstrip("\ufffd")
+        if not text.startswith(self.text):  # a decoder that rewrites earlier text: no piece can be taken back
+            raise SaekitError(f"the tokenizer's decode changed text it had already produced ({self.text[-20:]!r} → "
+                              f"{text[-20:]!r}); stream a model whose decode only appends, or use generate().")
+        piece, self.text = text[len(self.text):], text
+        self.pieces.append(piece)
+        return piece
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+class GenerationStream:
+    """Baseline and steered tokens as they are sampled (`stream`): iterating yields each step's baseline `Token`,
+    then its steered one (a row that has ended yields no more); when it ends, `.generation` holds what `generate`
+    returns. `close()`, or leaving a `with` block, ends the loop early and removes the steering hook."""
+
+    def __init__(self, steps: Generator[Token, None, Generation]):
+        self._steps = steps
+        self.generation: Generation | None = None
+
+    def __iter__(self) -> GenerationStream:
+        return self
+
+    def __next__(self) -> Token:
+        try:
+            return next(self._steps)
+        except StopIteration as stop:
+            self.generation = stop.value
+            raise
+
+    def close(self) -> None:
+        self._steps.close()
+
+    def __enter__(self) -> GenerationStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def run(self) -> Generation:
+        """Consume the rest; the Generation."""
+        for _ in self:
+            pass
+        assert self.generation is not None
+        return self.generation
+
+
+def stream(model, sae: SparseAutoencoder, prompt: str, edits: Sequence[Edit] | Edit, seed: int = 0,
+           max_new_tokens: int = 40, temperature: float = 1.0, scale: Scale | None = None,
+           use_cache: bool = True, hook: str | None = None, threads: int | None = 1,
+           engine: Engine = "auto") -> GenerationStream:
+    """`generate`, token by token: the same two rows from the same seed (baseline and steered in one batch), each
+    new token yielded as soon as its step is sampled. Bad edits raise here, before anything runs."""
+    edits = [edits] if isinstance(edits, Edit) else list(edits)
+    steering = Steering(sae, edits, hook, scale, rows=torch.tensor([False, True]))
+    described = [e.describe(steering.scale(e.feature) if steering.scale and e.mode == "add" and e.direction is None
+                            else None) for e in edits]
+    ids = prompt_tokens(model.tokenizer, prompt)
+    steps = sampling(model, ids, 2, max_new_tokens, seed, temperature, steering, use_cache, threads=threads,
+                     engine=engine)
+    return GenerationStream(_tokens(model.tokenizer, steps, prompt, described, seed, temperature, max_new_tokens))
+
+
+def _tokens(tokenizer, steps: Generator[tuple[torch.Tensor, torch.Tensor], None, Sampled], prompt: str,
+            described: list[str], seed: int, temperature: float, max_new_tokens: int
+            ) -> Generator[Token, None, Generation]:
+    stops = stop_ids(tokenizer)
+    pieces = [_Pieces(tokenizer) for _ in ROWS]
+    ended = [False] * len(ROWS)
+    start = time.perf_counter()
+    try:
+        step = 0
+        while True:
+            try:
+                toks, lps = next(steps)
+            except StopIteration as stop:
+                s: Sampled = stop.value
+                break
+            for r in range(len(ROWS)):
+                if ended[r]:
+                    continue
+                t = int(toks[r])
+                ended[r] = t in stops or step + 1 == max_new_tokens
+                yield Token(r, step, t, pieces[r].add(t, ended[r]), float(lps[r]), ended[r])
+            step += 1
+    finally:
+        steps.close()  # a stream left early: the hook comes off and the threads go back now
+    seconds = time.perf_counter() - start
+    rows = []
+    for r in range(len(ROWS)):
+        t = s.tokens[r, :int(s.lengths[r])].tolist()
+        assert t == pieces[r].ids, "the stream yielded other tokens than the loop kept"
+        rows.append((_decode(tokenizer, t), t, s.logprobs[r, :len(t)].tolist()))
+    (bt, btok, bl), (st, stok, sl) = rows
+    return Generation(prompt, described, seed, temperature, bt, st, btok, stok, pieces[0].pieces, pieces[1].pieces,
+                      bl, sl, s.path, seconds)
+
+
 def generate(model, sae: SparseAutoencoder, prompt: str, edits: Sequence[Edit] | Edit, seed: int = 0,
              max_new_tokens: int = 40, temperature: float = 1.0, scale: Scale | None = None,
              use_cache: bool = True, hook: str | None = None, threads: int | None = 1,
              engine: Engine = "auto") -> Generation:
     """Baseline and steered continuations of `prompt`, sampled in one batch from the same seed.
     On CPU the loop runs on one thread unless `threads` says otherwise (see `sample`)."""
-    edits = [edits] if isinstance(edits, Edit) else list(edits)
-    ids = prompt_tokens(model.tokenizer, prompt)
-    steering = Steering(sae, edits, hook, scale, rows=torch.tensor([False, True]))
-    s = sample(model, ids, 2, max_new_tokens, seed, temperature, steering, use_cache, threads=threads, engine=engine)
-    tok = model.tokenizer
-    parts = []
-    for r in range(2):
-        n = int(s.lengths[r])
-        t = s.tokens[r, :n].tolist()
-        parts.append((tok.decode(t, skip_special_tokens=True), t, [tok.decode([i]) for i in t],
-                      s.logprobs[r, :n].tolist()))
-    (bt, btok, bp, bl), (st, stok, sp, sl) = parts
-    described = [e.describe(steering.scale(e.feature) if steering.scale and e.mode == "add" and e.direction is None
-                            else None) for e in edits]
-    return Generation(prompt, described, seed, temperature, bt, st, btok, stok, bp, sp, bl, sl)
+    return stream(model, sae, prompt, edits, seed, max_new_tokens, temperature, scale, use_cache, hook, threads,
+                  engine).run()
 
 
 # ----------------------------------------------------------------------------- loading for the CLI and the app

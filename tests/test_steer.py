@@ -356,3 +356,83 @@ def test_find_store_only_for_the_same_weights(sae, tmp_path):
     assert S.find_store(sae_dir, sae) is None
     assert S.add(3, 2.0).describe(9.87) == "add feature 3 2 × 9.87"
     assert S.clamp(3, 2.0, "generated").describe(9.87) == "clamp feature 3 2 (generated tokens)"
+
+
+# ----------------------------------------------------------------------------- streaming, several edits (issue 14)
+
+STREAM_CASES = [
+    dict(prompt="Stocks fell", edits=[S.add(7, 30.0)], seed=3, temperature=1.0),
+    dict(prompt="The market rose sharply after the", edits=[S.clamp(5, 8.0), S.scale(9, 3.0), S.add(11, -20.0)],
+         seed=11, temperature=0.7),
+    dict(prompt="Once upon a time", edits=[S.add(3, 60.0, "generated")], seed=1, temperature=0.0),
+]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", range(len(STREAM_CASES)))
+def test_stream_yields_exactly_the_tokens_of_generate(model, sae, case):
+    """Baseline then steered token per step, each row until it ends; the same tokens, log-probs, text and pieces as
+    the non-streamed generate for the same seed; the pieces join to the text."""
+    kw = STREAM_CASES[case]
+    want = S.generate(model, sae, max_new_tokens=12, **kw)
+    steps = S.stream(model, sae, max_new_tokens=12, **kw)
+    got = list(steps)
+    g = steps.generation
+    rows = [[t for t in got if t.row == r] for r in (0, 1)]
+    assert [t.id for t in rows[0]] == want.baseline_tokens and [t.id for t in rows[1]] == want.steered_tokens
+    assert want.steered_tokens != want.baseline_tokens  # the edits moved something
+    for r, lps in ((0, want.baseline_logprobs), (1, want.steered_logprobs)):
+        torch.testing.assert_close(torch.tensor([t.logprob for t in rows[r]]), torch.tensor(lps), atol=1e-6, rtol=0)
+        assert [t.step for t in rows[r]] == list(range(len(rows[r])))
+        assert [t.last for t in rows[r]] == [False] * (len(rows[r]) - 1) + [True]
+    assert [(t.step, t.row) for t in got] == sorted((t.step, t.row) for t in got)  # per step: baseline, steered
+    assert (g.baseline, g.steered, g.baseline_pieces, g.steered_pieces, g.edits) == \
+        (want.baseline, want.steered, want.baseline_pieces, want.steered_pieces, want.edits)
+    assert "".join(t.piece for t in rows[1]) == g.steered == "".join(g.steered_pieces)
+    assert g.path == "plain HF model, KV cache, 1 CPU thread" and g.seconds > 0 and g.tokens_per_second > 0
+
+
+@pytest.mark.integration
+def test_stream_closed_early_removes_the_hook_and_restores_threads(model, sae):
+    plain = S.plain_hf(model, HOOK, "hf")
+    layer = plain.location(HOOK)[0]
+    threads = torch.get_num_threads()
+    with S.cpu_threads(threads + 1, "cpu"):
+        with S.stream(model, sae, "Stocks fell", [S.add(7, 30.0)], max_new_tokens=20) as steps:
+            first = [next(steps) for _ in range(3)]
+            assert len(layer._forward_pre_hooks) == 1 and torch.get_num_threads() == 1  # held while it streams
+        assert [t.row for t in first] == [0, 1, 0] and steps.generation is None
+        assert len(layer._forward_pre_hooks) == 0 and torch.get_num_threads() == threads + 1
+
+
+@pytest.mark.integration
+def test_several_edits_at_once_are_their_summed_direction(model, sae):
+    """Two features added at once, each in units of its own typical activation, steer exactly as one vector
+    along the sum of their scaled decoder rows; each edit is described with its own unit."""
+    typical = torch.zeros(D_SAE)
+    typical[7], typical[40] = 2.5, 0.8
+    kw = dict(prompt="Stocks fell", seed=5, max_new_tokens=10)
+    both = S.generate(model, sae, edits=[S.add(7, 6.0), S.add(40, -12.0)], scale=typical, **kw)
+    direction = 6.0 * 2.5 * sae.W_dec[7].detach() - 12.0 * 0.8 * sae.W_dec[40].detach()
+    one = S.generate(model, sae, edits=[S.add_vector(direction, 1.0)], **kw)
+    single = S.generate(model, sae, edits=[S.add(7, 6.0)], scale=typical, **kw)
+    assert both.steered_tokens == one.steered_tokens != single.steered_tokens
+    assert both.baseline_tokens == one.baseline_tokens == single.baseline_tokens
+    torch.testing.assert_close(torch.tensor(both.steered_logprobs), torch.tensor(one.steered_logprobs), atol=1e-4,
+                               rtol=0)
+    assert both.edits == ["add feature 7 6 × 2.5", "add feature 40 -12 × 0.8"]
+
+
+@pytest.mark.integration
+def test_after_a_live_forward_generation_takes_the_fast_path(model, sae):
+    """The browser's LiveModel runs text through a Harvester (run_with_hooks) on the same bridge the steering panel
+    then generates with: no hook is left behind, so the panel gets the plain HF path."""
+    from saekit.harvest import Harvester
+
+    Harvester(model, [HOOK], device="cpu").forward(tokens(model))
+    assert S.foreign_hooks(model) == []
+    plain, why = S.fast_path(model, HOOK)
+    assert plain is not None and why == ""
+    assert S.fast_path(model, HOOK, "bridge") == (None, "engine 'bridge' asked for")
+    g = S.generate(model, sae, "Stocks fell", [S.add(7, 30.0)], max_new_tokens=2, engine="bridge")
+    assert g.path == "TransformerBridge (engine 'bridge' asked for), KV cache, 1 CPU thread"
