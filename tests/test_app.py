@@ -57,7 +57,7 @@ def test_feature_page_shows_everything_and_saves_labels(app, tiny_store):
     html = "".join(m.value for m in at.markdown)
     assert html.count('class="sk-ex"') >= 2 and "sk-focus" in html and "activation" in html  # examples + hover
     subheaders = [s.value for s in at.subheader]
-    for name in ("Top activations", "Quantile groups", "Logit effects", "Token profile", "Neighbours", "Label and notes"):
+    for name in ("Top activations", "Quantile groups", "Logit effects", "Token profile", "Neighbours"):
         assert name in subheaders
     frames = {tuple(d.value.columns)[0]: d.value for d in at.dataframe}
     assert len(frames["promoted"]) == 10 and len(frames["suppressed"]) == 10 and len(frames["token"]) > 0
