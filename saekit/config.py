@@ -398,7 +398,8 @@ class FeatureConfig(Checked):
     neighbours: Count = 10
     """Nearest latents by decoder cosine."""
     map: Literal["auto", "umap", "pca"] = "auto"
-    """2D map of decoder directions: umap (needs umap-learn), pca, or auto (umap if installed)."""
+    """2D map of decoder directions: auto = UMAP (cosine, seeded), or PCA when umap-learn is missing, which the
+    store's manifest and the browser then say; umap = UMAP or an error; pca = PCA (fast, but mostly a blob)."""
     batch_contexts: Count = 16
     """Contexts per model forward (and per bookkeeping batch)."""
     massive_multiple: NonNegative | None = None

@@ -19,6 +19,7 @@ from ..tokens import Vocab, bos_id, separator_id
 from .builder import FeatureBuilder
 from .config import BINS_PER_DECADE, HIST_HI, HIST_LO, FeatureConfig
 from .store import FORMAT_VERSION, LABELS, MANIFEST, STORE_KIND, write_store
+from .weights import MAP_RECALL_K
 
 if TYPE_CHECKING:
     from ..config import DataConfig
@@ -178,6 +179,7 @@ def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = No
         "massive_threshold": threshold if threshold is not None and math.isfinite(threshold) else None, "massive_threshold_from": threshold_from,
         "d_sae": sae.cfg.d_sae, "vocab_size": vocab_size,
         "config": dataclasses.asdict(cfg), "map_method": finfo.pop("map_method"),
+        "map_note": finfo.pop("map_note"), "map_neighbour_recall": finfo.pop("map_neighbour_recall"),
         "hist": {"log10_lo": HIST_LO, "log10_hi": HIST_HI, "bins_per_decade": BINS_PER_DECADE},
         "final_norm_applied": norm_weight is not None,
         "timings": {"data_seconds": data_s, "pass_seconds": pass_s, "forward_seconds": forward_s if cache is None else 0.0,
@@ -187,7 +189,9 @@ def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = No
     with replacing(out, keep=(LABELS,)) as staged:
         write_store(staged, manifest, stats, feats, used_contexts, vocab, started=start)
     print(f"feature store: {builder.tokens:,} tokens ({massive} massive left out), {sae.cfg.d_sae} latents, "
-          f"{seen / max(pass_s, 1e-9):,.0f} tokens/s, map {manifest['map_method']} → {out}")
+          f"{seen / max(pass_s, 1e-9):,.0f} tokens/s → {out}\n"
+          f"map: {manifest['map_note']}; {finfo['map_seconds']:.1f} s; its {MAP_RECALL_K} nearest points hold "
+          f"{manifest['map_neighbour_recall']:.0%} of each latent's {MAP_RECALL_K} nearest decoder neighbours")
     return out
 
 

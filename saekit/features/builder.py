@@ -26,7 +26,15 @@ from typing import Any
 import torch
 
 from .config import BINS_PER_DECADE, HIST_BINS, HIST_LO, FeatureConfig
-from .weights import decoder_neighbours, feature_map, logit_effects, single_thread
+from .weights import (
+    MAP_NEIGHBOURS,
+    MAP_RECALL_K,
+    decoder_neighbours,
+    feature_map,
+    logit_effects,
+    map_neighbour_recall,
+    single_thread,
+)
 
 
 class _TopBuffer:
@@ -221,11 +229,14 @@ class FeatureBuilder:
             feats |= logit_effects(W_dec, W_U, norm_weight, cfg.logit_tokens)
         info["logit_seconds"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        feats |= decoder_neighbours(W_dec, cfg.neighbours)
+        # one neighbour search serves the store (cfg.neighbours) and the map (UMAP's graph, MAP_NEIGHBOURS - 1)
+        near = decoder_neighbours(W_dec, max(cfg.neighbours, MAP_NEIGHBOURS - 1))
+        feats |= {k: v[:, : cfg.neighbours].contiguous() for k, v in near.items()}
         info["neighbour_seconds"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        xy, info["map_method"] = feature_map(W_dec, cfg.map, cfg.seed)
+        xy, info["map_method"], info["map_note"] = feature_map(W_dec, cfg.map, cfg.seed, near)
         info["map_seconds"] = time.perf_counter() - t0
+        info["map_neighbour_recall"] = map_neighbour_recall(xy, near["neighbour_id"], MAP_RECALL_K)
         stats = {"count": self.count, "act_sum": self.total, "act_max": self.max, "map_xy": xy,
                  "top_tokens": prof["profile_token"][:, :3].clone(), "token_count": self.token_count}
         cpu = {k: v.detach().cpu().contiguous() for k, v in stats.items()}
