@@ -115,9 +115,10 @@ def hist_figure(feature: Feature, per_decade: int = 12):
         fig.add_bar(x=centres, y=c, width=np.diff(e), marker_color="#e67e22", name="firings",
                     hovertemplate="%{x:.3g}: %{y} tokens<extra></extra>")
         bounds = [g for g in feature.groups if 0 < g.lo < math.inf]
-        for g in bounds:
-            fig.add_vline(x=g.lo, line_dash="dot", line_color="#888", line_width=1, annotation_text=f"{g.q_lo:.0%}",
-                          annotation_position="top", annotation_font=dict(size=10, color="#666"))
+        for g in bounds:  # shapes take data values on a log axis, annotations take log10 of them
+            fig.add_vline(x=g.lo, line_dash="dot", line_color="#888", line_width=1)
+            fig.add_annotation(x=math.log10(g.lo), y=1, yref="paper", yanchor="bottom", text=f"{g.q_lo:.0%}",
+                               showarrow=False, font=dict(size=10, color="#666"))
         if bounds:  # one legend entry explains every dotted line
             fig.add_scatter(x=[None], y=[None], mode="lines", line=dict(dash="dot", color="#888", width=1),
                             name="quantile-group boundaries (% of firings below)")
@@ -194,19 +195,27 @@ def heatmap_figure(z: np.ndarray, pieces: list[str], rows: list[str]):
     return fig
 
 
-def profile_columns() -> dict:
-    """column_config for the Feature page's token-profile table (token, fires, occurrences, rate, share, mean act):
-    short headers and compact number formats so all six columns fit the page's narrow right column; what each
-    column means is in its header's help."""
+def profile_table(profile: list[dict]):
+    """The Feature page's token-profile table, made to fit the page's narrow right column (six numeric columns
+    were cut at ordinary window widths): (frame, column_config) for st.dataframe. Four content-sized columns —
+    token, fires/seen (firings on the token / its occurrences in the corpus: the rate, as the counts it comes
+    from), share (% of the latent's firings on the token), mean activation; each header's help says what it is.
+    `profile` is Feature.profile (dicts with string, fires, token_count, share, mean_act)."""
+    import pandas as pd
     import streamlit as st
 
-    num = st.column_config.NumberColumn
-    return {
-        "token": st.column_config.TextColumn("token", width="small", help="the token, spaces shown as ␣"),
-        "fires": num("fires", width="small", format="%d", help="firings of this latent on the token"),
-        "occurrences": num("seen", width="small", format="%d", help="occurrences of the token in the analysed corpus"),
-        "rate": num("rate", width="small", format="percent",
-                    help="fires / occurrences: how often the token makes the latent fire"),
-        "share": num("share", width="small", format="percent", help="the share of the latent's firings on this token"),
-        "mean act": num("mean", width="small", format="%.3g", help="mean activation on the token"),
+    from saekit.tokens import display_token
+
+    frame = pd.DataFrame({"token": [display_token(p["string"]) for p in profile],
+                          "fires/seen": [f"{p['fires']}/{p['token_count']}" for p in profile],
+                          "share": [100 * p["share"] for p in profile],
+                          "mean": [p["mean_act"] for p in profile]},
+                         columns=["token", "fires/seen", "share", "mean"])
+    text, num = st.column_config.TextColumn, st.column_config.NumberColumn
+    return frame, {
+        "token": text("token", help="the token (a space shown as ␣)"),
+        "fires/seen": text("fires/seen", help="firings of this latent on the token / the token's occurrences in "
+                                              "the analysed corpus: the rate at which the token makes it fire"),
+        "share": num("share", format="%.1f%%", help="the share of the latent's firings that are on this token"),
+        "mean": num("mean", format="%.2f", help="the latent's mean activation on the token"),
     }

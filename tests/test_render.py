@@ -115,7 +115,8 @@ def test_histogram_has_round_log_ticks_and_explained_band_lines(gen):
     assert min(x.tickvals) >= bar.x.min() / 2 and max(x.tickvals) <= bar.x.max() * 2  # within the drawn range
     lines = [s for s in fig.layout.shapes if s.line.dash == "dot"]
     assert sorted(s.x0 for s in lines) == [0.5, 1.0, 2.0]  # the quantile-group boundaries, nothing else
-    assert sorted(a.text for a in fig.layout.annotations) == ["25%", "50%", "75%"]
+    marks = sorted((a.x, a.text) for a in fig.layout.annotations)  # on a log axis an annotation's x is log10
+    assert marks == [(pytest.approx(math.log10(v)), t) for v, t in ((0.5, "25%"), (1.0, "50%"), (2.0, "75%"))]
     legend = [t.name for t in fig.data if t.type == "scatter"]
     assert legend and "quantile-group boundaries" in legend[0] and fig.layout.showlegend
 
@@ -143,9 +144,16 @@ def test_heatmap_rows_and_split_pieces():
     assert "multi-byte" in fig.data[0].customdata[0][1]
 
 
-def test_profile_columns_cover_the_feature_pages_table():
-    cols = render.profile_columns()
-    assert set(cols) == {"token", "fires", "occurrences", "rate", "share", "mean act"}
+def test_profile_table_has_four_fitting_columns():
+    profile = [{"token": 5, "string": " Scottish", "fires": 11, "token_count": 18, "rate": 11 / 18, "share": 0.0119,
+                "mean_act": 8.536}, {"token": 7, "string": "%", "fires": 8, "token_count": 9, "rate": 8 / 9,
+                                     "share": 0.0087, "mean_act": 7.27}]
+    frame, cols = render.profile_table(profile)
+    assert list(frame.columns) == list(cols) == ["token", "fires/seen", "share", "mean"]
+    assert frame.to_dict("list") == {"token": ["␣Scottish", "%"], "fires/seen": ["11/18", "8/9"],
+                                     "share": [pytest.approx(1.19), pytest.approx(0.87)], "mean": [8.536, 7.27]}
     for name, c in cols.items():
-        assert c["width"] == "small" and c.get("help"), name
-    assert cols["rate"]["type_config"]["format"] == "percent"
+        assert c.get("help") and c["width"] is None, name  # content-sized: a fixed width cuts long tokens
+    assert cols["share"]["type_config"]["format"] == "%.1f%%"
+    empty, _ = render.profile_table([])
+    assert list(empty.columns) == list(cols) and len(empty) == 0
