@@ -1,5 +1,5 @@
-"""Seconds for one steered generation (baseline + steered rows, 30 new tokens) — before and after issue 13.5,
-in one process.
+"""Seconds for one steered generation (baseline + steered rows, 30 new tokens) — before and after issue 13.5, and
+the browser's steering panel path (issue 14), in one process.
 
 `saekit.steer.generate(model, sae, prompt, edit, seed, max_new_tokens=30, temperature, use_cache=True)` is the
 call `saekit steer` and the browser's steering panel make. Variants:
@@ -9,7 +9,12 @@ call `saekit steer` and the browser's steering panel make. Variants:
   bridge-1t    today's generate through the bridge (engine="bridge") on one thread: the thread fix alone
   plain-Nt     today's generate through the plain HF model (engine="hf") on torch's default threads: the bridge
                bypass alone
-  after        today's generate as the CLI and browser call it (engine="auto" → the plain HF model, one thread)
+  after        today's generate as the CLI calls it (engine="auto" → the plain HF model, one thread)
+  panel        the steering panel's call (apps/steering_panel.py): `saekit.steer.stream`, consumed token by token
+               (the page is updated per token; that rendering is not timed here), after the panel's
+               `plain_hf` warm-up; its own table gives the time to the first token (the prefill) and tokens/s
+With --store the model, SAE and typical activation (add strengths in its units, as the panel scales them) come from
+the store's LiveModel, as in the browser; without it, the default model and a random SAE with raw strengths.
 Runs rotate through the variants (before, after, …, then after, before, … on the next repeat) so drifting
 machine load hits all alike; the table gives each variant's median wall seconds, the median process CPU
 seconds (all threads), min–max, the ratio to `before` and whether its tokens equal `after`'s. The first call of
@@ -17,6 +22,7 @@ each variant is a warm-up, timed separately; before it, the plain model is built
 bridge (what the first generate of a session pays once per model and hook), also timed.
 
     python benchmarks/steer_speed.py --repeats 5
+    python benchmarks/steer_speed.py --variants panel,after --store runs/demo/store --feature 12 --strength 4
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/steer_speed.py --repeats 5
 """
 
@@ -37,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("before", "bridge-1t", "plain-Nt", "after")
+VARIANTS = ("before", "bridge-1t", "plain-Nt", "after", "panel")
 
 
 # ----------------------------------------------------------------------------- the loop before issue 13.5
@@ -133,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", default="The market rose sharply after the")
     ap.add_argument("--feature", type=int, default=7)
     ap.add_argument("--mode", default="add", choices=["add", "clamp", "scale", "ablate"])
-    ap.add_argument("--strength", type=float, default=20.0, help="raw units (no feature store)")
+    ap.add_argument("--strength", type=float, default=20.0,
+                    help="raw units without --store; with it, in the feature's typical activations (as the panel)")
+    ap.add_argument("--store", help="a feature store: its model and SAE (the browser's LiveModel), strengths scaled")
     ap.add_argument("--tokens", type=int, default=30, help="new tokens per row (default 30)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--temperature", type=float, default=1.0)
@@ -154,22 +162,47 @@ def main(argv: list[str] | None = None) -> int:
     from saekit.lm import DEFAULT_HOOK, load_model, model_id
     from saekit.sae import SparseAutoencoder
 
-    model = load_model(args.model)
-    sae = SparseAutoencoder.initialized(SaeConfig(d_in=model.cfg.d_model, d_sae=args.d_sae, k=32), seed=0)
-    sae.info["hook"] = DEFAULT_HOOK
+    unit = None
+    if args.store:
+        from saekit.apps.live import LiveModel
+
+        from saekit.features import FeatureStore
+
+        store = FeatureStore(args.store)
+        live = LiveModel(store)
+        model, sae = live.model, live.sae
+        typical = float(store.stats["mean"][args.feature])
+        unit = (lambda f: typical) if args.mode == "add" and typical > 0 else None  # as the panel's _scale
+    else:
+        model = load_model(args.model)
+        sae = SparseAutoencoder.initialized(SaeConfig(d_in=model.cfg.d_model, d_sae=args.d_sae, k=32), seed=0)
+        sae.info["hook"] = DEFAULT_HOOK
     edit = S.make_edit(args.mode, args.feature, args.strength)
-    call = (model, sae, args.prompt, edit, args.seed, args.tokens, args.temperature)
+    call = (model, sae, args.prompt, edit, args.seed, args.tokens, args.temperature, unit)
+    parts = lambda g: [(g.baseline, g.baseline_tokens, g.baseline_pieces, g.baseline_logprobs),  # noqa: E731
+                       (g.steered, g.steered_tokens, g.steered_pieces, g.steered_logprobs)]
 
     def new(**kw):
-        g = S.generate(*call, use_cache=True, **kw)
-        return [(g.baseline, g.baseline_tokens, g.baseline_pieces, g.baseline_logprobs),
-                (g.steered, g.steered_tokens, g.steered_pieces, g.steered_logprobs)]
+        return parts(S.generate(*call, use_cache=True, **kw))
+
+    streamed: list[tuple[float, float, str]] = []  # the panel's (first token s, tokens/s, path) per run
+
+    def panel():
+        S.plain_hf(model, sae.hook)  # the panel builds and checks the fast path before it streams (cached)
+        start, first = time.perf_counter(), None
+        with S.stream(*call) as steps:
+            for _ in steps:
+                first = first if first is not None else time.perf_counter() - start
+            g = steps.generation
+        streamed.append((first, g.tokens_per_second, g.path))
+        return parts(g)
 
     runs = {
         "before": lambda: old_generate(*call, use_cache=True),
         "bridge-1t": lambda: new(engine="bridge", threads=1),
         "plain-Nt": lambda: new(engine="hf", threads=None),
         "after": lambda: new(),
+        "panel": panel,
     }
 
     def timed(name):
@@ -178,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         return time.perf_counter() - w, time.process_time() - c, out
 
     threads = torch.get_num_threads()
-    print(f"{model_id(model)}, {sae.hook}, {edit.describe()}, {args.tokens} tokens × 2 rows, seed {args.seed}, "
+    print(f"{model_id(model)}, {sae.hook}, {edit.describe(unit(args.feature) if unit else None)}, {args.tokens} tokens × 2 rows, seed {args.seed}, "
           f"temperature {args.temperature:g}; CPU {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
           f"({torch.backends.cpu.get_cpu_capability()}), default threads {threads}", flush=True)
     w, c = time.perf_counter(), time.process_time()
@@ -228,15 +261,28 @@ def main(argv: list[str] | None = None) -> int:
             row["tokens_equal_after"]]
         print(f"  {name:<11}{row['wall_median']:>8.2f}{row['cpu_median']:>8.2f}"
               f"{row['wall_min']:>7.2f}–{row['wall_max']:<7.2f}{row['first_wall']:>12.2f}{ratio}{cratio}  {same}")
-    if "after" in rows:
-        verdict = "met" if rows["after"]["wall_median"] <= 3.0 else "MISSED (wall)"
-        print(f"  target: after ≤ 3 s for {args.tokens} tokens: {verdict} "
-              f"(median {rows['after']['wall_median']:.2f} s wall, {rows['after']['cpu_median']:.2f} s CPU)")
+    for name in ("after", "panel"):
+        if name in rows:
+            verdict = "met" if rows[name]["wall_median"] <= 3.0 else "MISSED (wall)"
+            print(f"  target: {name} ≤ 3 s for {args.tokens} tokens: {verdict} "
+                  f"(median {rows[name]['wall_median']:.2f} s wall, {rows[name]['cpu_median']:.2f} s CPU)")
+    if "panel" in rows:
+        timed_runs = streamed[1:]  # the first was the warm-up
+        rows["panel"] |= {"first_token_median": statistics.median(f for f, _, _ in timed_runs),
+                          "tokens_per_second_median": statistics.median(r for _, r, _ in timed_runs),
+                          "path": timed_runs[-1][2]}
+        row = rows["panel"]
+        print(f"\nthe steering panel's path: saekit.steer.stream, {args.tokens} tokens × 2 rows, median of {args.repeats}")
+        head = f"  {'wall s':>8}{'CPU s':>8}{'min–max wall':>15}{'1st token s':>13}{'tokens/s':>10}  path"
+        print(head)
+        print("  " + "-" * (len(head) + 40))
+        print(f"  {row['wall_median']:>8.2f}{row['cpu_median']:>8.2f}{row['wall_min']:>7.2f}–{row['wall_max']:<7.2f}"
+              f"{row['first_token_median']:>13.2f}{row['tokens_per_second_median']:>10.1f}  {row['path']}")
     if args.json:
         from saekit.files import write_json
 
         write_json(args.json, {
-            "benchmark": "steer_speed", "model": model_id(model), "hook": sae.hook, "edit": edit.describe(),
+            "benchmark": "steer_speed", "model": model_id(model), "hook": sae.hook, "edit": edit.describe(unit(args.feature) if unit else None), "store": args.store,
             "tokens": args.tokens, "seed": args.seed, "temperature": args.temperature, "repeats": args.repeats,
             "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "default_threads": threads,
