@@ -62,9 +62,8 @@ def feature_page(path: str, store: FeatureStore, labels: Labels) -> None:
         st.subheader("Token profile")
         st.caption("Tokens it fires on, ranked by the harmonic mean of its rate on the token (fires / occurrences, "
                    "normalised by token frequency) and the share of its firings on the token.")
-        st.dataframe(pd.DataFrame([{"token": display_token(p["string"]), "fires": p["fires"], "occurrences": p["token_count"],
-                                    "rate": p["rate"], "share": p["share"], "mean act": p["mean_act"]} for p in f.profile]),
-                     hide_index=True, key="profile")
+        frame, columns = render.profile_table(f.profile)
+        st.dataframe(frame, column_config=columns, hide_index=True, key="profile")
         st.subheader("Neighbours")
         st.caption("Latents with the most similar decoder direction (cosine).")
         names = labels.all_labels()
@@ -148,4 +147,5 @@ def try_on_text(path: str, f: Feature, special: set[int]) -> None:
     found = (f"Max activation on your text {ex.value:.3g} (on ‘{display_token(res.pieces[top])}’); the store's max "
              f"{f.max:.3g}{ratio}." if ex.value > 0 else
              f"Feature {f.id} does not fire on this text (the store's max {f.max:.3g}).")
-    st.caption(f"{found} Position 0 and special tokens are not encoded.")
+    cut = f" Only the first {len(res.tokens)} of the text's {res.total} tokens were run." if res.truncated else ""
+    st.caption(f"{found} Position 0 and special tokens are not encoded.{cut}")
