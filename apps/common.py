@@ -59,13 +59,14 @@ def base_table(path: str) -> pd.DataFrame:
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)
-def map_figure(path: str, stamp: tuple[int, int]):
-    """The feature map (tens of thousands of points): rebuilt only when a label changes."""
+def map_figure(path: str, stamp: tuple[int, int], highlight: np.ndarray | None = None):
+    """The feature map (tens of thousands of points): rebuilt only when a label or the highlighted set changes."""
     store = get_store(path)
     names = get_labels(path, store.manifest.get("sae_weights_sha256")).all_labels()
     tops = base_table(path)["top tokens"]
     hover = [f"#{i} · {tops[i]}" + (f" · {names[i]}" if i in names else "") for i in range(store.d_sae)]
-    return render.map_figure(store.stats["map_xy"], store.stats["density"], hover, store.manifest.get("map_method", "pca"))
+    return render.map_figure(store.stats["map_xy"], store.stats["density"], hover, store.manifest.get("map_method", "pca"),
+                             highlight)
 
 
 # ----------------------------------------------------------------------------- navigation

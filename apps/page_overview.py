@@ -1,8 +1,10 @@
-"""The Overview page: density histogram, feature map and the feature table."""
+"""The Overview page: one filter (text, density, dead) over the density histogram, the feature map and the feature
+table: the table lists the matching features, the charts draw them over the rest."""
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 from saekit.apps import render
 from saekit.apps.common import _from_selection, base_table, goto, map_figure
@@ -10,11 +12,13 @@ from saekit.apps.labels import Labels
 
 from saekit.features import FeatureStore
 
+PLOTLY_CONFIG = {"displaylogo": False, "scrollZoom": True}
+
 
 def overview_page(path: str, store: FeatureStore, labels: Labels) -> None:
     man = store.manifest
-    s = store.stats
-    density = s["density"]
+    density = store.stats["density"]
+    all_labels = labels.all_labels()
     st.title("Features")
     st.caption(" · ".join(f"{name} `{man.get(key, '?')}`" for name, key in
                           (("SAE", "sae_dir"), ("hook", "hook"), ("model", "model"), ("dataset", "dataset"))))
@@ -30,28 +34,31 @@ def overview_page(path: str, store: FeatureStore, labels: Labels) -> None:
     o[1].button("Open", key="overview_open_btn", type="primary",
                 on_click=lambda: goto("feature", st.session_state["overview_open"]))
 
-    left, right = st.columns([2, 3])
-    left.plotly_chart(render.density_figure(density), key="density_hist")
-    all_labels = labels.all_labels()
-    right.plotly_chart(map_figure(path, labels.stamp()), key="map", on_select=lambda: _from_selection("map"),
-                       selection_mode="points")
-    if man.get("map_method") == "pca":
-        right.caption("Map: PCA of the decoder directions (install `umap-learn` and rebuild for a UMAP map).")
-
-    st.subheader("Feature table")
+    st.subheader("Filter")
     f = st.columns([3, 2, 1])
-    text = f[0].text_input("Filter by top token or label", key="table_filter")
+    text = f[0].text_input("Filter by top token or label", key="table_filter",
+                           help="features whose top tokens or label contain this text (any case)")
     lo, hi = f[1].slider("log10 density", -8.0, 0.0, (-8.0, 0.0), 0.25, key="table_density")
     hide_dead = f[2].checkbox("hide dead", value=True, key="table_hide_dead")
     df = base_table(path).copy()
     df.insert(1, "label", [all_labels.get(i, "") for i in range(store.d_sae)])
-    ld = np.log10(np.maximum(df["density"].to_numpy(), 1e-12))
-    keep = ((ld >= lo) & (ld <= hi)) | ((df["density"] == 0) & (lo <= -8))
-    if hide_dead:
-        keep &= df["density"].to_numpy() > 0
-    if text.strip():
-        t = text.strip().lower()
-        keep &= df["top tokens"].str.lower().str.contains(t, regex=False) | df["label"].str.lower().str.contains(t, regex=False)
+    keep = matching(df, text, lo, hi, hide_dead)
+    n_keep, live = int(keep.sum()), density > 0
+
+    left, right = st.columns([2, 3])
+    left.subheader("Density")
+    left.caption(f"{int(live.sum()):,} live latents, {int((~live).sum()):,} never fired"
+                 + ("" if (keep == live).all() else f"; blue: the {int((keep & live).sum()):,} matching the filter"))
+    left.plotly_chart(render.density_figure(density, None if (keep == live).all() else keep, (lo, hi)),
+                      key="density_hist", config=PLOTLY_CONFIG)
+    right.subheader("Feature map")
+    right.caption(map_caption(man) + " · " + (f"all {store.d_sae:,} features shown" if keep.all() else
+                  f"**{n_keep:,} of {store.d_sae:,} features match the filter** (coloured; the rest grey)")
+                  + " · click a point to open its page")
+    right.plotly_chart(map_figure(path, labels.stamp(), None if keep.all() else keep), key="map",
+                       on_select=lambda: _from_selection("map"), selection_mode="points", config=PLOTLY_CONFIG)
+
+    st.subheader("Feature table")
     shown = df[keep].reset_index(drop=True)
     st.session_state["table_frame"] = shown
     st.caption(f"{len(shown):,} of {len(df):,} features · click a column to sort · select a row to open it")
@@ -60,3 +67,29 @@ def overview_page(path: str, store: FeatureStore, labels: Labels) -> None:
                  column_config={"density": st.column_config.NumberColumn(format="%.2e"),
                                 "max": st.column_config.NumberColumn(format="%.3g"),
                                 "mean": st.column_config.NumberColumn(format="%.3g")})
+
+
+def matching(df: pd.DataFrame, text: str, lo: float, hi: float, hide_dead: bool) -> np.ndarray:
+    """The filter as a mask over features (the table's rows, the map's coloured points): log10 density in [lo, hi]
+    (dead latents count as in range when lo is the slider's floor), alive if `hide_dead`, and top tokens or label
+    containing `text` (any case)."""
+    d = df["density"].to_numpy()
+    ld = np.log10(np.maximum(d, 1e-12))
+    keep = ((ld >= lo) & (ld <= hi)) | ((d == 0) & (lo <= -8))
+    if hide_dead:
+        keep &= d > 0
+    if t := text.strip().lower():
+        keep &= (df["top tokens"].str.lower().str.contains(t, regex=False)
+                 | df["label"].str.lower().str.contains(t, regex=False)).to_numpy()
+    return keep
+
+
+def map_caption(man: dict) -> str:
+    """What the map is, and the declared reason when it is PCA (stores before map_note: umap-learn was missing)."""
+    method = man.get("map_method", "pca")
+    note = man.get("map_note") or ("UMAP of the decoder directions" if method == "umap" else
+                                   "PCA: umap-learn was not installed when this store was built (install it and "
+                                   "rebuild the store with `saekit analyze` for a UMAP map)")
+    recall = man.get("map_neighbour_recall")
+    kept = f"; a point's 10 nearest map neighbours hold {recall:.0%} of its 10 nearest decoder neighbours" if recall is not None else ""
+    return f"{note}{kept}"

@@ -132,36 +132,62 @@ def hist_figure(feature: Feature, per_decade: int = 12):
     return fig
 
 
-def density_figure(density: np.ndarray):
+def density_figure(density: np.ndarray, highlight: np.ndarray | None = None, window: tuple[float, float] | None = None):
+    """Live latents by log10 density. With `highlight` (a bool mask over latents), those latents are drawn over the
+    rest (grey); `window` (lo, hi in log10) shades the density filter's range. No title: the page names the figure,
+    so plotly's toolbar covers nothing."""
     import plotly.graph_objects as go
 
-    alive = density[density > 0]
+    live = density > 0
+    ld = np.log10(density[live])
     fig = go.Figure()
-    if len(alive):
-        fig.add_histogram(x=np.log10(alive), nbinsx=60, marker_color="#2c7fb8",
+    if len(ld):
+        bins = dict(start=float(ld.min()), end=float(ld.max()) + 1e-9, size=max(float(np.ptp(ld)) / 60, 0.02))
+        on = live if highlight is None else live & highlight
+        if highlight is not None:
+            fig.add_histogram(x=ld, xbins=bins, marker_color="#d0d0d0", name="all live latents",
+                              hovertemplate="10^%{x:.2f}: %{y} latents<extra>all</extra>")
+        fig.add_histogram(x=np.log10(density[on]), xbins=bins, marker_color="#2c7fb8",
+                          name="matching the filter" if highlight is not None else "live latents",
                           hovertemplate="10^%{x:.2f}: %{y} latents<extra></extra>")
-    fig.update_xaxes(title="log10 density (fraction of tokens a latent fires on)")
+    if window is not None and len(ld) and (window[0] > ld.min() or window[1] < ld.max()):
+        fig.add_vrect(x0=max(window[0], float(ld.min())), x1=min(window[1], float(ld.max())), fillcolor="#2c7fb8",
+                      opacity=0.08, line_width=0)
+    fig.update_xaxes(title="log10 density (share of tokens a latent fires on)")
     fig.update_yaxes(title="latents")
-    fig.update_layout(height=280, margin=dict(l=10, r=10, t=30, b=10),
-                      title=f"{len(alive):,} live latents; {int((density == 0).sum()):,} never fired")
+    fig.update_layout(height=300, margin=dict(l=10, r=10, t=30, b=10), barmode="overlay", showlegend=highlight is not None,
+                      legend=dict(orientation="h", x=0, y=1.02, yanchor="bottom"), uirevision="density")
     return fig
 
 
-def map_figure(xy: np.ndarray, density: np.ndarray, hover: list[str], method: str):
-    """Every decoder direction as a point, coloured by log density; the point's customdata is its id."""
+def map_figure(xy: np.ndarray, density: np.ndarray, hover: list[str], method: str, highlight: np.ndarray | None = None):
+    """Every decoder direction as a point, coloured by log10 density (a labelled colour bar under the map, clear of
+    the hover labels). With `highlight` (a bool mask over latents) the other points are grey, drawn underneath.
+    A point's customdata is its feature id. No title: the page names the map, so plotly's toolbar covers nothing;
+    zoom and pan survive a change of highlight (uirevision)."""
     import plotly.graph_objects as go
 
+    n = len(xy)
     floor = density[density > 0].min() if (density > 0).any() else 1e-9
     colour = np.log10(np.maximum(density, floor / 10))
-    fig = go.Figure(go.Scattergl(
-        x=xy[:, 0], y=xy[:, 1], mode="markers", customdata=np.arange(len(xy)), text=hover,
-        hovertemplate="%{text}<extra></extra>",
-        marker=dict(size=4 if len(xy) > 5000 else 6, color=colour, colorscale="Viridis", opacity=0.8,
-                    colorbar=dict(title="log10<br>density"))))
-    fig.update_layout(height=480, margin=dict(l=10, r=10, t=30, b=10), dragmode="pan",
-                      title=f"decoder directions ({method.upper()}); click a point to open its page")
-    fig.update_xaxes(showticklabels=False)
-    fig.update_yaxes(showticklabels=False)
+    size = 4 if n > 5000 else 6
+    on = np.ones(n, dtype=bool) if highlight is None else np.asarray(highlight, dtype=bool)
+    fig = go.Figure()
+
+    def points(ids: np.ndarray, **marker):
+        return go.Scattergl(x=xy[ids, 0], y=xy[ids, 1], mode="markers", customdata=ids, text=[hover[i] for i in ids],
+                            hovertemplate="%{text}<extra></extra>", showlegend=False, marker=dict(size=size, **marker))
+
+    if not on.all():
+        fig.add_trace(points(np.flatnonzero(~on), color="#d3d3d3", opacity=0.45))
+    fig.add_trace(points(np.flatnonzero(on), color=colour[on], colorscale="Viridis", cmin=float(colour.min()),
+                         cmax=float(colour.max()), opacity=0.85,
+                         colorbar=dict(title=dict(text="log10 density", side="top"), orientation="h", x=0.5,
+                                       xanchor="center", y=-0.02, yanchor="top", len=0.7, thickness=10)))
+    fig.update_layout(height=520, margin=dict(l=10, r=10, t=30, b=10), dragmode="pan", uirevision=method,
+                      hoverlabel=dict(align="left"))
+    fig.update_xaxes(showticklabels=False, zeroline=False)  # the page's caption names the method; the axes mean nothing
+    fig.update_yaxes(showticklabels=False, zeroline=False)
     return fig
 
 

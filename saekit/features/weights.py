@@ -91,6 +91,8 @@ def feature_map(W_dec: torch.Tensor, method: str = "auto", seed: int = 0,
             note = "PCA: umap-learn is not installed (pip install umap-learn, then rebuild the store for a UMAP map)"
         else:
             if n > MAP_NEIGHBOURS:
+                if neighbours is None or neighbours["neighbour_id"].shape[1] < MAP_NEIGHBOURS - 1:
+                    neighbours = decoder_neighbours(W_dec, MAP_NEIGHBOURS - 1)
                 return _umap(umap, W, seed, neighbours), "umap", (
                     f"UMAP: cosine, {MAP_NEIGHBOURS} exact neighbours, {MAP_EPOCHS} epochs, seed {seed}")
             if method == "umap":
@@ -102,15 +104,12 @@ def feature_map(W_dec: torch.Tensor, method: str = "auto", seed: int = 0,
     return (Wc @ vecs[:, -2:].flip(1)).float().contiguous(), "pca", note
 
 
-def _umap(umap, W: torch.Tensor, seed: int, neighbours: dict[str, torch.Tensor] | None) -> torch.Tensor:
+def _umap(umap, W: torch.Tensor, seed: int, neighbours: dict[str, torch.Tensor]) -> torch.Tensor:
     import warnings
 
     import numpy as np
 
-    k = MAP_NEIGHBOURS - 1
-    if neighbours is None or neighbours["neighbour_id"].shape[1] < k:
-        neighbours = decoder_neighbours(W, k)
-    n = W.shape[0]
+    k, n = MAP_NEIGHBOURS - 1, W.shape[0]
     ids = torch.cat([torch.arange(n)[:, None], neighbours["neighbour_id"][:, :k].long().cpu()], 1)  # self first
     dist = torch.cat([torch.zeros(n, 1), (1 - neighbours["neighbour_cos"][:, :k].float().cpu()).clamp_min(0)], 1)
     _cache_umap_jit()
@@ -125,8 +124,9 @@ def _umap(umap, W: torch.Tensor, seed: int, neighbours: dict[str, torch.Tensor] 
 @functools.cache
 def _cache_umap_jit() -> None:
     """umap-learn's graph and layout kernels are numba functions without cache=True, so every process compiled
-    them again: ~20 s of a first map's ~25 s (4,608 latents, 2 cores). Numba's on-disk cache keeps them, so only
-    the first map after an install pays. (Only a speed matter: a umap-learn that renames them compiles as before.)"""
+    them again: 9 s of CPU a map (4,608 latents: 12 s the first map, 3.5 s once cached; benchmarks/feature_map.py).
+    Numba's on-disk cache keeps them, so only the first map after an install pays (`make setup` pays it). Only a
+    speed matter: a umap-learn that renames them compiles as before."""
     from umap import layouts, umap_
 
     for fn in (getattr(umap_, "smooth_knn_dist", None), getattr(umap_, "compute_membership_strengths", None),
