@@ -175,7 +175,7 @@ def _edit_rows(store, fid: int) -> list[Row]:
         rows.append(_row_widgets(store, f, e2, e3, key=f"{fid}_{rid}"))
         e4.button("✕", key=f"steer_xdel_{fid}_{rid}", help="stop steering this feature", on_click=extra.remove,
                   args=(rid,))
-    st.button("＋ steer another feature with it", key=f"steer_xadd_{fid}", on_click=_add_row, args=(store, fid, extra),
+    st.button("+ steer another feature with it", key=f"steer_xadd_{fid}", on_click=_add_row, args=(store, fid, extra),
               help="a new row starts at this feature's nearest decoder neighbour")
     return rows
 
