@@ -28,6 +28,7 @@ step's baseline and steered tokens reach the caller (the browser's steering pane
 from __future__ import annotations
 
 import copy
+import os
 import re
 import textwrap
 import time
@@ -544,10 +545,10 @@ def sampling(model, prompt: list[int], rows: int, max_new_tokens: int, seed: int
              steering: Steering | None = None, use_cache: bool = True, track: torch.Tensor | None = None,
              stop_early: bool = True, threads: int | None = None, engine: Engine = "auto"
              ) -> Generator[tuple[torch.Tensor, torch.Tensor], None, Sampled]:
-    """`sample`, one step at a time: yields each step's (tokens [rows], their log-probs [rows]) on the CPU as soon as
-    they are sampled, and returns the Sampled. The hook and the thread count hold from the first `next` until
-    the generator ends or is closed (a `for` loop left early, `close()`), so consume it before running the model
-    otherwise."""
+    """`sample`, one step at a time: yields each step's (tokens [rows], their log-probs [rows]), on the model's device,
+    as soon as they are sampled, and returns the Sampled (draining it, as `sample` does, never waits on the device).
+    The hook and the thread count hold from the first `next` until the generator ends or is closed (a `for` loop
+    left early, `close()`), so consume it before running the model otherwise."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt] * rows, dtype=torch.long, device=device)
     P = ids.shape[1]
@@ -593,7 +594,7 @@ def sampling(model, prompt: list[int], rows: int, max_new_tokens: int, seed: int
                 newly = torch.isin(tok, stops) & ~done
                 lengths[newly] = step + 1
                 done |= newly
-                yield tok.cpu(), logprobs[:, step].cpu()
+                yield tok, logprobs[:, step]
                 if stop_early and done.all():
                     n = step + 1
                     break
@@ -632,8 +633,9 @@ def sample(model, prompt: list[int], rows: int, max_new_tokens: int, seed: int =
 
 @dataclass
 class Generation:
-    """Baseline and steered continuations of one prompt from the same seed. The pieces join to the texts; `path` is
-    the loop that ran (`path_text`), `seconds` its wall time from the first step (the prefill) to the last token."""
+    """Baseline and steered continuations of one prompt from the same seed. The pieces join to the texts (see
+    `_Pieces`); `path` is the loop that ran (`path_text`), `seconds` its wall time from the first step (the
+    prefill) to the last token."""
 
     prompt: str
     edits: list[str]
@@ -692,7 +694,9 @@ class Token:
 
 class _Pieces:
     """Text pieces of a growing token sequence: each token's piece is what it adds to the decoded text, a
-    character still incomplete held back until the token that completes it, so the pieces join to the text."""
+    character still incomplete held back until the token that completes it, so the pieces join to the text. (A
+    decode that rewrites earlier text — none of the byte-level BPE ones do — gets the new text after the part that
+    is unchanged; the pieces shown before cannot be taken back.)"""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.ids, self.pieces, self.text = tokenizer, [], [], ""
@@ -702,10 +706,7 @@ class _Pieces:
         text = _decode(self.tokenizer, self.ids)
         if not last:
             text = text.rstrip("\ufffd")
-        if not text.startswith(self.text):  # a decoder that rewrites earlier text: no piece can be taken back
-            raise SaekitError(f"the tokenizer's decode changed text it had already produced ({self.text[-20:]!r} → "
-                              f"{text[-20:]!r}); stream a model whose decode only appends, or use generate().")
-        piece, self.text = text[len(self.text):], text
+        piece, self.text = text[len(os.path.commonprefix([text, self.text])):], text
         self.pieces.append(piece)
         return piece
 

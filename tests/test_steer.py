@@ -436,3 +436,20 @@ def test_after_a_live_forward_generation_takes_the_fast_path(model, sae):
     assert S.fast_path(model, HOOK, "bridge") == (None, "engine 'bridge' asked for")
     g = S.generate(model, sae, "Stocks fell", [S.add(7, 30.0)], max_new_tokens=2, engine="bridge")
     assert g.path == "TransformerBridge (engine 'bridge' asked for), KV cache, 1 CPU thread"
+
+
+def test_pieces_hold_a_split_character_until_it_is_complete(tiny_store):
+    """Byte-level tokens that split a character: the partial ones add nothing, the completing one adds the whole
+    character, and the pieces join to the decoded text (also when the last token leaves a character unfinished)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_store["model"])
+    ids = tok("café ☕ ok", add_special_tokens=False)["input_ids"]
+    assert len(ids) > len("café ☕ ok") - 4  # the tiny vocabulary splits the multi-byte characters
+    pieces = S._Pieces(tok)
+    got = [pieces.add(t, last=i == len(ids) - 1) for i, t in enumerate(ids)]
+    assert "".join(got) == "café ☕ ok" and "\ufffd" not in "".join(got)
+    assert "☕" in got and "" in got  # the cup whole on one token, nothing on the tokens before it
+    cut = S._Pieces(tok)
+    partial = [cut.add(t, last=t == ids[got.index("☕") - 1]) for t in ids[: got.index("☕")]]
+    assert "".join(partial) == tok.decode(ids[: got.index("☕")]) and partial[-1].endswith("\ufffd")
