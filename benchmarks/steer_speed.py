@@ -23,6 +23,11 @@ bridge (what the first generate of a session pays once per model and hook), also
 
     python benchmarks/steer_speed.py --repeats 5
     python benchmarks/steer_speed.py --variants panel,after --store runs/demo/store --feature 12 --strength 4
+    chrt -f 1 python benchmarks/steer_speed.py --variants panel,after   # as on an idle core (root; see below)
+
+On a shared machine the wall time is the CPU time plus the time other processes hold the core; `nice` does not
+help across sessions (the scheduler's autogroups share the CPU per session), a real-time priority does: the
+one-thread loop then keeps a core (the other processes keep the rest, and the memory bandwidth stays shared).
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/steer_speed.py --repeats 5
 """
 
