@@ -91,6 +91,7 @@ def test_neighbour_recall_is_one_for_an_exact_map_and_k_over_n_for_a_random_one(
     near = decoder_neighbours(W, 10)["neighbour_id"]
     assert map_neighbour_recall(feature_map(W, "pca")[0], near) == pytest.approx(1.0)
     assert map_neighbour_recall(W[:, :2], near, chunk=7) == map_neighbour_recall(W[:, :2], near)
+    assert map_neighbour_recall(W[:, :2], near, rows=50) == pytest.approx(1.0)  # a sample of latents
     random = torch.rand(300, 2, generator=g)
     assert map_neighbour_recall(random, near) < 0.1  # ≈ 10/300 plus the luck of a few
 

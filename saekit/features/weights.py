@@ -136,21 +136,23 @@ def _cache_umap_jit() -> None:
 
 
 @torch.no_grad()
-def map_neighbour_recall(xy: torch.Tensor, neighbour_id: torch.Tensor, k: int = 10, chunk: int = 2048) -> float:
+def map_neighbour_recall(xy: torch.Tensor, neighbour_id: torch.Tensor, k: int = 10, rows: int = 4096,
+                         chunk: int = 1024) -> float:
     """How much of the decoder geometry the map keeps: the mean fraction of each latent's k nearest map neighbours
     (Euclidean in 2D) that are among its k nearest decoder-cosine neighbours (`neighbour_id`, self excluded).
-    1 is perfect; a random map scores about k / n."""
+    1 is perfect; a random map scores about k / n. Over at most `rows` latents (a fixed random sample beyond: the
+    mean's standard error stays under 1%, and 32k latents cost 2 s instead of 18)."""
     xy = xy.float().cpu()
     n = xy.shape[0]
     k = min(k, n - 1, neighbour_id.shape[1])
     if k < 1:
         return float("nan")
-    true = neighbour_id[:, :k].long().cpu()
+    ids = torch.arange(n) if n <= rows else torch.randperm(n, generator=torch.Generator().manual_seed(0))[:rows]
     hits = 0
-    for lo in range(0, n, chunk):
-        d = torch.cdist(xy[lo: lo + chunk], xy)
-        r = torch.arange(d.shape[0])
-        d[r, r + lo] = math.inf
+    for lo in range(0, len(ids), chunk):
+        rs = ids[lo: lo + chunk]
+        d = torch.cdist(xy[rs], xy)
+        d[torch.arange(len(rs)), rs] = math.inf
         near = d.topk(k, dim=1, largest=False).indices
-        hits += int((near[:, :, None] == true[lo: lo + chunk, None, :]).any(2).sum())
-    return hits / (n * k)
+        hits += int((near[:, :, None] == neighbour_id[rs, :k].long()[:, None, :]).any(2).sum())
+    return hits / (len(ids) * k)
