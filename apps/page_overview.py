@@ -43,17 +43,18 @@ def overview_page(path: str, store: FeatureStore, labels: Labels) -> None:
     df = base_table(path).copy()
     df.insert(1, "label", [all_labels.get(i, "") for i in range(store.d_sae)])
     keep = matching(df, text, lo, hi, hide_dead)
-    n_keep, live = int(keep.sum()), density > 0
+    live = density > 0
 
     left, right = st.columns([2, 3])
     left.subheader("Density")
+    all_live = bool(keep[live].all())  # the histogram shows live latents only
     left.caption(f"{int(live.sum()):,} live latents, {int((~live).sum()):,} never fired"
-                 + ("" if (keep == live).all() else f"; blue: the {int((keep & live).sum()):,} matching the filter"))
-    left.plotly_chart(render.density_figure(density, None if (keep == live).all() else keep, (lo, hi)),
+                 + ("" if all_live else f"; blue: the {int((keep & live).sum()):,} matching the filter"))
+    left.plotly_chart(render.density_figure(density, None if all_live else keep, (lo, hi)),
                       key="density_hist", config=PLOTLY_CONFIG)
     right.subheader("Feature map")
     right.caption(map_caption(man) + " · " + (f"all {store.d_sae:,} features shown" if keep.all() else
-                  f"**{n_keep:,} of {store.d_sae:,} features match the filter** (coloured; the rest grey)")
+                  f"**{int(keep.sum()):,} of {store.d_sae:,} features match the filter** (coloured; the rest grey)")
                   + " · click a point to open its page")
     right.plotly_chart(map_figure(path, labels.stamp(), None if keep.all() else keep), key="map",
                        on_select=lambda: _from_selection("map"), selection_mode="points", config=PLOTLY_CONFIG)
