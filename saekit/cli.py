@@ -22,6 +22,7 @@ from .config import (
     DistConfig,
     EvalConfig,
     HarvestConfig,
+    NeuronpediaConfig,
     RunConfig,
     SaeConfig,
     SteerConfig,
@@ -222,6 +223,16 @@ def cmd_analyze(values: Values) -> int:
     return 0
 
 
+def cmd_export_neuronpedia(values: Values) -> int:
+    from .neuronpedia import export_neuronpedia
+
+    store = Path(values["store"])
+    export_neuronpedia(store, values.get("out") or store.with_name(store.name + "-neuronpedia"),
+                       config_from(NeuronpediaConfig, values), sae_dir=values.get("sae"), model_arg=values.get("model"),
+                       overwrite=bool(values.get("overwrite")))
+    return 0
+
+
 def cmd_browse(values: Values) -> int:
     from .apps.serve import browse
 
@@ -328,6 +339,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="override the dataset recorded in the SAE (or the cache)")
     add_config_args(p, FeatureConfig)
 
+    p = sub.add_parser("export-neuronpedia", help="write a feature store as Neuronpedia dashboard batches (the JSON "
+                                                  "SAEDashboard's Neuronpedia runner writes)")
+    p.add_argument("store", help="a directory written by `saekit analyze`")
+    p.add_argument("--out", help="output directory (default: STORE-neuronpedia beside the store)")
+    overwrite_flag(p, "an export of another store, or another artifact, in --out")
+    p.add_argument("--sae", help="the SAE the store was built from, if it moved (default: the one the store records)")
+    p.add_argument("--model", help="override the model recorded in the store (for the logit histograms)")
+    add_config_args(p, NeuronpediaConfig)
+
     p = sub.add_parser("browse", help="serve the feature browser for a store on 127.0.0.1")
     p.add_argument("store", help="a directory written by `saekit analyze`")
     p.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1 (default 8501)")
@@ -353,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"harvest": cmd_harvest, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "convert": cmd_convert,
-            "analyze": cmd_analyze, "browse": cmd_browse, "steer": cmd_steer, "steer-eval": cmd_steer_eval}
+            "analyze": cmd_analyze, "export-neuronpedia": cmd_export_neuronpedia, "browse": cmd_browse,
+            "steer": cmd_steer, "steer-eval": cmd_steer_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

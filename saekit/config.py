@@ -488,3 +488,26 @@ class SteerConfig(Checked):
         if self.mode != "ablate" and self.strength is None:
             raise OptionError("strength", None, f"--mode {self.mode} needs a strength (add: strength; clamp: value; "
                               "scale: factor)")
+
+
+@dataclass
+class NeuronpediaConfig(Checked):
+    """Export of a feature store as Neuronpedia dashboard batches (the JSON SAEDashboard's Neuronpedia runner writes)."""
+
+    model_id: str = ""
+    """Neuronpedia model id written into every batch; empty: the store's model name (as SAEDashboard writes it)."""
+    sae_set: str = "saekit"
+    """Neuronpedia SAE set name (the SAE's id there is LAYER-SAE_SET, plus __SUFFIX)."""
+    sae_id_suffix: str = ""
+    """Optional suffix after the SAE set (Neuronpedia's __[suffix]: other L0s, training steps…)."""
+    layer: NonNegInt | None = None
+    """Layer written into every batch; default: from the store's hook (blocks.L.…)."""
+    features_per_batch: Count = 128
+    """Latents per batch-N.json file (SAEDashboard writes 128)."""
+    group_size: Count = 5
+    """Sampled examples per quantile band (SAEDashboard: 5 per interval)."""
+    hist_bins: Count = 50
+    """Bars of the activation and logit histograms (SAEDashboard: 50)."""
+    weights: bool = True
+    """Read the store's SAE and model for the neuron alignment, the logit histograms and vocabulary-centred logit
+    values (SAEDashboard's numbers); --no-weights exports from the store alone (those left empty or as stored)."""
