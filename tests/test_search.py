@@ -203,53 +203,17 @@ def test_search_page_one_box_for_tokens_logits_labels_and_notes(app, store_dir):
 
 @pytest.mark.browser
 def test_clicking_a_result_row_opens_its_feature(store_dir):
-    """AppTest cannot select a table row; Debian's chromium can (see test_browser.py for the set-up)."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    """AppTest cannot select a table row; Debian's chromium can."""
+    from browser_server import browse_server, chromium_page
+    from playwright.sync_api import expect
 
-    from test_browser import CHROMIUM, FLAGS, _skip_reason, free_port
-
-    if reason := _skip_reason():
-        pytest.skip(reason)
-    from playwright.sync_api import expect, sync_playwright
-
-    port = free_port()
-    saekit = str(Path(sys.executable).with_name("saekit"))
-    proc = subprocess.Popen([saekit, "browse", str(store_dir), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if urllib.request.urlopen(url + "/_stcore/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                assert time.time() < deadline, "saekit browse did not answer within 60 s"
-                time.sleep(0.3)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-            try:
-                page = browser.new_page(viewport={"width": 1400, "height": 900})
-                page.set_default_timeout(60_000)
-                expect.set_options(timeout=60_000)
-                page.goto(url + "/?page=search")
-                box = page.get_by_label("Search token profiles, top logit tokens, labels and notes")
-                box.fill("sports")
-                box.press("Enter")
-                expect(page.get_by_text("2 features · click a row to open it.")).to_be_visible()
-                grid = page.locator('[data-testid="stDataFrame"]').first.bounding_box()
-                page.mouse.click(grid["x"] + 15, grid["y"] + 35 + 17)  # the first row's selection cell
-                expect(page.get_by_role("heading", name="Feature 6")).to_be_visible()  # the first result
-                assert "page=feature" in page.url and "feature=6" in page.url
-            finally:
-                browser.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with browse_server(store_dir) as url, chromium_page(1400, 900) as page:
+        page.goto(url + "/?page=search")
+        box = page.get_by_label("Search token profiles, top logit tokens, labels and notes")
+        box.fill("sports")
+        box.press("Enter")
+        expect(page.get_by_text("2 features · click a row to open it.")).to_be_visible()
+        grid = page.locator('[data-testid="stDataFrame"]').first.bounding_box()
+        page.mouse.click(grid["x"] + 15, grid["y"] + 35 + 17)  # the first row's selection cell
+        expect(page.get_by_role("heading", name="Feature 6")).to_be_visible()  # the first result
+        assert "page=feature" in page.url and "feature=6" in page.url

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("streamlit")
+from browser_server import browse_server, chromium_page  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
-from test_browser import CHROMIUM, FLAGS, _skip_reason, free_port  # noqa: E402
 
 from saekit import steer as S  # noqa: E402
 from saekit.features import FeatureStore  # noqa: E402
@@ -152,43 +152,10 @@ def test_sweep_plots(app, fid):
     assert table["ppl_ratio"].iloc[0] == pytest.approx(1.0)
 
 
-
 @pytest.fixture
 def server(tiny_store):
-    """A `saekit browse` server on the tiny store (as tests/test_browser.py starts one): its URL."""
-    import shutil
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-    from pathlib import Path
-
-    if reason := _skip_reason():
-        pytest.skip(reason)
-    port = free_port()
-    saekit = shutil.which("saekit", path=str(Path(sys.executable).parent)) or "saekit"
-    proc = subprocess.Popen([saekit, "browse", str(tiny_store["store"]), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"saekit browse exited early:\n{proc.stdout.read()}")
-            try:
-                if urllib.request.urlopen(url + "/_stcore/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                if time.time() > deadline:
-                    pytest.fail("saekit browse did not answer within 60 s")
-                time.sleep(0.3)
+    with browse_server(tiny_store["store"]) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.mark.browser
@@ -198,32 +165,26 @@ def test_tokens_stream_into_a_real_browser(server, fid, tmp_path):
     and their page updates take long enough (~1 s) for a poll every 20 ms to see intermediate states."""
     import time
 
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1600})
-            page.set_default_timeout(60_000)
-            page.goto(f"{server}/?page=feature&feature={fid}")
-            page.get_by_label("Tokens").fill("200")
-            page.get_by_label("Tokens").press("Enter")
-            expect(page.get_by_label("Tokens")).to_have_value("200")
-            page.get_by_label("Temperature").fill("0")  # greedy: the tiny model writes all 200 tokens, no stop token
-            page.get_by_label("Temperature").press("Enter")
-            expect(page.get_by_label("Temperature")).to_have_value("0.00")
-            page.get_by_role("button", name="Generate").click()
-            steered = page.locator("[data-testid=stMarkdownContainer]").filter(has_text="steered: add")
-            states: list[str] = []
-            deadline = time.time() + 120
-            while time.time() < deadline and not (states and "mean log-prob" in states[-1]):
-                text = steered.first.inner_text() if steered.count() else ""
-                if text and (not states or text != states[-1]):
-                    states.append(text)
-                time.sleep(0.02)
-            page.screenshot(path=str(tmp_path / "steering.png"), full_page=True)
-        finally:
-            browser.close()
+    with chromium_page(1400, 1600) as page:
+        page.goto(f"{server}/?page=feature&feature={fid}")
+        page.get_by_label("Tokens").fill("200")
+        page.get_by_label("Tokens").press("Enter")
+        expect(page.get_by_label("Tokens")).to_have_value("200")
+        page.get_by_label("Temperature").fill("0")  # greedy: the tiny model writes all 200 tokens, no stop token
+        page.get_by_label("Temperature").press("Enter")
+        expect(page.get_by_label("Temperature")).to_have_value("0.00")
+        page.get_by_role("button", name="Generate").click()
+        steered = page.locator("[data-testid=stMarkdownContainer]").filter(has_text="steered: add")
+        states: list[str] = []
+        deadline = time.time() + 120
+        while time.time() < deadline and not (states and "mean log-prob" in states[-1]):
+            text = steered.first.inner_text() if steered.count() else ""
+            if text and (not states or text != states[-1]):
+                states.append(text)
+            time.sleep(0.02)
+        page.screenshot(path=str(tmp_path / "steering.png"), full_page=True)
     assert states and "mean log-prob" in states[-1] and "▌" not in states[-1], states[-1:]
     partial = [s for s in states if "▌" in s]
     assert partial, "no intermediate state seen: the tokens did not stream"
