@@ -14,6 +14,7 @@ import streamlit as st
 from saekit.apps import render
 from saekit.apps.labels import Labels
 
+from saekit.errors import SaekitError
 from saekit.features import FeatureStore
 
 PAGES = {"overview": "Overview", "feature": "Feature", "text": "Your text", "search": "Search"}
@@ -46,6 +47,19 @@ def get_live(path: str):
     from saekit.apps.live import LiveModel
 
     return LiveModel(get_store(path))
+
+
+def run_live(path: str, text: str, button: str):
+    """The model and SAE run on `text` now (a LiveResult), or None after saying why not: an empty text box, or a
+    model that cannot be loaded. `button` names what the user presses, for the message."""
+    if not text.strip():
+        st.warning(f"The text box is empty: type some text, then press {button}.")
+        return None
+    try:
+        return get_live(path).run(text)
+    except SaekitError as e:
+        st.error(str(e))
+        return None
 
 
 @st.cache_resource(show_spinner=False)

@@ -9,11 +9,10 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 from saekit.apps import render
-from saekit.apps.common import feature_label, get_live, goto
+from saekit.apps.common import feature_label, get_live, goto, run_live
 from saekit.apps.labels import Conflict, Entry, Labels
 from saekit.apps.steering_panel import steering_panel
 
-from saekit.errors import SaekitError
 from saekit.features import Example, Feature, FeatureStore
 from saekit.tokens import display_token
 
@@ -126,13 +125,7 @@ def try_on_text(path: str, f: Feature, special: set[int]) -> None:
         text = c[0].text_input("Test this feature on your text", key="feature_test_text",
                                placeholder="Type a text and press Enter to see where this feature fires")
         if c[1].form_submit_button("Test", key="feature_test_run", width="stretch"):
-            if not text.strip():
-                st.caption("Type a text first.")
-                return
-            try:
-                res = get_live(path).run(text)
-            except SaekitError as e:
-                st.error(str(e))
+            if (res := run_live(path, text, "Test")) is None:
                 return
             st.session_state["feature_test"] = res
     if "feature_test" not in st.session_state:

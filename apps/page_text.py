@@ -5,11 +5,10 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 from saekit.apps import render
-from saekit.apps.common import _from_selection, feature_name, get_live, goto
+from saekit.apps.common import _from_selection, feature_name, goto, run_live
 from saekit.apps.labels import Labels
 from saekit.apps.live import MAX_TOKENS, LiveResult
 
-from saekit.errors import SaekitError
 from saekit.features import FeatureStore
 
 DEFAULT_TEXT = "The central bank raised interest rates by a quarter of a percentage point on Thursday."
@@ -38,13 +37,7 @@ def text_page(path: str, store: FeatureStore, labels: Labels) -> None:
     text = st.text_area("Text", value=DEFAULT_TEXT, key="user_text", height=100)
     n = st.slider("features shown", 3, 30, 10, key="text_n")
     if st.button("Run", type="primary", key="text_run"):
-        if not text.strip():
-            st.warning("The text box is empty: type some text, then press Run.")
-            return
-        try:
-            res = get_live(path).run(text)
-        except SaekitError as e:
-            st.error(str(e))
+        if (res := run_live(path, text, "Run")) is None:
             return
         st.session_state["live"] = (text, res)
         # A new run lands: point the token selector at this text's strongest token. Its old value is a position

@@ -131,3 +131,13 @@ def build_store(root: Path, tokens: int = 1500) -> dict[str, Path]:
 
 def manifest(store: Path) -> dict:
     return json.loads((store / "manifest.json").read_text())
+
+
+BROWSER_SCRIPT = str(Path(__file__).resolve().parents[1] / "apps" / "browse.py")
+
+
+def ok(at):
+    """An AppTest run that showed no exception and no error element (returned for chaining)."""
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    return at

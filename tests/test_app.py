@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-import saekit.apps
+from helpers import BROWSER_SCRIPT, ok
 from saekit.apps.labels import Labels
 from streamlit.testing.v1 import AppTest
 
 from saekit.features import FeatureStore
 
-SCRIPT = str(Path(saekit.apps.__file__).with_name("browse.py"))
-
 
 @pytest.fixture
 def app(tiny_store, monkeypatch, app_test_guard):
     monkeypatch.setenv("SAEKIT_STORE", str(tiny_store["store"]))
-    return AppTest.from_file(SCRIPT, default_timeout=60)
-
-
-def ok(at: AppTest) -> AppTest:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-    return at
+    return AppTest.from_file(BROWSER_SCRIPT, default_timeout=60)
 
 
 def alive_feature(store_dir) -> int:
@@ -113,7 +103,7 @@ def test_search_by_token_and_label(app, tiny_store):
 
 def test_missing_store_is_reported(monkeypatch, tmp_path):
     monkeypatch.setenv("SAEKIT_STORE", str(tmp_path))
-    at = AppTest.from_file(SCRIPT, default_timeout=30).run()
+    at = AppTest.from_file(BROWSER_SCRIPT, default_timeout=30).run()
     assert at.error and "saekit analyze" in at.error[0].value
 
 
@@ -131,7 +121,7 @@ def test_damaged_store_is_reported_once_at_open(tiny_store, monkeypatch, tmp_pat
     (store / "features.safetensors").write_bytes(data[: len(data) // 2])
     monkeypatch.setenv("SAEKIT_STORE", str(store))
     for page in ("overview", "feature"):
-        at = AppTest.from_file(SCRIPT, default_timeout=30)
+        at = AppTest.from_file(BROWSER_SCRIPT, default_timeout=30)
         at.query_params["page"] = page
         at.run()
         assert not at.exception, [e.value for e in at.exception]
@@ -147,7 +137,7 @@ def test_a_page_that_fails_shows_its_error_and_keeps_the_sidebar(tiny_store, mon
 
     store = _store_copy(tiny_store, tmp_path)
     monkeypatch.setenv("SAEKIT_STORE", str(store))
-    at = ok(AppTest.from_file(SCRIPT, default_timeout=60).run())
+    at = ok(AppTest.from_file(BROWSER_SCRIPT, default_timeout=60).run())
 
     def damaged(self, i, *a, **k):
         raise FileFormatError(f"{self.path}/features.safetensors is damaged or truncated; rebuild the store with "

@@ -5,28 +5,20 @@ announces a cut, flags activations beyond the corpus and keeps its token selecto
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import saekit.apps
+from helpers import BROWSER_SCRIPT, ok
 from saekit.apps import page_text
 from streamlit.testing.v1 import AppTest
 
 from saekit.features import FeatureStore
 
-SCRIPT = str(Path(saekit.apps.__file__).with_name("browse.py"))
-
 
 @pytest.fixture
 def app(tiny_store, monkeypatch, app_test_guard):
     monkeypatch.setenv("SAEKIT_STORE", str(tiny_store["store"]))
-    return AppTest.from_file(SCRIPT, default_timeout=60)
-
-
-def ok(at: AppTest) -> AppTest:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-    return at
+    return AppTest.from_file(BROWSER_SCRIPT, default_timeout=60)
 
 
 def param(at: AppTest, name: str):
@@ -78,7 +70,7 @@ def test_an_unknown_page_is_an_error_that_lists_the_pages(app):
 def test_good_addresses_still_open_their_page(app):
     at = ok(open_url(app, page="feature", feature="12"))
     assert at.title[0].value.startswith("Feature 12")
-    at = ok(AppTest.from_file(SCRIPT, default_timeout=60).run())  # no parameters: the overview
+    at = ok(AppTest.from_file(BROWSER_SCRIPT, default_timeout=60).run())  # no parameters: the overview
     assert at.title[0].value == "Features"
 
 

@@ -7,12 +7,11 @@ import base64
 import json
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import manifest
+from helpers import BROWSER_SCRIPT, manifest
 
 from saekit.errors import DataError
 from saekit.features import FeatureBuilder, FeatureConfig, FeatureStore
@@ -170,11 +169,10 @@ def test_density_figure_draws_the_matching_latents_over_the_rest():
 # ----------------------------------------------------------------------------- the Overview page
 
 def test_overview_filter_highlights_the_tables_features_on_the_map(tiny_store, monkeypatch, app_test_guard):
-    import saekit.apps
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("SAEKIT_STORE", str(tiny_store["store"]))
-    at = AppTest.from_file(str(Path(saekit.apps.__file__).with_name("browse.py")), default_timeout=60).run()
+    at = AppTest.from_file(BROWSER_SCRIPT, default_timeout=60).run()
     assert not at.exception and not at.error
 
     def charts():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import saekit.apps
+from helpers import BROWSER_SCRIPT, ok
 from saekit.apps import render
 from saekit.apps.labels import Labels
 from saekit.apps.live import LiveModel
@@ -17,7 +17,6 @@ from streamlit.testing.v1 import AppTest
 
 from saekit.features import Example, FeatureStore
 
-SCRIPT = str(Path(saekit.apps.__file__).with_name("browse.py"))
 TEXT = "The striker said the bank won the final. Shares rose."
 
 
@@ -29,16 +28,10 @@ def store_dir(tiny_store, tmp_path) -> Path:
 
 def page(store_dir: Path, fid: int, monkeypatch) -> AppTest:
     monkeypatch.setenv("SAEKIT_STORE", str(store_dir))
-    at = AppTest.from_file(SCRIPT, default_timeout=120)
+    at = AppTest.from_file(BROWSER_SCRIPT, default_timeout=120)
     at.query_params["page"] = "feature"
     at.query_params["feature"] = str(fid)
     return ok(at.run())
-
-
-def ok(at: AppTest) -> AppTest:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-    return at
 
 
 def save(at: AppTest, fid: int, label: str, notes: str) -> AppTest:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import saekit.apps
 import torch
+from helpers import BROWSER_SCRIPT, ok
 from saekit.apps.labels import Labels
 from streamlit.testing.v1 import AppTest
 
@@ -163,14 +163,8 @@ def test_best_example_is_the_top_example(store):
 @pytest.fixture
 def app(store_dir, monkeypatch, app_test_guard):
     monkeypatch.setenv("SAEKIT_STORE", str(store_dir))
-    at = AppTest.from_file(str(Path(saekit.apps.__file__).with_name("browse.py")), default_timeout=60)
+    at = AppTest.from_file(BROWSER_SCRIPT, default_timeout=60)
     at.query_params["page"] = "search"
-    return at
-
-
-def ok(at: AppTest) -> AppTest:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
     return at
 
 
