@@ -63,6 +63,27 @@ $(PEERS_STAMP): pyproject.toml Makefile
 bench-peers: setup $(PEERS_STAMP)
 	$(PY) benchmarks/peers.py --peers-python $(PEERS_PY) --json runs/bench/peers.json
 
+# SAEDashboard (sae-dashboard 0.8.0) lives in its own venv: it pins transformer-lens < 3, transformers < 4.57,
+# sae-lens < 7, datasets < 4 and safetensors < 0.5. torch first (the CPU wheel on disk), named again beside
+# sae-dashboard so the resolver keeps it (torchvision 0.29 would bring torch 2.14 and CUDA); pyarrow < 21 because
+# transformer-lens 2 pins numpy < 2; torchvision and torchaudio (decode-clt's, for CLTs only) are removed: those
+# wheels do not match the CPU torch (torchvision::nms fails to register) and break `import transformers`.
+DASH       ?= .venv-dash
+DASH_PY    := $(DASH)/bin/python
+DASH_PIP   := $(DASH_PY) -m pip --disable-pip-version-check
+DASH_STAMP := $(DASH)/.saekit-dash
+
+$(DASH_STAMP): Makefile
+	test -x $(DASH_PY) || python3 -m venv $(DASH)
+	$(DASH_PY) -c "import torch" 2>/dev/null || $(DASH_PIP) install -q torch==2.13.0
+	$(DASH_PIP) install -q sae-dashboard==0.8.0 torch==2.13.0 'pyarrow<21'
+	$(DASH_PIP) uninstall -q -y torchvision torchaudio
+	touch $(DASH_STAMP)
+
+.PHONY: bench-dashboard
+bench-dashboard: setup $(DASH_STAMP)  # after `make demo` (its SAE); DASH_ARGS="--contexts N --batches A,B"
+	$(PY) benchmarks/saedashboard.py --dash-python $(DASH_PY) --json runs/bench/saedashboard.json $(DASH_ARGS)
+
 browse: setup
 	$(VENV)/bin/saekit browse runs/demo/store
 
