@@ -24,6 +24,7 @@ def main() -> None:
     p.add_argument("--dead-fraction", type=float, default=0.3, help="latents marked dead (AuxK on them)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--rows", type=int, default=25, help="profiler table rows")
+    p.add_argument("--by-shape", action="store_true", help="one row per operator and input shapes")
     args = p.parse_args()
 
     from saekit.config import SaeConfig, TrainConfig
@@ -56,10 +57,11 @@ def main() -> None:
     med = statistics.median(times)
     print(f"{n_dead} dead latents of {args.d_sae}: median step {med * 1e3:.0f} ms = {args.batch_size / med:,.0f} tok/s "
           f"({torch.get_num_threads()} threads)")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=args.by_shape) as prof:
         for i in range(3):
             step(100 + i)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    print(prof.key_averages(group_by_input_shape=args.by_shape).table(sort_by="self_cpu_time_total",
+                                                                      row_limit=args.rows))
 
 
 if __name__ == "__main__":
