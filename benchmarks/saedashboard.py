@@ -278,19 +278,23 @@ def run_worker(side: str, python: str, job: dict[str, Any]) -> dict[str, Any]:
 
 
 def fit(dash: list[dict[str, Any]], n_batches: int) -> dict[str, Any]:
-    """Per-batch cost and the whole SAE extrapolated from the larger run: its batches after the first (which also
-    runs the model and caches its activations) each cost the same, (run − first batch) / (batches − 1), JSON writing
-    included. Linearity check: the slope between the two runs' totals, which the machine's load makes noisier."""
+    """Per-batch cost and the whole SAE extrapolated from the larger run. Every batch after the first does the same
+    work (the first also runs the model and caches its activations): its cost is the median of those batches (a
+    median, because other users' load slows single batches 2-4× on this shared machine) plus each batch's share of
+    the run's JSON writing. Linearity check: the slope between the two runs' totals (noisier: it holds the first
+    batches' forwards)."""
+    import statistics
+
     a, b = sorted(dash, key=lambda r: r["batches"])
     out: dict[str, Any] = {"n_batches": n_batches}
     for key in ("wall_s", "cpu_s"):
-        first = b["batch_times"][0][key]
-        per_batch = (b["phases"]["run"][key] - first) / (b["batches"] - 1)
-        small_later = [t[key] for t in a["batch_times"][1:]]
-        out[key] = {"first_batch": first, "per_batch": per_batch,
-                    "per_batch_small_run": sum(small_later) / len(small_later) if small_later else None,
+        times = [t[key] for t in b["batch_times"]]
+        writing = (b["phases"]["run"][key] - sum(times)) / b["batches"]
+        per_batch = statistics.median(times[1:]) + writing
+        out[key] = {"first_batch": times[0], "per_batch": per_batch, "later_batches": times[1:],
+                    "later_batches_small_run": [t[key] for t in a["batch_times"][1:]],
                     "slope_between_runs": (b["phases"]["run"][key] - a["phases"]["run"][key]) / (b["batches"] - a["batches"]),
-                    "all_latents": b["phases"]["run"][key] + (n_batches - b["batches"]) * per_batch}
+                    "all_latents": times[0] + writing + (n_batches - 1) * per_batch}
     return out
 
 
@@ -303,7 +307,7 @@ CONTENTS = [  # (item, saekit store, SAEDashboard / Neuronpedia batch)
      "[0, max] × 5 sampled (the low ones hold most firings)"),
     ("activation histogram", "324 fixed log-spaced bins (6.6% wide), all firings", "50 equal-width bins over "
      "[min, max] of the firings"),
-    ("density", "firings / analysed tokens", "firings / all token positions (3 significant digits, from a title)"),
+    ("density", "firings / analysed tokens", "firings / all token positions (from a title: 3 decimals of a %)"),
     ("logit tables", "top/bottom 10 of W_dec·(w_norm ⊙ W_U)", "top/bottom 10 of W_dec·W_U (TL folds w_norm in and "
      "centres W_U)"),
     ("logit histogram", "— (export: from SAE + model)", "50 bins over the vocabulary"),
@@ -340,7 +344,7 @@ def compare(result_dash: dict[str, Any], work: Path, info: dict[str, Any]) -> li
     both = sorted(set(theirs) & set(ours))
     dead = sorted(set(theirs) - set(ours))
     rows: list[tuple[str, str]] = [("latents compared", f"{len(both)} (+{len(dead)} that never fired: in our "
-                                    f"skipped_indexes.json; SAEDashboard writes them with empty pages)")]
+                                    "skipped_indexes.json instead)")]
     ids = lambda strs: [to_id.get(s, -1) for s in strs]  # noqa: E731
     same_pos = np.mean([ids(theirs[i]["pos_str"]) == store.column("logit_top_token")[i].tolist() for i in both])
     same_neg = np.mean([ids(theirs[i]["neg_str"]) == store.column("logit_bottom_token")[i].tolist() for i in both])
@@ -360,7 +364,7 @@ def compare(result_dash: dict[str, Any], work: Path, info: dict[str, Any]) -> li
     all_pos = info["contexts"] * info["context_size"]
     fz = np.array([(theirs[i]["frac_nonzero"] * all_pos / store.tokens) / ours[i]["frac_nonzero"] - 1 for i in both])
     rows.append(("frac_nonzero", f"theirs × positions/analysed tokens vs ours: median |rel Δ| "
-                 f"{np.median(np.abs(fz)):.2%}, max {np.abs(fz).max():.2%} (theirs keeps 3 significant digits)"))
+                 f"{np.median(np.abs(fz)):.2%}, max {np.abs(fz).max():.2%} (theirs is read from a title: 3 decimals of a %)"))
     mx = np.array([theirs[i]["activations"][0]["bin_max"] / ours[i]["activations"][0]["bin_max"] - 1 for i in both
                    if theirs[i]["activations"]])
     rows.append(("max activation (top group bin_max)", f"median |rel Δ| {np.median(np.abs(mx)):.1e}, max "
@@ -428,6 +432,8 @@ def main() -> None:
     p.add_argument("--dash-python", default=str(ROOT / ".venv-dash/bin/python"), help="python of the SAEDashboard venv")
     p.add_argument("--workdir", help="keep the runs here (default: a temporary folder)")
     p.add_argument("--json", help="write every figure here")
+    p.add_argument("--summarize", metavar="JSON", help="print the tables of a run saved with --json (its work folder "
+                                                     "must still exist) instead of running")
     p.add_argument("--worker", nargs=2, metavar=("SIDE", "JOB"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -435,6 +441,11 @@ def main() -> None:
         job = json.loads(Path(job_path).read_text())
         result = (saekit_worker if side == "saekit" else dash_worker)(job)
         (Path(job["work"]) / "result.json").write_text(json.dumps(result, default=str))
+        return
+    if args.summarize:
+        saved = json.loads(Path(args.summarize).read_text())
+        work = Path(saved["info"]["tokens"]).parent
+        summarize(saved["info"], saved["saekit"], saved["saedashboard"], work, args.json)
         return
     sizes = sorted({int(b) for b in args.batches.split(",")})
     if len(sizes) != 2 or sizes[0] < 1:
@@ -461,6 +472,13 @@ def main() -> None:
     dash = [run_worker("saedashboard", args.dash_python, {**base, "work": str(work / f"dash-{b}"), "batches": b,
                                                           "hf_dir": info["hf_dir"], "sae_saelens": info["sae_saelens"]})
             for b in sizes]
+    summarize(info, sk, dash, work, args.json)
+
+
+def summarize(info: dict[str, Any], sk: dict[str, Any], dash: list[dict[str, Any]], work: Path,
+              json_out: str | None = None) -> None:
+    """Print the time table, the ratio, the page contents and the field-by-field comparison (and save them)."""
+    n_batches = math.ceil(info["d_sae"] / PER_BATCH)
     f = fit(dash, n_batches)
     ours = {k: sk["phases"]["analyze"][k] + sk["phases"]["export"][k] for k in ("wall_s", "cpu_s")}
     st = sk["store_timings"]
@@ -473,12 +491,13 @@ def main() -> None:
         *[(f"SAEDashboard: {r['batches']} batches ({r['batches'] * PER_BATCH} latents)", f"{r['phases']['run']['wall_s']:.1f}",
            f"{r['phases']['run']['cpu_s']:.1f}", "load " + "/".join(f"{t['load1']:.1f}" for t in r["batch_times"]))
           for r in dash],
-        ("SAEDashboard: per batch after the first", f"{f['wall_s']['per_batch']:.1f}", f"{f['cpu_s']['per_batch']:.1f}",
+        ("SAEDashboard: per batch after the first (median)", f"{f['wall_s']['per_batch']:.1f}", f"{f['cpu_s']['per_batch']:.1f}",
          f"slope between the runs {f['wall_s']['slope_between_runs']:.1f} / {f['cpu_s']['slope_between_runs']:.1f}; "
-         f"first batch (runs the model) {f['wall_s']['first_batch']:.1f} / {f['cpu_s']['first_batch']:.1f}"),
+         f"first batch (runs the model) {f['wall_s']['first_batch']:.1f} / {f['cpu_s']['first_batch']:.1f}; later "
+         "batches " + "/".join(f"{t:.0f}" for t in f["wall_s"]["later_batches"]) + " s wall"),
         (f"SAEDashboard: all {info['d_sae']} latents (EXTRAPOLATED, {n_batches} batches)",
          f"{f['wall_s']['all_latents']:.0f}", f"{f['cpu_s']['all_latents']:.0f}",
-         f"{sizes[1]}-batch run + {n_batches - sizes[1]} × per batch"),
+         f"first batch + {n_batches - 1} × per batch"),
         ("model load (not in the times above)", f"{sk['phases']['model']['wall_s']:.1f} / "
          f"{dash[-1]['phases']['model']['wall_s']:.1f}", f"{sk['phases']['model']['cpu_s']:.1f} / "
          f"{dash[-1]['phases']['model']['cpu_s']:.1f}", "saekit bridge / TL2 built by hand"),
@@ -496,10 +515,10 @@ def main() -> None:
     print(table(cmp_rows, ("field", "agreement")))
     out = {"machine": cpu_info(), "info": info, "saekit": sk, "saedashboard": dash, "fit": f, "ratio": ratio,
            "compare": cmp_rows, "python": platform.python_version()}
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
-        print(f"wrote {args.json}")
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(out, indent=2, default=str))
+        print(f"wrote {json_out}")
 
 
 if __name__ == "__main__":
