@@ -31,6 +31,7 @@ from .errors import FileFormatError, SaekitError
 from .features.config import hist_edges, hist_quantiles
 from .features.store import CONTEXTS, FeatureStore
 from .files import claim_output, read_json, read_tensors, replacing, write_json
+from .version import __version__
 
 EXPORT_KIND = "saekit-neuronpedia-export"
 MANIFEST = "manifest.json"
@@ -267,6 +268,7 @@ def export_neuronpedia(store_path: str | Path, out: str | Path, cfg: Neuronpedia
     batches = [live[b: b + cfg.features_per_batch] for b in range(0, len(live), cfg.features_per_batch)]
     manifest = {
         "kind": EXPORT_KIND, "format": "SAEDashboard 0.8.0 Neuronpedia batch JSON (NeuronpediaDashboardBatch)",
+        "saekit_version": __version__, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "store": str(store.path.resolve()), "store_created_at": man.get("created_at"), "sae_dir": man.get("sae_dir"),
         "sae_weights_sha256": man.get("sae_weights_sha256"), "hook": man.get("hook"), **header,
         "config": asdict(cfg), "latents": store.d_sae, "exported": len(live), "skipped_dead": store.d_sae - len(live),
