@@ -40,15 +40,17 @@ def feature_page(path: str, store: FeatureStore, labels: Labels) -> None:
             st.info("This latent never fired on the analysed tokens.")
         if f.groups:
             st.subheader("Quantile groups")
-            st.caption("Each band holds an equal share of the latent's firings; examples are sampled at random within it.")
-            for g in f.groups:
-                with st.expander(f"{g.q_lo:.0%}–{g.q_hi:.0%} of firings · activation {g.lo:.3g} – "
-                                 f"{'max' if g.hi == float('inf') else format(g.hi, '.3g')} · {len(g.examples)} shown",
-                                 expanded=g.q_hi >= 1.0):
-                    if g.examples:
-                        st.markdown(render.examples_html(g.examples, f.max, special), unsafe_allow_html=True)
-                    else:
-                        st.caption("no sampled example in this band")
+            st.caption("Each band holds an equal share of the latent's firings; examples are sampled at random within "
+                       "it. One band is drawn at a time (the page stays quick with thousands of tokens per band).")
+            names = [f"{g.q_lo:.0%}–{g.q_hi:.0%}" for g in f.groups]
+            pick = st.segmented_control("Band of firings", names, default=names[-1], key=f"band_{fid}")
+            g = f.groups[names.index(pick) if pick in names else -1]
+            st.caption(f"activation {g.lo:.3g} – {'max' if g.hi == float('inf') else format(g.hi, '.3g')} · "
+                       f"{len(g.examples)} examples")
+            if g.examples:
+                st.markdown(render.examples_html(g.examples, f.max, special), unsafe_allow_html=True)
+            else:
+                st.caption("no sampled example in this band")
     with right:
         st.plotly_chart(render.hist_figure(f), key=f"hist_{fid}")
         st.subheader("Logit effects")

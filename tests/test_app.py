@@ -51,7 +51,11 @@ def test_feature_page_shows_everything_and_saves_labels(app, tiny_store):
         assert name in subheaders
     frames = {tuple(d.value.columns)[0]: d.value for d in at.dataframe}
     assert len(frames["promoted"]) == 10 and len(frames["suppressed"]) == 10 and len(frames["token"]) > 0
-    assert len(at.expander) == 3  # quantile groups of the tiny store
+    bands = at.button_group[0]  # quantile groups of the tiny store: one drawn at a time, the top band first
+    assert len(bands.options) == 3 and bands.value == bands.options[-1]
+    bands.set_value(bands.options[0]).run()
+    assert ok(at).button_group[0].value == bands.options[0]
+    assert "".join(m.value for m in at.markdown) != html  # the lowest band's examples drawn instead
     nb = [b for b in at.button if b.key and b.key.startswith("nb_")]
     assert len(nb) == 10
     target = int(nb[0].key[3:])
