@@ -62,7 +62,7 @@ def old_evaluate(model, sae, contexts: torch.Tensor, cfg=None, hook: str | None 
 
     from saekit.config import EvalConfig
     from saekit.errors import DataError
-    from saekit.evaluate import ce_recovered, reconstruction_metrics
+    from saekit.evaluate import ce_metrics, reconstruction_metrics
     from saekit.harvest import MASSIVE_MULTIPLE, keep_mask
     from saekit.tokens import special_ids
 
@@ -114,15 +114,7 @@ def old_evaluate(model, sae, contexts: torch.Tensor, cfg=None, hook: str | None 
             elif name == "sae":
                 sums["kl"] += F.kl_div(logp, logp_clean, log_target=True, reduction="sum").item()
         n_pred += len(targets)
-    ce = {k: v / max(n_pred, 1) for k, v in sums.items()}
-    out |= {
-        "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero_ablation": ce["zero"], "ce_mean_ablation": ce["mean"],
-        "ce_delta": ce["sae"] - ce["clean"],
-        "ce_recovered_zero": ce_recovered(ce["zero"], ce["sae"], ce["clean"]),
-        "ce_recovered_mean": ce_recovered(ce["mean"], ce["sae"], ce["clean"]),
-        "kl": ce["kl"], "ce_tokens": n_pred,
-        "hook": hook, "eval_config": asdict(cfg), "seconds": time.perf_counter() - start,
-    }
+    out |= ce_metrics(sums, n_pred) | {"hook": hook, "eval_config": asdict(cfg), "seconds": time.perf_counter() - start}
     return out
 
 

@@ -327,16 +327,20 @@ def evaluate(model, sae: SparseAutoencoder, contexts: torch.Tensor, cfg: EvalCon
                                                              for r in job_rows.split(ROWS)]))
         for name, c in reuse:
             sums[name] += F.nll_loss(shared[name][1], targets[c][pred[c]], reduction="sum").item()
+    out |= ce_metrics(sums, n_pred) | {"hook": hook, "eval_config": asdict(cfg), "seconds": time.perf_counter() - start}
+    return out
+
+
+def ce_metrics(sums: dict[str, float], n_pred: int) -> dict[str, float]:
+    """eval.json's CE/KL entries from summed NLLs of the clean, sae, zero and mean passes and the summed KL."""
     ce = {k: v / max(n_pred, 1) for k, v in sums.items()}
-    out |= {
+    return {
         "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero_ablation": ce["zero"], "ce_mean_ablation": ce["mean"],
         "ce_delta": ce["sae"] - ce["clean"],
         "ce_recovered_zero": ce_recovered(ce["zero"], ce["sae"], ce["clean"]),
         "ce_recovered_mean": ce_recovered(ce["mean"], ce["sae"], ce["clean"]),
         "kl": ce["kl"], "ce_tokens": n_pred,
-        "hook": hook, "eval_config": asdict(cfg), "seconds": time.perf_counter() - start,
     }
-    return out
 
 
 def report(metrics: dict[str, Any]) -> str:
