@@ -4,7 +4,7 @@ PY    := $(VENV)/bin/python
 PIP   := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.saekit-setup
 
-.PHONY: setup demo test test-fast gpu-check bench browse bench-peers peers clean
+.PHONY: setup demo test test-fast gpu-check bench browse bench-peers peers peers-ct clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/saekit demo --overwrite  # a re-run starts the demo again (its cached harvest is reused)
 
-test: setup peers  # the peers' venv lets the interop tests load our SAEs in real SAELens and sparsify
+test: setup peers peers-ct  # the peers' venvs let the interop tests load our SAEs in real SAELens, sparsify and circuit-tracer
 	$(VENV)/bin/pytest -q
 
 test-fast: setup  # unit tests only: no default model, no browser (the interop tests skip without the peers)
@@ -62,6 +62,24 @@ $(PEERS_STAMP): pyproject.toml Makefile
 
 bench-peers: setup $(PEERS_STAMP)
 	$(PY) benchmarks/peers.py --peers-python $(PEERS_PY) --json runs/bench/peers.json
+
+# circuit-tracer (0.5.0) lives in its own venv: it pins transformers <= 4.57.3 and huggingface-hub < 1.0. torch first
+# (the CPU wheel on disk), named again beside circuit-tracer so the resolver keeps it; the last line fails the build
+# if a CUDA wheel came along anyway.
+CT       ?= .venv-ct
+CT_PY    := $(CT)/bin/python
+CT_PIP   := $(CT_PY) -m pip --disable-pip-version-check
+CT_STAMP := $(CT)/.saekit-ct
+
+peers-ct: $(CT_STAMP)
+
+$(CT_STAMP): Makefile
+	test -x $(CT_PY) || python3 -m venv $(CT)
+	$(CT_PY) -c "import torch" 2>/dev/null || $(CT_PIP) install -q torch==2.13.0
+	$(CT_PIP) install -q circuit-tracer==0.5.0 torch==2.13.0
+	$(CT_PY) -c "import circuit_tracer.transcoder"
+	! $(CT_PIP) list 2>/dev/null | grep -i nvidia
+	touch $(CT_STAMP)
 
 # SAEDashboard (sae-dashboard 0.8.0) lives in its own venv: it pins transformer-lens < 3, transformers < 4.57,
 # sae-lens < 7, datasets < 4 and safetensors < 0.5. torch first (the CPU wheel on disk), named again beside
