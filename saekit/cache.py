@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -150,49 +150,104 @@ class ActivationCache:
     @classmethod
     def write(cls, directory: str | Path, harvest: Harvest, manifest: dict[str, Any],
               massive: dict[str, dict[str, float]] | None = None, comm: Comm | None = None,
-              shard_tokens: int = SHARD_TOKENS) -> ActivationCache:
-        """Write `harvest` as shards, then the manifest last (each file atomically).
-
-        With a `comm` of several processes each rank passes its own part of the stream: every rank writes
-        its shards and rank 0 writes one manifest listing them all in rank order, so the result is an
-        ordinary cache. `massive` ({hook: {"multiple", "median_norm", "threshold"}}) is the threshold over
-        the whole stream; by default it is computed from `harvest` (one process only).
-        """
+              shard_tokens: int = SHARD_TOKENS, dtype: torch.dtype = torch.float32) -> ActivationCache:
+        """Write a harvest held in memory (see `CacheWriter`; `massive` by default from `harvest`, one process)."""
         from .harvest import massive_record
 
-        directory = Path(directory)
-        world, rank = (comm.world, comm.rank) if comm is not None else (1, 0)
-        if world > 1 and massive is None:
+        if (comm is not None and comm.world > 1) and massive is None:
             raise ValueError("a cache written by several processes needs the stream-wide massive thresholds")
-        massive = massive or {h: massive_record(float(harvest.norms(h).median())) for h in harvest.acts}
-        # Written beside its place and swapped in whole (rank 0 swaps once every rank's shards are there):
-        # an interrupted harvest leaves any old cache intact, and no reader sees shards of two harvests.
-        staging = directory.parent / f".{directory.name}.partial"
-        if rank == 0:
+        with CacheWriter(directory, manifest, comm, shard_tokens, dtype) as writer:
+            writer.add(harvest.acts, harvest.token_ids, harvest.positions, harvest.context_ids)
+            return writer.close(harvest.meta, massive or {h: massive_record(float(harvest.norms(h).median()))
+                                                          for h in harvest.acts})
+
+
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CacheWriter:
+    """Writes a cache while the harvest runs: rows are buffered and written a shard at a time, so a harvest of
+    many hooks never holds more than one shard in memory. Also keeps every row's norm per hook (4 bytes a row),
+    from which the caller takes the massive thresholds.
+
+    With a `comm` of several processes each rank passes its own part of the stream: every rank writes its shards
+    and rank 0 writes one manifest listing them all in rank order, so the result is an ordinary cache. Shards are
+    written beside the cache's place and swapped in whole once every rank's are there: an interrupted harvest
+    leaves any old cache intact, and no reader sees shards of two harvests. Activations are stored as `dtype`
+    (recorded in the manifest); readers get float32."""
+
+    def __init__(self, directory: str | Path, manifest: dict[str, Any], comm: Comm | None = None,
+                 shard_tokens: int = SHARD_TOKENS, dtype: torch.dtype = torch.float32):
+        self.dir, self.manifest, self.comm, self.dtype = Path(directory), manifest, comm, dtype
+        self.world, self.rank = (comm.world, comm.rank) if comm is not None else (1, 0)
+        self.shard_tokens = shard_tokens
+        self.prefix = f"shard_r{self.rank:03d}" if self.world > 1 else "shard"
+        self.shards: list[dict[str, Any]] = []
+        self.pending: list[dict[str, torch.Tensor]] = []
+        self.pending_rows = 0
+        self.norms: dict[str, list[torch.Tensor]] = {}
+        self.widths: dict[str, int] = {}
+        self._stack = ExitStack()
+
+    def __enter__(self) -> CacheWriter:
+        staging = self.dir.parent / f".{self.dir.name}.partial"
+        if self.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
-        with replacing(directory, staging=staging) if rank == 0 else nullcontext(staging) as into:
-            if comm is not None:
-                comm.barrier("starting to write the activation cache")
-            prefix = f"shard_r{rank:03d}" if world > 1 else "shard"
-            shards = []
-            for i, lo in enumerate(range(0, len(harvest), shard_tokens)):
-                sl = slice(lo, lo + shard_tokens)
-                tensors = {f"acts.{h}": a[sl] for h, a in harvest.acts.items()}
-                tensors |= {f: getattr(harvest, f)[sl] for f in INDEX_FIELDS}
-                name = f"{prefix}_{i:05d}.safetensors"
-                write_tensors(into / name, tensors)
-                shards.append({"file": name, "tokens": len(harvest.token_ids[sl])})
-            everyone = comm.all_gather_object((shards, harvest.meta), "collecting the cache shard lists") \
-                if comm is not None else [(shards, harvest.meta)]
-            if rank == 0:
-                tokens = sum(s["tokens"] for sh, _ in everyone for s in sh)
-                meta = harvest.meta if world == 1 else {
-                    "tokens": tokens, "seconds": max(m["seconds"] for _, m in everyone), "world_size": world,
-                    "tokens_per_s": tokens / max(max(m["seconds"] for _, m in everyone), 1e-9)}
-                write_json(into / MANIFEST, {
-                    **manifest, "kind": KIND, "hooks": list(harvest.acts),
-                    "d_in": {h: int(a.shape[1]) for h, a in harvest.acts.items()}, "tokens": tokens,
-                    "shards": [s for sh, _ in everyone for s in sh], "massive": massive, "harvest": meta})
+        self.into = self._stack.enter_context(replacing(self.dir, staging=staging) if self.rank == 0
+                                              else nullcontext(staging))
+        if self.comm is not None:
+            self.comm.barrier("starting to write the activation cache")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.__exit__(*exc)
+
+    def add(self, acts: dict[str, torch.Tensor], token_ids: torch.Tensor, positions: torch.Tensor,
+            context_ids: torch.Tensor) -> None:
+        """Append rows (in stream order); full shards are written at once."""
+        for h, a in acts.items():
+            self.norms.setdefault(h, []).append(a.float().norm(dim=1).cpu())
+            self.widths[h] = int(a.shape[1])
+        rows = {f"acts.{h}": a.to(self.dtype).cpu() for h, a in acts.items()}
+        rows |= {"token_ids": token_ids.cpu(), "positions": positions.cpu(), "context_ids": context_ids.cpu()}
+        self.pending.append(rows)
+        self.pending_rows += len(token_ids)
+        while self.pending_rows >= self.shard_tokens:
+            self._flush(self.shard_tokens)
+
+    def _flush(self, n: int) -> None:
+        joined = {k: torch.cat([p[k] for p in self.pending]) for k in self.pending[0]}
+        name = f"{self.prefix}_{len(self.shards):05d}.safetensors"
+        write_tensors(self.into / name, {k: v[:n] for k, v in joined.items()})
+        self.shards.append({"file": name, "tokens": n})
+        rest = len(joined["token_ids"]) - n
+        self.pending = [{k: v[n:] for k, v in joined.items()}] if rest else []
+        self.pending_rows = rest
+
+    def hook_norms(self, hook: str) -> torch.Tensor:
+        """Norms of every row of `hook` added so far (this process's)."""
+        return torch.cat(self.norms[hook])
+
+    def close(self, meta: dict[str, Any], massive: dict[str, dict[str, float]]) -> ActivationCache:
+        """Write the last shard and the manifest (`massive`: the stream-wide thresholds per hook); the cache is
+        swapped into place when the `with` block ends."""
+        if self.pending_rows:
+            self._flush(self.pending_rows)
+        comm = self.comm
+        everyone = comm.all_gather_object((self.shards, meta), "collecting the cache shard lists") \
+            if comm is not None else [(self.shards, meta)]
+        hooks = list(self.norms)
+        if self.rank == 0:
+            tokens = sum(s["tokens"] for sh, _ in everyone for s in sh)
+            meta = meta if self.world == 1 else {
+                "tokens": tokens, "seconds": max(m["seconds"] for _, m in everyone), "world_size": self.world,
+                "tokens_per_s": tokens / max(max(m["seconds"] for _, m in everyone), 1e-9)}
+            write_json(self.into / MANIFEST, {
+                **self.manifest, "kind": KIND, "hooks": hooks,
+                "d_in": self.widths, "tokens": tokens,
+                "storage_dtype": str(self.dtype).removeprefix("torch."),
+                "shards": [s for sh, _ in everyone for s in sh], "massive": massive, "harvest": meta})
+        self._stack.close()  # swaps the finished cache into place (rank 0)
         if comm is not None:
             comm.barrier("waiting for rank 0 to write the cache")
-        return cls(directory)
+        return ActivationCache(self.dir)

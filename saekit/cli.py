@@ -150,13 +150,16 @@ def sae_configs(values: Values) -> list[SaeConfig]:
             return convert(saes, list[SaeConfig], "saes")
         return sae_grid(convert(values.get("k", SaeConfig.k), list[Count], "k"),
                         convert(values.get("d_sae", SaeConfig.d_sae), list[Count], "d_sae"),
-                        values.get("architecture", "topk"))
+                        values.get("architecture", "topk"), transcoder=bool(values.get("transcoder")),
+                        skip=bool(values.get("skip")), prefixes=convert(values.get("prefixes", []), list[Count], "prefixes"))
 
 
 def train_run(values: Values, out: str) -> TrainRun:
     """The typed configs of `saekit train` / `saekit demo`."""
     if values.get("activations") and "hooks" not in values:
         values = {**values, "hooks": []}  # train on every hook in the cache
+    if values.get("transcoder") and not values.get("activations"):
+        values = {**values, "mlp_pairs": True}  # a transcoder trains on its MLP's input and output
     return TrainRun(harvest=config_from(HarvestConfig, values),
                     train=config_from(TrainConfig, values, saes=sae_configs(values)),
                     eval=config_from(EvalConfig, values, prefix="eval_"),
@@ -187,10 +190,15 @@ def cmd_demo(values: Values) -> int:
 
 
 def cmd_eval(values: Values) -> int:
-    from .runner import evaluate_sae
+    from .runner import dictionaries_in, evaluate_replacement_set, evaluate_sae
 
-    evaluate_sae(Path(values["sae_dir"]), config_from(EvalConfig, values, prefix="eval_"), model_arg=values.get("model"),
-                 dataset=values.get("dataset"), device=values.get("device") or "auto")
+    cfg = config_from(EvalConfig, values, prefix="eval_")
+    where = dict(model_arg=values.get("model"), dataset=values.get("dataset"), device=values.get("device") or "auto")
+    if values.get("replace_all"):
+        evaluate_replacement_set(Path(values["sae_dir"]), cfg, **where)
+        return 0
+    for path in dictionaries_in(values["sae_dir"]):
+        evaluate_sae(path, cfg, **where)
     return 0
 
 
@@ -295,7 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--hook", help="one hook name (shorthand for --hooks)")
         p.add_argument("--k", help="active latents per token; a comma list trains one SAE per value (default 32)")
         p.add_argument("--d-sae", help="number of latents; a comma list trains one SAE per value (default 4608)")
-        p.add_argument("--architecture", choices=["topk", "batchtopk"], help="SAE activation (default topk)")
+        p.add_argument("--architecture", choices=["topk", "batchtopk", "matryoshka"],
+                       help="activation: topk, batchtopk or matryoshka (BatchTopK with nested prefixes; default topk)")
+        p.add_argument("--prefixes", help="Matryoshka prefix sizes, increasing, the last = d_sae (default d_sae/16, "
+                                          "/8, /4, /2, 1)")
+        p.add_argument("--transcoder", action="store_true", default=None,
+                       help="train transcoders: read each of --layers' MLP input, predict its output (one harvest pass)")
+        p.add_argument("--skip", action="store_true", default=None,
+                       help="with --transcoder: skip-transcoders (a dense linear path W_skip·x beside the latents)")
         add_config_args(p, HarvestConfig)
         # the run's seed and device are the harvest's flags, passed on to training
         add_config_args(p, TrainConfig, exclude=("saes", "seed", "device"))
@@ -304,9 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             add_config_args(p, DistConfig)
 
-    p = sub.add_parser("eval", help="evaluate an SAE directory on held-out text; writes eval.json")
+    p = sub.add_parser("eval", help="evaluate an SAE or transcoder (or each in a run folder) on held-out text; "
+                                    "writes eval.json")
     config_flag(p)
-    p.add_argument("sae_dir")
+    p.add_argument("sae_dir", help="a dictionary directory, or a run folder holding several")
+    p.add_argument("--replace-all", action="store_true", default=None,
+                   help="a transcoder set: CE/KL with every MLP replaced at once (the replacement model); writes "
+                        "SAE_DIR/replacement_eval.json")
     p.add_argument("--model", help="override the model recorded in the SAE")
     p.add_argument("--dataset", help="override the dataset recorded in the SAE")
     p.add_argument("--device", help="auto, cpu or cuda (default auto)")

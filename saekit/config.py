@@ -197,20 +197,52 @@ class Checked:
 
 @dataclass
 class SaeConfig(Checked):
-    """Shape and activation of one sparse autoencoder."""
+    """Shape and activation of one dictionary: an SAE (rebuilds the activation it reads) or a transcoder (reads
+    an MLP's input and predicts that MLP's output)."""
 
     d_in: Count = 576
-    """Width of the activations (the model's d_model for residual hooks)."""
+    """Width of the activations read (the model's d_model for residual and MLP hooks)."""
     d_sae: Count = 4608
     """Number of latents (dictionary size)."""
     k: Count = 32
-    """Active latents per token (TopK), or the mean per token (BatchTopK)."""
-    architecture: Literal["topk", "batchtopk"] = "topk"
-    """'topk' (Gao et al. 2024) or 'batchtopk' (top k·batch over the batch; a threshold at inference)."""
+    """Active latents per token (TopK), or the mean per token (BatchTopK, Matryoshka)."""
+    architecture: Literal["topk", "batchtopk", "matryoshka"] = "topk"
+    """'topk' (Gao et al. 2024), 'batchtopk' (top k·batch over the batch; a threshold at inference) or
+    'matryoshka' (BatchTopK whose nested prefixes each reconstruct the target; Bussmann et al. 2025)."""
+    prefixes: list[Count] = field(default_factory=list)
+    """Matryoshka: sizes of the nested prefixes, increasing, the last = d_sae (empty: d_sae/16, /8, /4, /2, 1)."""
+    transcoder: bool = False
+    """Predict the output of the MLP whose input is read (a transcoder) instead of rebuilding the input."""
+    skip: bool = False
+    """Transcoder only: add a dense linear path W_skip·x, zero-initialised (a skip-transcoder)."""
+    d_out: Count | None = None
+    """Width of the target (transcoder); None: d_in."""
+
+    @property
+    def out_dim(self) -> int:
+        return self.d_out or self.d_in
+
+    @property
+    def nested(self) -> list[int]:
+        """Prefix sizes whose reconstructions are trained (one, the whole dictionary, unless Matryoshka)."""
+        if self.architecture != "matryoshka":
+            return [self.d_sae]
+        return self.prefixes or sorted({max(1, self.d_sae // m) for m in (16, 8, 4, 2, 1)})
 
     def check(self) -> None:
         if self.k > self.d_sae:
             raise OptionError("k", self.k, f"more active latents than the SAE has (d_sae {self.d_sae}); pick k ≤ d_sae")
+        if self.skip and not self.transcoder:
+            raise OptionError("skip", True, "a skip path belongs to a transcoder; add --transcoder")
+        if self.d_out is not None and not self.transcoder and self.d_out != self.d_in:
+            raise OptionError("d_out", self.d_out, f"an SAE rebuilds what it reads (d_in {self.d_in}); a different "
+                              "output width needs --transcoder")
+        if self.prefixes:
+            if self.architecture != "matryoshka":
+                raise OptionError("prefixes", self.prefixes, "prefixes are for --architecture matryoshka")
+            if self.prefixes != sorted(set(self.prefixes)) or self.prefixes[-1] != self.d_sae:
+                raise OptionError("prefixes", self.prefixes, f"must increase and end at d_sae ({self.d_sae}), "
+                                  f"e.g. {self.d_sae // 16},{self.d_sae // 4},{self.d_sae}")
 
 
 @dataclass
@@ -255,6 +287,14 @@ class HarvestConfig(DataConfig):
 
     hooks: list[str] = field(default_factory=lambda: ["blocks.15.hook_resid_pre"])
     """Transformer-lens hook names; all are read in one forward pass."""
+    layers: str = ""
+    """Layers to record instead of --hooks: 'all' or a comma list (6,12); each layer's resid_pre, or its MLP input
+    and output with --mlp-pairs (what transcoders train on)."""
+    mlp_pairs: bool = False
+    """Record each of --layers' MLP input (blocks.L.mlp.hook_in) and output (blocks.L.hook_mlp_out); implied by
+    --transcoder."""
+    storage_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """How the cache stores activations (readers get float32): float16 halves the disk a many-layer harvest takes."""
     tokens: Count = 300_000
     """Exact number of training activations (tokens) to harvest, position 0 and separators excluded."""
     batch_contexts: Count = 16
@@ -286,6 +326,9 @@ class TrainConfig(Checked):
     """Linear warm-up steps."""
     decay_fraction: Annotated[float, Range(ge=0, le=1)] = 0.2
     """Final fraction of training over which the lr decays linearly to 0 (adam)."""
+    transcoder_init: Literal["independent", "tied"] = "independent"
+    """Transcoders: W_enc's columns random unit directions independent of W_dec's rows (the input and output
+    spaces differ), or tied to them (W_enc = scale·W_decᵀ, the SAE init). Measured: benchmarks/transcoders.py --inits."""
     enc_init_scale: Positive = 0.5
     """W_enc starts as this × W_decᵀ (decoder rows unit-norm). Gao et al. use 1; 0.5 reaches a lower FVU at
     short budgets (measured: README, benchmarks/quality.py --baseline init)."""

@@ -45,22 +45,25 @@ def ce_recovered(ce_ablated: float, ce_sae: float, ce_clean: float) -> float:
 @torch.no_grad()
 def reconstruction_metrics(sae: SparseAutoencoder, x: torch.Tensor, massive_multiple: float = MASSIVE_MULTIPLE,
                            dense_threshold: float = 0.1, batch: int = 4096,
-                           massive_threshold: float | None = None) -> dict[str, Any]:
-    """FVU (all tokens and without massive ones), nmse, L0, dead and dense fractions on activations x.
-    Massive tokens: norm above `massive_threshold` (the one recorded at harvest), else above
-    `massive_multiple` × the median norm of x."""
-    return _reconstruction(sae, x, massive_multiple, dense_threshold, batch, massive_threshold)[0]
+                           massive_threshold: float | None = None, target: torch.Tensor | None = None) -> dict[str, Any]:
+    """FVU (all tokens and without massive ones), nmse, L0, dead and dense fractions on activations x (of the
+    `target` for a transcoder reading x). Massive tokens: target norm above `massive_threshold` (the one recorded
+    at harvest), else above `massive_multiple` × the median norm of the target."""
+    return _reconstruction(sae, x, massive_multiple, dense_threshold, batch, massive_threshold, target)[0]
 
 
-def _reconstruction(sae: SparseAutoencoder, x: torch.Tensor, massive_multiple: float, dense_threshold: float,
-                    batch: int, massive_threshold: float | None) -> tuple[dict[str, Any], torch.Tensor]:
-    """(reconstruction_metrics, x̂): evaluate splices the very x̂ it measured."""
+def _reconstruction(sae: SparseAutoencoder, src: torch.Tensor, massive_multiple: float, dense_threshold: float,
+                    batch: int, massive_threshold: float | None, target: torch.Tensor | None = None
+                    ) -> tuple[dict[str, Any], torch.Tensor]:
+    """(reconstruction_metrics, x̂): evaluate splices the very x̂ it measured. `src` is what the dictionary
+    reads, `target` what it predicts (`src` for an SAE)."""
+    x = src if target is None else target
     parts = []
     fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=x.device)
     l0 = 0.0
     for i in range(0, len(x), batch):  # one encode per batch serves the reconstruction and the counts
-        v, idx = sae.encode(x[i: i + batch])
-        parts.append(sae.decode(v, idx))
+        v, idx = sae.encode(src[i: i + batch])
+        parts.append(sae.decode(v, idx, src[i: i + batch]))
         on = v > 0
         l0 += on.sum().item()
         fires += torch.bincount(idx[on], minlength=sae.cfg.d_sae)
@@ -119,11 +122,11 @@ class _Splicer:
     (an architecture whose blocks do not chain like this, or with work after its unembedding) every variant runs
     the whole model with a replacing hook instead."""
 
-    def __init__(self, model, hook: str):
+    def __init__(self, model, hook: str, read: str | None = None):
         from .lm import check_hooks, hook_layer, stop_layer
 
-        check_hooks(model, [hook])
-        self.model, self.hook = model, hook
+        check_hooks(model, [hook] + ([read] if read else []))
+        self.model, self.hook, self.read = model, hook, read
         layer = hook_layer(hook)
         entry = f"blocks.{layer}.hook_resid_pre"
         blocks = getattr(model, "blocks", None)
@@ -141,11 +144,12 @@ class _Splicer:
             self.stop = stop_layer(model, [hook])
         self.check_error: float | None = None
 
-    def prefix(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the hook's activation, the residual entering block L) [B, T, d] on clean `tokens`."""
-        if self.direct and self.layer > 0:
+    def prefix(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the hook's activation, the residual entering block L, the `read` hook's activation — a transcoder's
+        input; the hook's own otherwise) [B, T, d] on clean `tokens`."""
+        if self.direct and self.layer > 0 and self.read is None:
             act = self.model(tokens, stop_at_layer=self.layer)
-            return act, act
+            return act, act, act
         store: dict[str, torch.Tensor] = {}
 
         def saver(name: str):
@@ -154,8 +158,9 @@ class _Splicer:
             return save
 
         hooks = [(self.hook, saver("act"))] + ([(self.entry, saver("entry"))] if self.fast and not self.direct else [])
+        hooks += [(self.read, saver("read"))] if self.read else []
         self.model.run_with_hooks(tokens, fwd_hooks=hooks, stop_at_layer=self.stop)
-        return store["act"], store.get("entry", store["act"])
+        return store["act"], store.get("entry", store["act"]), store.get("read", store["act"])
 
     def outputs(self, tokens: torch.Tensor, entry: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """Per position, what `logits_of` turns into logits: the final hidden state [B, T, d_model] on the
@@ -230,7 +235,14 @@ def evaluate(model, sae: SparseAutoencoder, contexts: torch.Tensor, cfg: EvalCon
     hook = hook or sae.hook
     if hook is None:
         raise HookError("the SAE records no hook; pass hook='blocks.L.hook_resid_pre'.")
-    splice = _Splicer(model, hook)
+    read = None
+    if sae.is_transcoder:  # read the MLP's input, splice its output
+        from .lm import check_pair
+
+        if sae.hook_out is None:
+            raise HookError("the transcoder records no output hook (saekit.hook_out in its cfg.json).")
+        read, hook = check_pair(model, hook, sae.hook_out)
+    splice = _Splicer(model, hook, read)
     special = special_ids(model.tokenizer)
     device = next(model.parameters()).device
     start = time.perf_counter()
@@ -246,22 +258,26 @@ def evaluate(model, sae: SparseAutoencoder, contexts: torch.Tensor, cfg: EvalCon
         if not rows.any():
             continue
         toks, keep = toks[rows], keep[rows]
-        act, entry = splice.prefix(toks)
-        if act.shape[-1] != sae.cfg.d_in:
+        act, entry, src = splice.prefix(toks)
+        if src.shape[-1] != sae.cfg.d_in or act.shape[-1] != sae.cfg.out_dim:
             from .errors import ShapeError
 
-            raise ShapeError(f"the SAE has d_in {sae.cfg.d_in} but {hook} has width {act.shape[-1]}.")
-        batches.append((toks, keep, act, entry))
+            raise ShapeError(f"the dictionary reads width {sae.cfg.d_in} and writes {sae.cfg.out_dim}, but "
+                             f"{read or hook} has width {src.shape[-1]} and {hook} {act.shape[-1]}.")
+        batches.append((toks, keep, act, entry, src[keep].float()))
         have += int(keep.sum())
         if have >= cfg.tokens:
             break
     if have < cfg.tokens:
         raise DataError(f"the held-out contexts give {have} tokens, fewer than the {cfg.tokens} asked; "
                         "lower --eval-tokens or raise the held-out fraction.")
-    x = torch.cat([a[k].float() for _, k, a, _ in batches])
+    x = torch.cat([a[k].float() for _, k, a, _, _ in batches])
+    src = torch.cat([b[4] for b in batches]) if read else x
+    batches = [b[:4] for b in batches]
     recorded = sae.info.get("massive_threshold") if cfg.massive_multiple is None else None
     multiple = MASSIVE_MULTIPLE if cfg.massive_multiple is None else cfg.massive_multiple
-    out, x_hat = _reconstruction(sae, x, multiple, cfg.dense_threshold, 4096, recorded)
+    out, x_hat = _reconstruction(sae, src, multiple, cfg.dense_threshold, 4096, recorded, x if read else None)
+    out |= {"kind": sae.kind, "architecture": sae.cfg.architecture} | ({"hook_in": read} if read else {})
     out["massive_threshold_from"] = ("the harvest (recorded in the SAE)" if recorded is not None else
                                      f"{multiple:g}× the evaluated tokens' median norm")
     fills = {"zero": torch.zeros_like(x[0]), "mean": x.mean(0)}
@@ -329,6 +345,95 @@ def evaluate(model, sae: SparseAutoencoder, contexts: torch.Tensor, cfg: EvalCon
             sums[name] += F.nll_loss(shared[name][1], targets[c][pred[c]], reduction="sum").item()
     out |= ce_metrics(sums, n_pred) | {"hook": hook, "eval_config": asdict(cfg), "seconds": time.perf_counter() - start}
     return out
+
+
+@torch.no_grad()
+def evaluate_replacement(model, transcoders: list[SparseAutoencoder], contexts: torch.Tensor,
+                         cfg: EvalConfig | None = None, progress: bool = True) -> dict[str, Any]:
+    """The replacement model: every MLP of `transcoders` replaced by its transcoder at once (error terms dropped),
+    each reading the input its predecessors' replacements produced. CE and KL against the clean model on
+    held-out `contexts`; the baselines zero- or mean-ablate those same MLPs (the mean of each MLP's output over the
+    evaluated tokens, from the clean pass). Positions that are never evaluated (0, separators) keep the real MLPs,
+    as in `evaluate`."""
+    from .lm import check_pair, hook_layer
+    from .tokens import special_ids
+
+    cfg = cfg or EvalConfig()
+    if not transcoders or not all(t.is_transcoder for t in transcoders):
+        raise HookError("the replacement model replaces MLPs: every dictionary must be a transcoder.")
+    pairs = [check_pair(model, t.hook, t.hook_out) for t in transcoders]
+    layers = [hook_layer(p[0]) for p in pairs]
+    if len(set(layers)) != len(layers):
+        raise HookError(f"two transcoders replace the same MLP (layers {sorted(layers)}); keep one per layer.")
+    special = special_ids(model.tokenizer)
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    state: dict[str, Any] = {}
+
+    def replacing(t: SparseAutoencoder, out_hook: str):
+        def read(a, hook):
+            if state["mode"] == "tc":
+                state[out_hook] = t(a[state["keep"]].float())
+            return a
+
+        def write(a, hook):
+            keep = state["keep"]
+            if state["mode"] == "clean":
+                state["sums"][out_hook] += a[keep].double().sum(0)
+                return a
+            fill = state[out_hook] if state["mode"] == "tc" else state["fill"][out_hook]
+            a = a.clone()
+            a[keep] = fill.to(a.dtype)
+            return a
+        return read, write
+
+    hooks = []
+    for t, (hin, hout) in zip(transcoders, pairs, strict=True):
+        read, write = replacing(t.to(device), hout)
+        hooks += [(hin, read), (hout, write)]
+    sums = dict.fromkeys(("clean", "sae", "zero", "mean", "kl"), 0.0)
+    state["sums"] = {hout: torch.zeros(t.cfg.out_dim, dtype=torch.float64, device=device)
+                     for t, (_, hout) in zip(transcoders, pairs)}
+    batches, have = [], 0
+    for lo in range(0, len(contexts), cfg.batch_contexts):
+        toks = contexts[lo: lo + cfg.batch_contexts].to(device)
+        keep = keep_mask(toks, special)
+        keep &= keep.flatten().cumsum(0).view_as(keep) <= cfg.tokens - have
+        if keep.any():
+            batches.append((toks, keep))
+            have += int(keep.sum())
+        if have >= cfg.tokens:
+            break
+    if have < cfg.tokens:
+        raise DataError(f"the held-out contexts give {have} tokens, fewer than the {cfg.tokens} asked; "
+                        "lower --eval-tokens or raise the held-out fraction.")
+    n_pred = sum(int(k[:, :-1].sum()) for _, k in batches)
+
+    def nll_of(toks: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model.run_with_hooks(toks, fwd_hooks=hooks)
+        logp = F.log_softmax(logits[:, :-1][keep[:, :-1]].float(), dim=-1)
+        return logp, F.nll_loss(logp, toks[:, 1:][keep[:, :-1]], reduction="sum")
+
+    # clean, replaced and zero-ablated per batch (the clean pass also sums each MLP's output for the mean fill);
+    # then mean-ablated once the means are known
+    for toks, keep in tqdm(batches, desc="replacement model", disable=not progress, dynamic_ncols=True):
+        state |= {"mode": "clean", "keep": keep}
+        logp, nll = nll_of(toks, keep)
+        sums["clean"] += nll.item()
+        state["mode"] = "tc"
+        logq, nll = nll_of(toks, keep)
+        sums["sae"] += nll.item()
+        sums["kl"] += F.kl_div(logq, logp, log_target=True, reduction="sum").item()
+        del logp, logq
+        state |= {"mode": "fill", "fill": {h: torch.zeros(len(v), device=device) for h, v in state["sums"].items()}}
+        sums["zero"] += nll_of(toks, keep)[1].item()
+    state["fill"] = {h: (v / have).float() for h, v in state["sums"].items()}
+    for toks, keep in tqdm(batches, desc="replacement model: mean-ablated", disable=not progress, dynamic_ncols=True):
+        state |= {"mode": "fill", "keep": keep}
+        sums["mean"] += nll_of(toks, keep)[1].item()
+    out = ce_metrics(sums, n_pred)
+    return {"kind": "replacement", "layers": layers, "transcoders": len(transcoders), **out,
+            "tokens": have, "eval_config": asdict(cfg), "seconds": time.perf_counter() - start}
 
 
 def ce_metrics(sums: dict[str, float], n_pred: int) -> dict[str, float]:

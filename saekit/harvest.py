@@ -11,12 +11,15 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
 from .errors import DataError, NonFiniteError
+
+if TYPE_CHECKING:
+    from .cache import CacheWriter
 
 MASSIVE_MULTIPLE = 10.0
 
@@ -116,33 +119,49 @@ class Harvester:
         raise DataError(f"the dataset gave only {have} usable tokens but {tokens} were asked for; "
                         "lower --tokens or use more text.")
 
-    def harvest(self, contexts: torch.Tensor, tokens: int, batch_contexts: int = 16, progress: bool = True) -> Harvest:
-        """Exactly `tokens` activations per hook from the first contexts needed (in order)."""
-        parts: list[tuple] = []
+    def take(self, contexts: torch.Tensor, tokens: int, batch_contexts: int = 16, progress: bool = True
+             ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """`batches` trimmed to exactly `tokens` kept tokens from the first contexts needed (in order), with a
+        progress bar; a DataError when the contexts hold fewer."""
         have = 0
+        with tqdm(total=tokens, desc="harvest", unit="tok", disable=not progress, dynamic_ncols=True) as bar:
+            for acts, ids, pos, ctx in self.batches(contexts, batch_contexts):
+                take = min(len(ids), tokens - have)
+                yield {h: a[:take] for h, a in acts.items()}, ids[:take], pos[:take], ctx[:take]
+                have += take
+                bar.update(take)
+                if have >= tokens:
+                    return
+        raise DataError(f"the dataset gave only {have} usable tokens but {tokens} were asked for; "
+                        "lower --tokens or use more text.")
+
+    def harvest(self, contexts: torch.Tensor, tokens: int, batch_contexts: int = 16, progress: bool = True) -> Harvest:
+        """Exactly `tokens` activations per hook from the first contexts needed (in order), in memory."""
         start = time.perf_counter()
-        bar = tqdm(total=tokens, desc="harvest", unit="tok", disable=not progress, dynamic_ncols=True)
-        for acts, ids, pos, ctx in self.batches(contexts, batch_contexts):
-            take = min(len(ids), tokens - have)
-            parts.append(({h: a[:take] for h, a in acts.items()}, ids[:take], pos[:take], ctx[:take]))
-            have += take
-            bar.update(take)
-            if have >= tokens:
-                break
-        bar.close()
-        if have < tokens:
-            raise DataError(f"the dataset gave only {have} usable tokens but {tokens} were asked for; "
-                            "lower --tokens or use more text.")
+        parts = list(self.take(contexts, tokens, batch_contexts, progress))
         seconds = time.perf_counter() - start
-        h = Harvest(
+        return Harvest(
             acts={hk: torch.cat([p[0][hk] for p in parts]) for hk in self.hooks},
             token_ids=torch.cat([p[1] for p in parts]).cpu(),
             positions=torch.cat([p[2] for p in parts]).cpu(),
             context_ids=torch.cat([p[3] for p in parts]).cpu(),
-            meta={"tokens": have, "seconds": seconds, "tokens_per_s": have / max(seconds, 1e-9),
-                  "contexts_used": int(parts[-1][3][-1]) + 1 if parts else 0},
+            meta=harvest_meta(tokens, seconds, int(parts[-1][3][-1]) + 1 if parts else 0),
         )
-        return h
+
+    def harvest_into(self, writer: CacheWriter, contexts: torch.Tensor, tokens: int, batch_contexts: int = 16,
+                     progress: bool = True) -> dict[str, Any]:
+        """The same harvest streamed into a cache writer a batch at a time (memory: one shard, not the harvest);
+        returns its meta."""
+        start, last = time.perf_counter(), 0
+        for acts, ids, pos, ctx in self.take(contexts, tokens, batch_contexts, progress):
+            writer.add(acts, ids, pos, ctx)
+            last = int(ctx[-1]) + 1 if len(ctx) else last
+        return harvest_meta(tokens, time.perf_counter() - start, last)
+
+
+def harvest_meta(tokens: int, seconds: float, contexts_used: int) -> dict[str, Any]:
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
+            "contexts_used": contexts_used}
 
 
 class ShuffleBuffer:

@@ -366,3 +366,81 @@ def unembedding(model) -> tuple[torch.Tensor, torch.Tensor | None]:
             offset = getattr(model.cfg, "rmsnorm_uses_offset", False) and getattr(module, "bias", None) is None
             return W_U, (1.0 + t.detach()) if offset else t.detach()
     return W_U, None
+
+
+# ----------------------------------------------------------------------------- MLP hook pairs (transcoders)
+
+MLP_IN, MLP_OUT = "mlp.hook_in", "hook_mlp_out"
+# The MLP's exact input on TransformerBridge (transformer-lens 3.9 and 4.x) is mlp.hook_in (= ln2.hook_out);
+# its ln2.hook_normalized is x/rms before the norm's weight, unlike HookedTransformer's, so it is no MLP input.
+_IN_ALIASES = ("mlp.hook_in", "ln2.hook_out")
+_OUT_ALIASES = ("hook_mlp_out", "mlp.hook_out")
+
+
+def mlp_pair(layer: int) -> tuple[str, str]:
+    """(input hook, output hook) of block `layer`'s MLP: what a transcoder reads and what it predicts."""
+    return f"blocks.{layer}.{MLP_IN}", f"blocks.{layer}.{MLP_OUT}"
+
+
+def mlp_pairs(model) -> dict[int, tuple[str, str]]:
+    """Every layer's MLP (input, output) hook pair that this model has."""
+    return {layer: mlp_pair(layer) for layer in range(model.cfg.n_layers) if all(h in model.hook_dict for h in mlp_pair(layer))}
+
+
+def parse_layers(text: str, n_layers: int) -> list[int]:
+    """'all' or a comma list of layer numbers (negative counts from the end) → sorted distinct layers."""
+    from .errors import OptionError
+
+    if text.strip() == "all":
+        return list(range(n_layers))
+    try:
+        layers = sorted({int(p) % n_layers if -n_layers <= int(p) < n_layers else int(p) for p in text.split(",") if p.strip()})
+    except ValueError:
+        raise OptionError("layers", text, "expected 'all' or a comma list of layer numbers, e.g. 6,12") from None
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad or not layers:
+        raise OptionError("layers", text, f"the model has layers 0–{n_layers - 1}" + (f"; not {bad}" if bad else ""))
+    return layers
+
+
+def check_pair(model, hook_in: str, hook_out: str) -> tuple[str, str]:
+    """The canonical (input, output) pair of one MLP for hooks naming it (aliases accepted); a HookError that
+    lists the pairs this model has for anything else."""
+    m_in, m_out = _LAYER.match(hook_in or ""), _LAYER.match(hook_out or "")
+    if m_in and m_out and m_in.group(1) == m_out.group(1):
+        layer = int(m_in.group(1))
+        if hook_in[m_in.end():] in _IN_ALIASES and hook_out[m_out.end():] in _OUT_ALIASES and layer in mlp_pairs(model):
+            return mlp_pair(layer)
+    pairs = mlp_pairs(model)
+    shown = ", ".join(f"{a} → {b}" for a, b in list(pairs.values())[:3])
+    why = (" (on TransformerBridge ln2.hook_normalized is the normalised residual before the norm's weight, not the "
+           "MLP's input)" if "hook_normalized" in (hook_in or "") else "")
+    raise HookError(f"{hook_in} → {hook_out} is not an MLP's input/output pair{why}. A transcoder reads an MLP's "
+                    f"input and predicts its output; this model has {len(pairs)} such pairs: {shown}, … "
+                    f"(blocks.L.{MLP_IN} → blocks.L.{MLP_OUT} for L in 0–{model.cfg.n_layers - 1}); or pass --layers.")
+
+
+def mlp_module(model, layer: int) -> torch.nn.Module:
+    """Block `layer`'s MLP as the wrapped model runs it (the bridge's own component, hooks and all)."""
+    return model.blocks[layer].mlp
+
+
+@torch.no_grad()
+def pair_error(model, layers: list[int], tokens: torch.Tensor) -> dict[int, float]:
+    """Per layer, max |MLP(hooked input) − hooked output| over `tokens` relative to the output's largest value:
+    0 when the pair is the MLP's true input and output (what a transcoder replaces)."""
+    store: dict[str, torch.Tensor] = {}
+
+    def saver(name: str):
+        def save(a, hook):
+            store[name] = a.detach()
+        return save
+
+    hooks = [h for layer in layers for h in mlp_pair(layer)]
+    model.run_with_hooks(tokens, fwd_hooks=[(h, saver(h)) for h in hooks], stop_at_layer=stop_layer(model, hooks))
+    out = {}
+    for layer in layers:
+        x, y = (store[h] for h in mlp_pair(layer))
+        module = getattr(mlp_module(model, layer), "original_component", mlp_module(model, layer))
+        out[layer] = ((module(x) - y).abs().max() / y.abs().max().clamp_min(1e-12)).item()
+    return out

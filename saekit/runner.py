@@ -49,10 +49,9 @@ def harvest(cfg: HarvestConfig, out: str | Path, overwrite: bool = False) -> Act
     (which may hold a cache of this same harvest; anything else there needs `overwrite`)."""
     claim_cache(Path(out), cfg, overwrite)
     model = load_model(cfg.model, cfg.device)
-    cache, local = _harvest_into(cfg, Path(out), model, Comm.single(resolve_device(cfg.device)))
-    for hook, acts in local.items():
-        n = int((acts.norm(dim=1) > cache.massive_threshold(hook)).sum())
-        print(f"{hook}: {n} massive tokens of {len(acts)}")
+    cache = _harvest_into(cfg, Path(out), model, Comm.single(resolve_device(cfg.device)))
+    for hook in cache.hooks:
+        print(f"{hook}: {cache.manifest['massive_tokens'][hook]} massive tokens of {cache.tokens}")
     meta = cache.manifest["harvest"]
     print(f"harvested {cache.tokens:,} tokens at {meta['tokens_per_s']:,.0f} tokens/s → {out}")
     return cache
@@ -70,57 +69,129 @@ def _changed(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     return ", ".join(diff) or None
 
 
-def _harvest_into(cfg: HarvestConfig, directory: Path, model, comm: Comm) -> tuple[ActivationCache, dict[str, torch.Tensor]]:
-    """Harvest this process's share (rank r takes contexts r, r+W, …), write the cache with the stream-wide
-    massive thresholds; returns it and this process's activations."""
+def harvest_hooks(cfg: HarvestConfig, model) -> list[str]:
+    """The hooks a harvest records: `--layers` (each layer's MLP input and output with --mlp-pairs, else its
+    resid_pre) or `--hooks`."""
+    from .lm import check_hooks, mlp_pair, parse_layers
+
+    if not cfg.layers:
+        if cfg.mlp_pairs:
+            raise OptionError("layers", "", "--mlp-pairs (or --transcoder) records MLP input/output pairs by layer: "
+                              "pass --layers all or --layers 6,12")
+        return cfg.hooks
+    layers = parse_layers(cfg.layers, model.cfg.n_layers)
+    hooks = [h for layer in layers for h in (mlp_pair(layer) if cfg.mlp_pairs else (f"blocks.{layer}.hook_resid_pre",))]
+    check_hooks(model, hooks)
+    return hooks
+
+
+# One shard's rows in memory while harvesting: a harvest of many hooks writes shards of fewer tokens.
+SHARD_BYTES = 256 * 2**20
+
+
+def _harvest_into(cfg: HarvestConfig, directory: Path, model, comm: Comm) -> ActivationCache:
+    """Harvest this process's share (rank r takes contexts r, r+W, …) straight into a cache, a shard at a time,
+    with the stream-wide massive thresholds; a transcoder harvest first checks that each hook pair reproduces
+    its MLP exactly."""
+    from .cache import SHARD_TOKENS, STORAGE_DTYPES, CacheWriter
     from .harvest import Harvester
     from .lm import model_id
 
     start = time.perf_counter()
+    hooks = harvest_hooks(cfg, model)
     train_ctx, _ = contexts(model, cfg)
     mine = train_ctx.tokens[comm.rank:: comm.world]
     want = split(cfg.tokens, comm.world)[comm.rank]
-    try:
-        h = Harvester(model, cfg.hooks).harvest(mine, want, cfg.batch_contexts, progress=comm.is_main)
-    except DataError as e:
-        if comm.world == 1:
-            raise
-        raise DataError(f"rank {comm.rank} of {comm.world} (contexts {comm.rank}, {comm.rank + comm.world}, …): {e}") from e
-    h.context_ids = h.context_ids * comm.world + comm.rank  # back to indices into all training contexts
-    massive = {hook: massive_record(comm.global_median(h.norms(hook), "gathering activation norms"),
-                                    cfg.massive_multiple) for hook in cfg.hooks}
+    pair_check = _check_pairs(model, hooks, mine[:2]) if cfg.mlp_pairs else {}
+    dtype = STORAGE_DTYPES[cfg.storage_dtype]
+    row_bytes = model.cfg.d_model * len(hooks) * dtype.itemsize
+    shard = max(1024, min(SHARD_TOKENS, SHARD_BYTES // row_bytes))
     manifest = {**cfg.manifest(model_id(model)), "harvest_config": dataclasses.asdict(cfg)}
-    cache = ActivationCache.write(directory, h, manifest, massive, comm)
+    if pair_check:
+        manifest["mlp_pair_error"] = pair_check
+    harvester = Harvester(model, hooks)
+    with CacheWriter(directory, manifest, comm, shard, dtype) as writer:
+        try:
+            meta = harvester.harvest_into(writer, mine, want, cfg.batch_contexts, progress=comm.is_main)
+        except DataError as e:
+            if comm.world == 1:
+                raise
+            raise DataError(f"rank {comm.rank} of {comm.world} (contexts {comm.rank}, {comm.rank + comm.world}, …): {e}") from e
+        massive = {}
+        for hook in hooks:
+            norms = writer.hook_norms(hook)
+            massive[hook] = massive_record(comm.global_median(norms, "gathering activation norms"), cfg.massive_multiple)
+        writer.manifest["massive_tokens"] = {
+            hook: sum(comm.all_gather_sizes(int((writer.hook_norms(hook) > massive[hook]["threshold"]).sum()),
+                                            "counting massive tokens")) for hook in hooks}
+        cache = writer.close(meta, massive)
     if comm.world > 1:
         comm.say(f"harvest: {cache.tokens:,} tokens on {comm.world} processes in {time.perf_counter() - start:.0f} s "
                  "(data loading included)")
-    return cache, h.acts
+    return cache
 
 
-def _activations(spec: TrainRun, comm: Comm, out: Path) -> tuple[ActivationCache, dict[str, torch.Tensor], Any]:
-    """The run's cache and this process's rows of it: --activations, a cache of the same harvest in OUT
-    (a --resume or a re-run: no model pass), or a fresh harvest into OUT/activations. Also the model, if loaded."""
+def _check_pairs(model, hooks: list[str], tokens: torch.Tensor) -> dict[str, float]:
+    """Every MLP pair among `hooks` must reproduce its MLP (what a transcoder replaces): the relative error of
+    each, or a HookError for a pair that does not."""
+    from .errors import HookError
+    from .lm import hook_layer, mlp_pair, pair_error
+
+    layers = sorted({hook_layer(h) for h in hooks if h in {x for lay in range(model.cfg.n_layers) for x in mlp_pair(lay)}})
+    errors = pair_error(model, layers, tokens.to(next(model.parameters()).device))
+    bad = {layer: e for layer, e in errors.items() if not e < 1e-4}
+    if bad:
+        raise HookError(f"on this model the hooks {', '.join(mlp_pair(layer)[0] for layer in bad)} do not reproduce "
+                        f"their MLP's output (relative error {max(bad.values()):.2g}); its MLPs are not hooked where "
+                        "saekit expects, so transcoders cannot be trained on it.")
+    return {f"blocks.{layer}.mlp": e for layer, e in errors.items()}
+
+
+def _activations(spec: TrainRun, comm: Comm, out: Path) -> tuple[ActivationCache, list[str], Any]:
+    """The run's cache and the hooks to train on: --activations, a cache of the same harvest in OUT (a --resume
+    or a re-run: no model pass), or a fresh harvest into OUT/activations. Also the model, if loaded."""
     h = spec.harvest
     if spec.run.activations:
         cache = ActivationCache(spec.run.activations)
-        hooks = cache.check_hooks(h.hooks or None)
-        return cache, _rows_of(cache, hooks, comm), None
+        return cache, cache.check_hooks(h.hooks or None), None
     cache_dir = out / "activations"
     model = load_model(h.model, h.device)
     if comm.agree(_reused(cache_dir, h), "checking the activation cache"):
         comm.say(f"saekit: reusing the activations cached in {cache_dir}")
         cache = ActivationCache(cache_dir)
-        return cache, _rows_of(cache, h.hooks, comm), model
-    cache, local = _harvest_into(h, cache_dir, model, comm)
+        return cache, cache.hooks, model
+    cache = _harvest_into(h, cache_dir, model, comm)
     if comm.world == 1:
         print(f"harvest: {cache.tokens:,} tokens at {cache.manifest['harvest']['tokens_per_s']:,.0f} tokens/s")
-    return cache, local, model
+    return cache, cache.hooks, model
 
 
-def _rows_of(cache: ActivationCache, hooks: list[str], comm: Comm) -> dict[str, torch.Tensor]:
-    """This process's contiguous share of the cache (all of it on one process)."""
-    lo = sum(split(cache.tokens, comm.world)[: comm.rank])
-    return cache.slice(lo, lo + split(cache.tokens, comm.world)[comm.rank], hooks)
+def _rows_of(cache: ActivationCache, hooks: list[str], comm: Comm | None) -> torch.Tensor:
+    """Rows of `hooks` side by side ([x | y] for a transcoder's pair): this process's contiguous share of the
+    cache, or all of it (`comm` None)."""
+    world, rank = (comm.world, comm.rank) if comm is not None else (1, 0)
+    lo = sum(split(cache.tokens, world)[:rank])
+    parts = cache.slice(lo, lo + split(cache.tokens, world)[rank], hooks)
+    return torch.cat([parts[h] for h in hooks], dim=1) if len(hooks) > 1 else parts[hooks[0]]
+
+
+def training_units(cache: ActivationCache, hooks: list[str], transcoder: bool) -> dict[str, list[str]]:
+    """What each trainer reads, by name: one hook per SAE trainer; a transcoder's MLP input and output, named
+    blocks.L.mlp. A transcoder run on a cache without both hooks of a layer says which pairs it holds."""
+    from .lm import MLP_IN, MLP_OUT, hook_layer
+
+    if not transcoder:
+        return {h: [h] for h in hooks}
+    units: dict[str, list[str]] = {}
+    for h in hooks:
+        layer = hook_layer(h)
+        if h.endswith("." + MLP_IN) and f"blocks.{layer}.{MLP_OUT}" in cache.hooks:
+            units[f"blocks.{layer}.mlp"] = [h, f"blocks.{layer}.{MLP_OUT}"]
+    if not units:
+        raise OptionError("hooks", hooks, f"a transcoder trains on an MLP's input and output (blocks.L.{MLP_IN} and "
+                          f"blocks.L.{MLP_OUT}), and the cache {cache.dir} holds no such pair (it holds "
+                          f"{', '.join(cache.hooks[:6])}…). Harvest with --transcoder --layers all (or 6,12).")
+    return units
 
 
 # ----------------------------------------------------------------------------- train
@@ -188,53 +259,58 @@ def _train(spec: TrainRun, tcfg: TrainConfig, comm: Comm, out: Path) -> list[Pat
             raise SaekitError("--stream is not supported with --distributed yet: harvest into a cache (the default) "
                               "or train on one process.")
         return _train_streamed(spec, tcfg, out)
-    cache, local, model = _activations(spec, comm, out)
-    hooks = list(local)
+    cache, hooks, model = _activations(spec, comm, out)
+    transcoder = any(c.transcoder for c in tcfg.saes)
+    units = training_units(cache, hooks, transcoder)
     data_info = DataConfig.from_manifest(cache.manifest).manifest(cache.manifest.get("model", "unknown"))
-    sizes = comm.all_gather_sizes(len(local[hooks[0]]), "exchanging shard sizes")
-    thresholds = {hook: _massive_threshold(cache, hook, local[hook], comm) for hook in hooks}
     modules = spec.dist.distribute_modules and comm.world > 1
-    if modules and len(hooks) < comm.world:
-        raise SaekitError(f"--distribute-modules gives each process its own hooks, but there are {len(hooks)} hook(s) "
+    if modules and len(units) < comm.world:
+        raise SaekitError(f"--distribute-modules gives each process its own hooks, but there are {len(units)} hook(s) "
                           f"for {comm.world} processes; add hooks, use fewer processes, or drop the flag (data parallel).")
-    if modules:
-        # Every exchange first (so no rank trains while another waits in a collective): the owner of hook j
-        # (rank j mod W) receives every rank's rows of it, in stream order, and then trains it alone.
-        for j, hook in enumerate(hooks):
-            owner = j % comm.world
-            rows = comm.gather_rows(local.pop(hook).to(comm.device), sizes, owner, f"sending {hook} activations to rank {owner}")
-            if rows is not None:
-                local[hook] = rows.cpu()
     mode = {"mode": "modules" if modules else "data", "world_size": comm.world, "backend": comm.backend}
     paths: list[Path] = []
-    for hook in hooks:
-        if hook not in local:
-            continue
-        acts = local.pop(hook)
-        massive = acts.norm(dim=1) > thresholds[hook]
+    for j, (unit, unit_hooks) in enumerate(units.items()):
+        if modules and j % comm.world != comm.rank:
+            continue  # module mode: rank r trains units r, r+W, …, each on all of its rows (read from the shared cache)
+        # One unit's rows at a time: a run over every layer never holds two layers' activations.
+        acts = _rows_of(cache, unit_hooks, None if modules else comm)
+        thresholds = {hk: _massive_threshold(cache, hk, acts[:, sum(cache.d_in(x) for x in unit_hooks[:i]):],
+                                             None if modules else comm) for i, hk in enumerate(unit_hooks)}
+        massive = torch.zeros(len(acts), dtype=torch.bool)
+        lo = 0
+        for hk in unit_hooks:
+            width = cache.d_in(hk)
+            massive |= acts[:, lo: lo + width].norm(dim=1) > thresholds[hk]
+            lo += width
         n_massive = int(massive.sum()) if modules else sum(comm.all_gather_sizes(int(massive.sum()), "counting massive tokens"))
         if tcfg.exclude_massive:
             acts = acts[~massive]
-        cfg = dataclasses.replace(tcfg, saes=[dataclasses.replace(c, d_in=acts.shape[1]) for c in tcfg.saes])
-        info = {**data_info, "hook": hook, "activations": str(cache.dir), "harvest_tokens": sum(sizes),
-                "massive_tokens_excluded": n_massive if cfg.exclude_massive else 0, **_massive_info(cache, hook, thresholds)}
-        msg = (f"{hook}: {n_massive} massive tokens of {sum(sizes)} "
+        d_in = cache.d_in(unit_hooks[0])
+        cfg = dataclasses.replace(tcfg, saes=[dataclasses.replace(c, d_in=d_in, d_out=cache.d_in(unit_hooks[-1])
+                                                                  if c.transcoder else None) for c in tcfg.saes])
+        info = {**data_info, "hook": unit_hooks[0], "activations": str(cache.dir), "harvest_tokens": cache.tokens,
+                "massive_tokens_excluded": n_massive if cfg.exclude_massive else 0,
+                **_massive_info(cache, unit_hooks[-1], thresholds)}
+        if transcoder:
+            info |= {"hook_out": unit_hooks[1], "kind": "transcoder"}
+        msg = (f"{unit}: {n_massive} massive tokens of {cache.tokens} "
                f"({'left out of' if cfg.exclude_massive else 'kept in'} training)")
-        hook_out = out if len(hooks) == 1 else out / hook
+        unit_out = out if len(units) == 1 else out / unit
         start = time.perf_counter()
         if comm.world == 1 or modules:
             print(f"[rank {comm.rank}] {msg}; training it here" if modules else msg, flush=True)
-            trainer = Trainer(cfg, acts, hook_out, info={**info, "distributed": mode} if modules else info,
+            trainer = Trainer(cfg, acts, unit_out, info={**info, "distributed": mode} if modules else info,
                               resume=run.resume)
-            saved = trainer.fit(progress=comm.is_main)
-            print(f"{f'[rank {comm.rank}] ' if modules else ''}trained {len(saved)} SAE(s) on {hook} in "
+            saved = trainer.fit(progress=comm.is_main or modules)
+            print(f"{f'[rank {comm.rank}] ' if modules else ''}trained {len(saved)} dictionaries on {unit} in "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
         else:
             comm.say(msg)
-            trainer = DistributedTrainer(cfg, acts, hook_out, comm, info=info, resume=run.resume)
+            trainer = DistributedTrainer(cfg, acts, unit_out, comm, info=info, resume=run.resume)
             saved = trainer.fit(progress=comm.is_main)
-            comm.say(f"trained {len(saved)} SAE(s) on {hook} in {time.perf_counter() - start:.0f} s on {comm.world} "
-                     f"processes; {trainer.comm_bytes_per_step / 2**20:.2f} MiB all-reduced per step and rank")
+            comm.say(f"trained {len(saved)} dictionaries on {unit} in {time.perf_counter() - start:.0f} s on "
+                     f"{comm.world} processes; {trainer.comm_bytes_per_step / 2**20:.2f} MiB all-reduced per step and rank")
+        del acts, trainer
         paths += saved
     # Module mode: each rank knows only its own SAEs; data parallel: all ranks hold the same list.
     everyone = comm.all_gather_object([str(p) for p in paths], "collecting SAE paths")
@@ -247,14 +323,17 @@ def _train(spec: TrainRun, tcfg: TrainConfig, comm: Comm, out: Path) -> list[Pat
     return paths
 
 
-def _massive_threshold(cache: ActivationCache, hook: str, acts: torch.Tensor, comm: Comm) -> float:
-    """The threshold recorded at harvest; a cache that records none gets it over all its tokens, as a harvest would."""
+def _massive_threshold(cache: ActivationCache, hook: str, rows: torch.Tensor, comm: Comm | None) -> float:
+    """The threshold recorded at harvest; a cache that records none gets it over all its tokens, as a harvest would
+    (`rows`: this process's rows, holding `hook`'s columns first; `comm` None: they are all the rows)."""
     recorded = cache.massive_threshold(hook)
     if recorded is not None:
         return recorded
+    if comm is None:
+        return MASSIVE_MULTIPLE * rows[:, : cache.d_in(hook)].norm(dim=1).median().item()
     comm.say(f"saekit: {cache.dir} records no massive threshold for {hook}; computing it over its "
              f"{cache.tokens:,} tokens ({MASSIVE_MULTIPLE:g}× the median norm)")
-    return MASSIVE_MULTIPLE * comm.global_median(acts.norm(dim=1), "gathering activation norms")
+    return MASSIVE_MULTIPLE * comm.global_median(rows[:, : cache.d_in(hook)].norm(dim=1), "gathering activation norms")
 
 
 def _massive_info(cache: ActivationCache, hook: str, thresholds: dict[str, float]) -> dict[str, Any]:
@@ -268,6 +347,8 @@ def _train_streamed(spec: TrainRun, tcfg: TrainConfig, out: Path) -> list[Path]:
     from .lm import model_id
 
     h = spec.harvest
+    if any(c.transcoder for c in tcfg.saes):
+        raise SaekitError("--stream trains SAEs only: a transcoder run harvests its MLP pairs into a cache (drop --stream).")
     if len(h.hooks) != 1:
         raise SaekitError("--stream trains on one hook at a time; cache a multi-hook harvest with `saekit harvest`.")
     hook = h.hooks[0]
@@ -314,6 +395,62 @@ def evaluate_sae(sae_dir: str | Path, cfg: EvalConfig, model=None, model_arg: st
     return metrics
 
 
+def dictionaries_in(path: str | Path) -> list[Path]:
+    """The dictionary directories (cfg.json + weights) at `path`: itself, or those up to two levels below (a run
+    of several hooks, or a transcoder set: RUN/blocks.L.mlp/NAME)."""
+    from .sae import CFG_FILE, WEIGHTS_FILE
+
+    path = Path(path)
+    if (path / CFG_FILE).is_file():
+        return [path]
+    found = sorted({p.parent for pattern in (f"*/{WEIGHTS_FILE}", f"*/*/{WEIGHTS_FILE}") for p in path.glob(pattern)
+                    if (p.parent / CFG_FILE).is_file()})
+    if not found:
+        raise SaekitError(f"{path} holds no SAE or transcoder (a folder with cfg.json and sae_weights.safetensors, "
+                          "or a run folder holding such folders).")
+    return found
+
+
+def evaluate_replacement_set(path: str | Path, cfg: EvalConfig, model_arg: str | None = None,
+                             dataset: str | None = None, device: str = "auto") -> dict[str, Any]:
+    """`saekit eval RUN --replace-all`: every MLP replaced by the run's transcoder for its layer at once, on the
+    held-out split; writes RUN/replacement_eval.json."""
+    from .evaluate import evaluate_replacement, report
+    from .lm import hook_layer
+    from .sae import load_sae
+
+    path = Path(path)
+    saes = [load_sae(p) for p in dictionaries_in(path)]
+    if not all(s.is_transcoder for s in saes):
+        sae_dirs = [str(p) for p, s in zip(dictionaries_in(path), saes) if not s.is_transcoder]
+        raise SaekitError(f"--replace-all replaces MLPs with transcoders, and {', '.join(sae_dirs[:3])} hold SAEs; "
+                          "point it at a transcoder run (saekit train --transcoder --layers all).")
+    by_layer: dict[int, list[Path]] = {}
+    for p, s in zip(dictionaries_in(path), saes):
+        by_layer.setdefault(hook_layer(s.hook), []).append(p)
+    if twice := {layer: ps for layer, ps in by_layer.items() if len(ps) > 1}:
+        layer, ps = next(iter(twice.items()))
+        raise SaekitError(f"{path} holds {len(ps)} transcoders for layer {layer} ({', '.join(map(str, ps))}); the "
+                          "replacement model takes one per MLP: copy one per layer into a folder and evaluate that.")
+    if not os.access(path, os.W_OK):
+        raise OutputError(f"cannot write replacement_eval.json in {path} (permission denied).")
+    data = DataConfig.from_manifest(saes[0].info, model=model_arg, dataset=dataset)
+    model = load_model(data.model, device)
+    missing = sorted(set(range(model.cfg.n_layers)) - set(by_layer))
+    if missing:
+        raise SaekitError(f"--replace-all replaces every MLP, and {path} has no transcoder for layer(s) "
+                          f"{', '.join(map(str, missing))}; train them (saekit train --transcoder --layers "
+                          f"{','.join(map(str, missing))}) or evaluate layers one at a time without --replace-all.")
+    _, held = contexts(model, data)
+    if held is None:
+        raise SaekitError("the dataset split leaves no held-out documents; set --heldout-fraction > 0.")
+    metrics = evaluate_replacement(model, saes, held.tokens, cfg)
+    metrics["set"] = str(path)
+    write_json(path / "replacement_eval.json", metrics)
+    print(f"\n{path} — every MLP replaced by its transcoder at once\n{report(metrics)}")
+    return metrics
+
+
 # ----------------------------------------------------------------------------- the demo
 
 def demo(spec: TrainRun) -> list[Path]:
@@ -334,6 +471,8 @@ def demo(spec: TrainRun) -> list[Path]:
     return paths
 
 
-def sae_grid(k: list[int], d_sae: list[int], architecture: str = "topk") -> list[SaeConfig]:
-    """One SAE per (d_sae, k) pair, trained together on one stream (d_in is set from the activations)."""
-    return [SaeConfig(d_sae=d, k=kk, architecture=architecture) for d in d_sae for kk in k]  # type: ignore[arg-type]
+def sae_grid(k: list[int], d_sae: list[int], architecture: str = "topk", transcoder: bool = False,
+             skip: bool = False, prefixes: list[int] | None = None) -> list[SaeConfig]:
+    """One dictionary per (d_sae, k) pair, trained together on one stream (d_in, d_out are set from the activations)."""
+    return [SaeConfig(d_sae=d, k=kk, architecture=architecture, transcoder=transcoder, skip=skip,  # type: ignore[arg-type]
+                      prefixes=prefixes or []) for d in d_sae for kk in k]

@@ -1,11 +1,16 @@
-"""The sparse autoencoder: TopK (Gao et al. 2024) and BatchTopK (Bussmann et al. 2024).
+"""Dictionaries: an input hook's activation x → sparse latents z → a prediction of the output hook's.
 
-    z = TopK(W_encᵀ(x − b_dec) + b_enc)   (ReLU on the kept values)
-    x̂ = W_decᵀ z + b_dec                  (W_dec rows unit-norm)
+    SAE (in = out):   z = TopK(W_encᵀ(x − b_dec) + b_enc)   x̂ = W_decᵀ z + b_dec
+    transcoder:       z = TopK(W_encᵀ x + b_enc)             ŷ = W_decᵀ z + b_dec (+ W_skip x: skip-transcoder)
 
-Shapes follow the ecosystem: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in].
-A saved SAE directory (cfg.json + sae_weights.safetensors) loads in SAELens; saekit's own fields
-live under cfg["saekit"]. This module knows nothing of models or text.
+TopK (Gao et al. 2024) keeps k latents per token; BatchTopK (Bussmann et al. 2024) k·batch over a batch and a
+threshold at inference; Matryoshka is BatchTopK whose nested prefixes each reconstruct the target (the
+prefixes are a training loss: inference is BatchTopK's). ReLU on the kept values; W_dec rows unit-norm.
+
+Shapes follow the ecosystem: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_out], b_dec [d_out],
+W_skip [d_out, d_in] (SAELens's and sparsify's). A saved directory (cfg.json + sae_weights.safetensors) loads
+in SAELens where SAELens has the architecture; saekit's own fields live under cfg["saekit"]. This module knows
+nothing of models or text.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from .errors import FileFormatError, OptionError, ShapeError
 from .files import read_json, read_tensors, replacing, tensors_hash, write_json, write_tensors
 
 WEIGHTS_FILE = "sae_weights.safetensors"
+KNOWN_ARCHITECTURES = ("topk", "jumprelu", "topk_transcoder", "topk_skip_transcoder", "jumprelu_transcoder",
+                       "jumprelu_skip_transcoder")
 CFG_FILE = "cfg.json"
 FORMAT_VERSION = 1
 
@@ -65,8 +72,11 @@ class SparseAutoencoder(nn.Module):
         kw = dict(device=device, dtype=dtype)
         self.W_enc = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_sae, **kw))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
-        self.W_dec = nn.Parameter(torch.zeros(cfg.d_sae, cfg.d_in, **kw))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **kw))
+        self.W_dec = nn.Parameter(torch.zeros(cfg.d_sae, cfg.out_dim, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.out_dim, **kw))
+        self.W_skip = nn.Parameter(torch.zeros(cfg.out_dim, cfg.d_in, **kw)) if cfg.skip else None
+        # A transcoder's b_dec lives in the output space: its encoder shifts its input by nothing.
+        self.register_buffer("_no_shift", torch.zeros(cfg.d_in, **kw), persistent=False)
         # BatchTopK's inference threshold: running mean of the smallest kept activation.
         self.register_buffer("threshold", torch.zeros((), **kw))
         self.info: dict[str, Any] = {}  # hook, model, manifest … carried into cfg.json
@@ -74,35 +84,58 @@ class SparseAutoencoder(nn.Module):
     # ------------------------------------------------------------------ init
     @classmethod
     def initialized(cls, cfg: SaeConfig, sample: torch.Tensor | None = None, seed: int = 0,
-                    device: torch.device | str | None = None, enc_scale: float = 1.0) -> SparseAutoencoder:
-        """Random unit-norm decoder rows, W_enc = enc_scale·W_decᵀ, b_enc = 0, b_dec = geometric median of
-        `sample`."""
+                    device: torch.device | str | None = None, enc_scale: float = 1.0,
+                    target: torch.Tensor | None = None, tied: bool = True) -> SparseAutoencoder:
+        """Random unit-norm decoder rows; W_enc = enc_scale·W_decᵀ (`tied`, which needs d_in = d_out) or
+        enc_scale × independent random unit columns; b_enc = 0. b_dec: the geometric median of `sample` (an SAE)
+        or the mean of `target` (a transcoder: its target's offset, as a least-squares bias starts)."""
         sae = cls(cfg, device=device)
         gen = torch.Generator().manual_seed(seed)
-        W = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
+        W = torch.randn(cfg.d_sae, cfg.out_dim, generator=gen)
         W /= W.norm(dim=1, keepdim=True)
+        if tied and cfg.out_dim != cfg.d_in:
+            raise ShapeError(f"a tied init needs d_in = d_out (here {cfg.d_in} and {cfg.out_dim}); use tied=False.")
+        E = W if tied else torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
         with torch.no_grad():
             sae.W_dec.copy_(W)
-            sae.W_enc.copy_(W.t() * enc_scale)
-            if sample is not None:
-                if sample.shape[-1] != cfg.d_in:
-                    raise ShapeError(f"sample has width {sample.shape[-1]} but the SAE's d_in is {cfg.d_in}.")
+            sae.W_enc.copy_(E.t() / E.norm(dim=1) * enc_scale)
+            if sample is not None and sample.shape[-1] != cfg.d_in:
+                raise ShapeError(f"sample has width {sample.shape[-1]} but the SAE's d_in is {cfg.d_in}.")
+            if cfg.transcoder and target is not None:
+                if target.shape[-1] != cfg.out_dim:
+                    raise ShapeError(f"the target has width {target.shape[-1]} but d_out is {cfg.out_dim}.")
+                sae.b_dec.copy_(target[:16384].float().mean(0))
+            elif sample is not None and not cfg.transcoder:
                 sae.b_dec.copy_(geometric_median(sample[:16384].cpu()))
         return sae
 
     # ------------------------------------------------------------------ forward
     @property
+    def is_transcoder(self) -> bool:
+        return self.cfg.transcoder
+
+    @property
+    def batch_level(self) -> bool:
+        """Whether latents are picked over the batch in training and by a threshold at inference."""
+        return self.cfg.architecture in ("batchtopk", "matryoshka")
+
+    @property
+    def input_shift(self) -> torch.Tensor:
+        """What the encoder subtracts from x: b_dec for an SAE, nothing for a transcoder."""
+        return self._no_shift if self.cfg.transcoder else self.b_dec
+
+    @property
     def k_candidates(self) -> int:
         """Per-token candidates kept by BatchTopK (a token may use more than k latents)."""
-        return min(self.cfg.d_sae, 4 * self.cfg.k) if self.cfg.architecture == "batchtopk" else self.cfg.k
+        return min(self.cfg.d_sae, 4 * self.cfg.k) if self.batch_level else self.cfg.k
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sparse codes (values [N, K], indices [N, K]); K = k for TopK. BatchTopK applies its threshold
         (JumpReLU-style), so some values are 0 and L0 varies per token."""
-        values, indices = ops.topk_preacts(x, self.W_enc, self.b_enc, self.b_dec, self.k_candidates)
+        values, indices = ops.topk_preacts(x, self.W_enc, self.b_enc, self.input_shift, self.k_candidates)
         values = values.relu()
-        if self.cfg.architecture == "batchtopk":
+        if self.batch_level:
             values = values * (values > self.threshold)
         return values, indices
 
@@ -112,9 +145,9 @@ class SparseAutoencoder(nn.Module):
 
         BatchTopK keeps the k·batch largest values of the batch; in a data-parallel run `across` joins every
         process's candidates so the cutoff and the threshold are those of the global batch."""
-        values, indices, aux_v, aux_i = ops.encode_topk(x, self.W_enc, self.b_enc, self.b_dec,
+        values, indices, aux_v, aux_i = ops.encode_topk(x, self.W_enc, self.b_enc, self.input_shift,
                                                          self.k_candidates, aux_mask, k_aux)
-        if self.cfg.architecture == "batchtopk":
+        if self.batch_level:
             keep = self.cfg.k * (across.batch_tokens if across is not None else x.shape[0])
             flat = values.detach().flatten().float()
             cand = flat.topk(min(keep, flat.numel()), sorted=False).values
@@ -132,12 +165,33 @@ class SparseAutoencoder(nn.Module):
                     self.threshold.lerp_(low.to(self.threshold.dtype), 0.01)
         return values, indices, aux_v, aux_i
 
-    def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        return ops.sparse_decode(values, indices, self.W_dec, self.b_dec)
+    def decode(self, values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """The prediction from sparse codes; a skip-transcoder also needs the input x for its dense path."""
+        out = ops.sparse_decode(values, indices, self.W_dec, self.b_dec)
+        return out if self.W_skip is None else out + self.skip_path(x)
+
+    def skip_path(self, x: torch.Tensor | None) -> torch.Tensor:
+        if x is None:
+            raise ValueError("a skip-transcoder's decode needs the input x (decode(values, indices, x)).")
+        return x.to(self.W_skip.dtype) @ self.W_skip.t()
+
+    def prefix_decodes(self, values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor | None = None
+                       ) -> list[torch.Tensor]:
+        """The prediction of each nested prefix (Matryoshka; one entry, the whole dictionary, otherwise),
+        built up prefix by prefix: each adds the latents of its band to the one before."""
+        out: list[torch.Tensor] = []
+        lo = 0
+        for hi in self.cfg.nested:
+            band = values * ((indices >= lo) & (indices < hi)) if len(self.cfg.nested) > 1 else values
+            part = ops.sparse_decode(band, indices, self.W_dec)
+            out.append(part + (self.b_dec if self.W_skip is None else self.b_dec + self.skip_path(x))
+                       if not out else out[-1] + part)
+            lo = hi
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction x̂ of x (no grad through the TopK selection; use encode_train to train)."""
-        return self.decode(*self.encode(x))
+        """The prediction ŷ (x̂ for an SAE) of x (no grad through the TopK selection; use encode_train to train)."""
+        return self.decode(*self.encode(x), x)
 
     def dense_codes(self, x: torch.Tensor) -> torch.Tensor:
         """Latent activations as a dense [N, d_sae] matrix (for small inputs, e.g. the app)."""
@@ -156,28 +210,44 @@ class SparseAutoencoder(nn.Module):
             g, W = self.W_dec.grad, self.W_dec
             g -= (g * W).sum(1, keepdim=True) * W
 
-    def folded(self, scale: float) -> SparseAutoencoder:
-        """A copy that works on raw activations x when this SAE was trained on x·scale.
+    def folded(self, scale: float, out_scale: float | None = None) -> SparseAutoencoder:
+        """A copy that works on raw activations when this one was trained on x·scale predicting y·out_scale
+        (out_scale = scale for an SAE).
 
-        Latents come out in raw units: b_enc, b_dec and the threshold divide by the scale; W_enc and the
-        unit-norm W_dec are unchanged, so the TopK selection is identical.
+        Latents come out in the target's raw units (z/out_scale): W_enc × scale/out_scale, b_enc, b_dec and the
+        threshold ÷ out_scale, W_skip × scale/out_scale; the unit-norm W_dec is unchanged and every latent's
+        pre-activation is scaled alike, so the TopK selection is identical.
         """
+        t = scale if out_scale is None else out_scale
         out = SparseAutoencoder(self.cfg, device=self.W_enc.device)
         with torch.no_grad():
-            out.W_enc.copy_(self.W_enc)
+            out.W_enc.copy_(self.W_enc * (scale / t))
             out.W_dec.copy_(self.W_dec)
-            out.b_enc.copy_(self.b_enc / scale)
-            out.b_dec.copy_(self.b_dec / scale)
-            out.threshold.copy_(self.threshold / scale)
-        out.info = {**self.info, "input_scale_folded": scale}
+            out.b_enc.copy_(self.b_enc / t)
+            out.b_dec.copy_(self.b_dec / t)
+            out.threshold.copy_(self.threshold / t)
+            if self.W_skip is not None:
+                out.W_skip.copy_(self.W_skip * (scale / t))
+        out.info = {**self.info, "input_scale_folded": scale} | ({"target_scale_folded": t} if out_scale else {})
         return out
 
     # ------------------------------------------------------------------ save / load
     def weights(self) -> dict[str, torch.Tensor]:
         w = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
-        if self.cfg.architecture == "batchtopk":
+        if self.W_skip is not None:
+            w["W_skip"] = self.W_skip
+        if self.batch_level:
             w["threshold"] = self.threshold.expand(self.cfg.d_sae)  # SAELens JumpReLU: per-latent
         return {k: v.detach().float().cpu() for k, v in w.items()}
+
+    @property
+    def saelens_architecture(self) -> str:
+        """The architecture name cfg.json carries: SAELens's where SAELens has the same function (BatchTopK and
+        Matryoshka at inference are JumpReLU with one threshold), saekit's own names for TopK transcoders."""
+        act = "jumprelu" if self.batch_level else "topk"
+        if not self.cfg.transcoder:
+            return act
+        return f"{act}_skip_transcoder" if self.cfg.skip else f"{act}_transcoder"
 
     def weights_hash(self) -> str:
         return tensors_hash(self.weights())
@@ -191,19 +261,21 @@ class SparseAutoencoder(nn.Module):
         hook = info.get("hook")
         cfg = {
             # SAELens fields (sae_lens.SAE.load_from_disk); BatchTopK is JumpReLU with a threshold.
-            "architecture": "jumprelu" if self.cfg.architecture == "batchtopk" else "topk",
+            "architecture": self.saelens_architecture,
             "d_in": self.cfg.d_in,
             "d_sae": self.cfg.d_sae,
+            **({"d_out": self.cfg.out_dim} if self.cfg.transcoder else {}),
             "k": self.cfg.k,
             "dtype": "float32",
             "device": "cpu",
-            "apply_b_dec_to_input": True,
+            "apply_b_dec_to_input": not self.cfg.transcoder,
             "normalize_activations": "none",
             # sae_lens_version marks the v6 cfg layout: without it SAELens re-reads the file as a pre-6
             # config and drops this metadata (hook_name would load as None).
             "metadata": {"hook_name": hook, "model_name": info.get("model"), "sae_lens_version": "6.0.0",
                          "sae_lens_training_version": None, "prepend_bos": True,
-                         "context_size": info.get("context_size"), "dataset_path": info.get("dataset")},
+                         "context_size": info.get("context_size"), "dataset_path": info.get("dataset"),
+                         **({"hook_name_out": info.get("hook_out")} if self.cfg.transcoder else {})},
             "saekit": {
                 "format_version": FORMAT_VERSION,
                 "sae": asdict(self.cfg),
@@ -223,23 +295,33 @@ class SparseAutoencoder(nn.Module):
         if not directory.is_dir():
             raise FileFormatError(f"{directory} is not an SAE directory (expected {CFG_FILE} and {WEIGHTS_FILE}).")
         cfg = read_json(directory / CFG_FILE)
+        arch = cfg.get("architecture", "topk")
+        if arch not in KNOWN_ARCHITECTURES:
+            raise FileFormatError(f"{directory} holds a {arch!r} dictionary; saekit loads TopK/BatchTopK/Matryoshka "
+                                  f"SAEs and transcoders ({', '.join(KNOWN_ARCHITECTURES)}). Convert a SAELens one "
+                                  "with `saekit convert`.")
         try:
             own = cfg.get("saekit", {})
+            transcoder = "transcoder" in arch
             sae_cfg = SaeConfig(**own["sae"]) if "sae" in own else SaeConfig(
                 d_in=int(cfg["d_in"]), d_sae=int(cfg["d_sae"]), k=int(cfg["k"]),
-                architecture="batchtopk" if cfg.get("architecture") == "jumprelu" else "topk")
+                architecture="batchtopk" if arch.startswith("jumprelu") else "topk", transcoder=transcoder,
+                skip="skip" in arch, d_out=int(cfg["d_out"]) if transcoder else None)
         except (KeyError, TypeError, ValueError, OptionError) as e:
             raise FileFormatError(f"{directory / CFG_FILE} lacks or mangles a field ({e}); "
-                                  "a saekit/SAELens TopK cfg.json needs d_in, d_sae and k.") from e
-        if cfg.get("architecture", "topk") not in ("topk", "jumprelu"):
-            raise FileFormatError(f"{directory} holds a {cfg['architecture']!r} SAE; saekit loads TopK/BatchTopK only.")
-        w = read_tensors(directory / WEIGHTS_FILE, required=("W_enc", "b_enc", "W_dec", "b_dec"))
+                                  "a saekit/SAELens TopK cfg.json needs d_in, d_sae and k (and d_out for a "
+                                  "transcoder).") from e
+        w = read_tensors(directory / WEIGHTS_FILE, required=("W_enc", "b_enc", "W_dec", "b_dec")
+                         + (("W_skip",) if sae_cfg.skip else ()))
         expect = {"W_enc": (sae_cfg.d_in, sae_cfg.d_sae), "b_enc": (sae_cfg.d_sae,),
-                  "W_dec": (sae_cfg.d_sae, sae_cfg.d_in), "b_dec": (sae_cfg.d_in,)}
+                  "W_dec": (sae_cfg.d_sae, sae_cfg.out_dim), "b_dec": (sae_cfg.out_dim,)}
+        if sae_cfg.skip:
+            expect["W_skip"] = (sae_cfg.out_dim, sae_cfg.d_in)
         for name, shape in expect.items():
             if tuple(w[name].shape) != shape:
                 raise ShapeError(f"{directory / WEIGHTS_FILE}: {name} has shape {tuple(w[name].shape)} but cfg.json "
-                                 f"says {shape} (d_in {sae_cfg.d_in}, d_sae {sae_cfg.d_sae}).")
+                                 f"says {shape} (d_in {sae_cfg.d_in}, d_sae {sae_cfg.d_sae}, d_out "
+                                 f"{sae_cfg.out_dim}).")
         sae = cls(sae_cfg, device=device)
         with torch.no_grad():
             for name in expect:
@@ -255,11 +337,22 @@ class SparseAutoencoder(nn.Module):
 
     @property
     def hook(self) -> str | None:
+        """The hook read (an SAE's only hook; a transcoder's MLP input)."""
         return self.info.get("hook")
+
+    @property
+    def hook_out(self) -> str | None:
+        """The hook predicted: the MLP output for a transcoder, the hook read for an SAE."""
+        return self.info.get("hook_out") if self.cfg.transcoder else self.hook
+
+    @property
+    def kind(self) -> str:
+        return ("skip-transcoder" if self.cfg.skip else "transcoder") if self.cfg.transcoder else "sae"
 
     def extra_repr(self) -> str:
         c = self.cfg
-        return f"{c.architecture}, d_in={c.d_in}, d_sae={c.d_sae}, k={c.k}, hook={self.hook!r}"
+        out = f", d_out={c.out_dim}, hook_out={self.hook_out!r}" if c.transcoder else ""
+        return f"{self.kind} {c.architecture}, d_in={c.d_in}, d_sae={c.d_sae}, k={c.k}, hook={self.hook!r}{out}"
 
 
 def load_sae(directory: str | Path, device: torch.device | str = "cpu") -> SparseAutoencoder:

@@ -1,9 +1,11 @@
-"""The Trainer: several TopK SAEs fed from one activation stream.
+"""The Trainer: several TopK-family dictionaries fed from one activation stream.
 
-Per step and SAE: loss = FVU(x, x̂) + α·AuxK, where AuxK reconstructs the residual e = x − x̂ from the
-top-k_aux pre-activations of dead latents (no b_dec) and is normalised by e's variance. Decoder rows
-are unit-norm; the gradient component along each row is removed before the step. Inputs are scaled
-by one scalar so that E‖x‖² = d_in; the scale is folded into the weights at save.
+Per step and dictionary: loss = FVU(y, ŷ) + α·AuxK, where y is the target (x itself for an SAE; the MLP's
+output for a transcoder, whose rows arrive as [x | y] side by side) and AuxK reconstructs the residual
+e = y − ŷ from the top-k_aux pre-activations of dead latents (no b_dec), normalised by e's variance. Matryoshka
+sums the FVU of every nested prefix's prediction. Decoder rows are unit-norm; the gradient component along each
+row is removed before the step. Inputs and targets are each scaled by one scalar so that E‖x‖² = d_in
+(E‖y‖² = d_out); the scales are folded into the weights at save.
 
 Checkpoints hold weights, optimizer, schedule, dead-latent counters, RNG and the step, so a resumed
 run continues exactly as if never stopped (batches are a pure function of seed and step).
@@ -40,8 +42,9 @@ RESUME_CONFIG = ("saes", "batch_size", "optimizer", "seed")
 
 
 def sae_name(cfg: SaeConfig) -> str:
-    prefix = "btk" if cfg.architecture == "batchtopk" else "k"
-    return f"{prefix}{cfg.k}-d{cfg.d_sae}"
+    prefix = {"topk": "k", "batchtopk": "btk", "matryoshka": "mat"}[cfg.architecture]
+    kind = ("stc-" if cfg.skip else "tc-") if cfg.transcoder else ""
+    return f"{kind}{prefix}{cfg.k}-d{cfg.d_sae}"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -159,6 +162,21 @@ class StreamBatches:
         return out
 
 
+def check_widths(saes: list[SaeConfig], width: int) -> tuple[int, bool]:
+    """(d_in, whether the rows are transcoder pairs [x | y]) for dictionaries trained together on rows of
+    `width`: they must all be SAEs or all transcoders of one shape."""
+    kinds = {(c.transcoder, c.d_in, c.out_dim if c.transcoder else 0) for c in saes}
+    if len(kinds) > 1:
+        raise ShapeError(f"dictionaries trained together share their data: {', '.join(sae_name(c) for c in saes)} "
+                         "mix SAEs and transcoders or widths; train them in separate runs.")
+    transcoder, d_in, d_out = kinds.pop()
+    if d_in + d_out != width:
+        what = f"d_in {d_in} + d_out {d_out}" if transcoder else f"d_in {d_in}"
+        raise ShapeError(f"{sae_name(saes[0])} has {what} but the activations have width {width}"
+                         + (" (a transcoder's rows hold its input and its target side by side)." if transcoder else "."))
+    return d_in, transcoder
+
+
 def input_scale(acts: torch.Tensor) -> float:
     """Scalar s with E‖s·x‖² = d_in (computed on the tokens we train on: massive ones would skew it)."""
     sample = acts[: 65536].float()
@@ -182,16 +200,16 @@ class Trainer:
         if self.data.max_epochs is not None and cfg.epochs > self.data.max_epochs:
             raise SaekitError("a streamed harvest is seen once: use epochs=1, or cache the harvest to reuse it.")
         head = self.data.head(65536).to(self.device)  # every BatchSource checks its activations
-        d_in = head.shape[1]
-        for c in cfg.saes:
-            if c.d_in != d_in:
-                raise ShapeError(f"SAE {sae_name(c)} has d_in {c.d_in} but the activations have width {d_in}.")
-        self.scale = input_scale(head)
+        self.d_in, self.transcoder = check_widths(cfg.saes, head.shape[1])
+        x, y = self.split(head)
+        self.scale = input_scale(x)
+        self.target_scale = input_scale(y) if self.transcoder else self.scale
         self.total_steps = max(1, int(cfg.epochs * self.data.tokens) // cfg.batch_size)
         self.dead_tokens = cfg.dead_tokens or max(cfg.batch_size, min(10_000_000, self.total_steps * cfg.batch_size // 50))
-        sample = head[:16384] * self.scale
+        sample, target = x[:16384] * self.scale, y[:16384] * self.target_scale
+        tied = not self.transcoder or cfg.transcoder_init == "tied"
         self.saes = [SparseAutoencoder.initialized(c, sample, seed=cfg.seed + i, device=self.device,
-                                                  enc_scale=cfg.enc_init_scale)
+                                                  enc_scale=cfg.enc_init_scale, target=target, tied=tied)
                      for i, c in enumerate(cfg.saes)]
         self.names = [sae_name(c) for c in cfg.saes]
         if len(set(self.names)) != len(self.names):
@@ -237,11 +255,17 @@ class Trainer:
         decay = 1.0 if step < decay_start else max(0.0, (self.total_steps - step) / max(self.total_steps - decay_start, 1))
         return warm * decay
 
+    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input, target) of rows: a transcoder's rows are [x | y], an SAE's target is its input."""
+        return (rows[:, : self.d_in], rows[:, self.d_in:]) if self.transcoder else (rows, rows)
+
     # ------------------------------------------------------------------ one step
     def train_step(self, batch: torch.Tensor) -> list[dict[str, float]]:
-        x = batch.float() * self.scale
+        x, y = self.split(batch.float())
+        x = x * self.scale
+        y = y * self.target_scale if self.transcoder else x
         n = self._batch_tokens(len(x))
-        centered_var = self._total((x - self._mean(x)).pow(2).sum(), "reducing the batch variance")
+        centered_var = self._total((y - self._mean(y)).pow(2).sum(), "reducing the batch variance")
         out = []
         for sae, opt, sched, since in zip(self.saes, self.optimizers, self.schedules, self.since_fired, strict=True):
             dead = since >= self.dead_tokens
@@ -249,10 +273,12 @@ class Trainer:
             k_aux = self.cfg.k_aux or sae.cfg.d_in // 2
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 values, indices, aux_v, aux_i = sae.encode_train(x, dead if use_aux else None, k_aux, self.across)
-                x_hat = sae.decode(values, indices)
-            err = x - x_hat.float()
+                preds = sae.prefix_decodes(values, indices, x)
+            err = y - preds[-1].float()
             err_sum = err.pow(2).sum()
             loss = err_sum / centered_var  # the FVU (in a distributed run, this process's share of it)
+            for partial in preds[:-1]:  # Matryoshka: every smaller prefix reconstructs the target too
+                loss = loss + (y - partial.float()).pow(2).sum() / centered_var
             aux_num, e_var = torch.zeros((), device=x.device), torch.ones((), device=x.device)
             if aux_v is not None:  # AuxK: dead latents reconstruct the residual
                 e = err.detach()
@@ -341,7 +367,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs
     def trained_sae(self, i: int) -> SparseAutoencoder:
-        """SAE i folded to work on raw activations (schedule-free's averaged weights when signum)."""
+        """Dictionary i folded to work on raw activations (schedule-free's averaged weights when signum)."""
         sae = self.saes[i]
         opt = self.optimizers[i]
         if isinstance(opt, ScheduleFreeSignSGD):
@@ -353,7 +379,7 @@ class Trainer:
                     p.data.copy_(st["x"])
             sae.normalize_decoder()
         sae.info = dict(self.info)
-        return sae.folded(self.scale)
+        return sae.folded(self.scale, self.target_scale if self.transcoder else None)
 
     def save_saes(self) -> list[Path]:
         paths = []
@@ -361,6 +387,7 @@ class Trainer:
             manifest = {"training": {"config": asdict(self.cfg), "steps": self.step,
                                      "tokens_seen": self.step * self.cfg.batch_size,
                                      "input_scale": self.scale, "dead_tokens": self.dead_tokens,
+                                     **({"target_scale": self.target_scale} if self.transcoder else {}),
                                      "path": ops.training_path(self.device),
                                      # tokens whose bf16 shortlist was not provably complete (picked on fp32 rows)
                                      "selection_recomputed_fraction": ops.recomputed_fraction()},
@@ -402,6 +429,7 @@ class Trainer:
         state = {
             "step": self.step,
             "scale": self.scale,
+            "target_scale": self.target_scale,
             "config": json.dumps(asdict(self.cfg)),
             "saes": [s.state_dict() for s in self.saes],
             "optimizers": [o.state_dict() for o in self.optimizers],
@@ -443,6 +471,7 @@ class Trainer:
             s.load_state_dict(sd)
         self.since_fired = [t.to(self.device) for t in state["since_fired"]]
         self.step, self.scale = int(state["step"]), float(state["scale"])
+        self.target_scale = float(state.get("target_scale", self.scale))
         self.history = json.loads(state["history"])
         torch.set_rng_state(state["rng"].cpu())
 
