@@ -1,9 +1,11 @@
-"""Peer-side half of tests/test_interop.py, run with the peers' python (.venv-peers: sae-lens, eai-sparsify).
+"""Peer-side half of tests/test_interop.py and tests/test_interop_transcoders.py, run with a peers' python
+(.venv-peers: sae-lens, eai-sparsify; .venv-ct: circuit-tracer).
 
-It never imports saekit: it loads and writes SAEs with the peers' own code only, so what it reports is
-what a SAELens or sparsify user would see. Usage: python tests/peers_side.py JOB.json, where the job is
-{"x": inputs.safetensors, "tasks": [{"op": ..., ...}, ...]}; each task writes its outputs (dense
-latents "acts" [N, d_sae] and reconstructions "recon" [N, d_in]) to task["out"].
+It never imports saekit: it loads and writes SAEs and transcoders with the peers' own code only, so what it
+reports is what a SAELens, sparsify or circuit-tracer user would see. Usage: python tests/peers_side.py JOB.json,
+where the job is {"x": inputs.safetensors, "tasks": [{"op": ..., ...}, ...]}; each task writes its outputs (dense
+latents "acts" [N, d_sae], "recon" from them and "forward" [N, d_out]; per layer "acts.L" … for a transcoder set)
+to task["out"]. Only the packages a task uses are imported.
 """
 
 from __future__ import annotations
@@ -33,6 +35,16 @@ def sparsify_outputs(sae, x: torch.Tensor) -> dict[str, torch.Tensor]:
                 "forward": sae(x).sae_out.float()}
 
 
+def circuit_tracer_outputs(transcoders, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    out = {}
+    with torch.no_grad():
+        for layer, tc in enumerate(transcoders):
+            acts = tc.encode(x)
+            out |= {f"acts.{layer}": acts.float(), f"recon.{layer}": tc.decode(acts, x).float(),
+                    f"forward.{layer}": tc(x).float()}
+    return out
+
+
 def perturb(module: torch.nn.Module, names: tuple[str, ...], seed: int) -> None:
     """Non-zero biases, so that a wrong bias convention shows in the outputs."""
     gen = torch.Generator().manual_seed(seed)
@@ -51,7 +63,8 @@ def run(task: dict, x: torch.Tensor) -> dict:
         sae = SAE.load_from_disk(task["dir"])
         out = saelens_outputs(sae, x)
         info = {"class": type(sae).__name__, "architecture": sae.cfg.architecture(),
-                "hook_name": sae.cfg.metadata.hook_name, "k": getattr(sae.cfg, "k", None)}
+                "hook_name": sae.cfg.metadata.hook_name, "k": getattr(sae.cfg, "k", None),
+                "d_out": getattr(sae.cfg, "d_out", None), "hook_name_out": sae.cfg.metadata.hook_name_out}
         if task.get("resave"):
             sae.save_model(task["resave"])
     elif op == "sparsify_load":  # a sparsify folder written by saekit, opened by sparsify
@@ -94,6 +107,58 @@ def run(task: dict, x: torch.Tensor) -> dict:
             out = saelens_outputs(sae, x)
             sae.save_inference_model(task["dir"])
         info["cfg"] = json.load(open(f"{task['dir']}/cfg.json"))
+    elif op == "saelens_make_transcoder":  # a transcoder made and saved by SAELens's own classes
+        import sae_lens.saes.transcoder as T
+        from sae_lens import SAE
+
+        kind = task["kind"]  # transcoder, skip_transcoder, jumprelu_transcoder, jumprelu_skip_transcoder
+        cls = {"transcoder": "Transcoder", "skip_transcoder": "SkipTranscoder",
+               "jumprelu_transcoder": "JumpReLUTranscoder", "jumprelu_skip_transcoder": "JumpReLUSkipTranscoder"}[kind]
+        cfg = getattr(T, cls + "Config")(d_in=task["d_in"], d_sae=task["d_sae"], d_out=task["d_in"],
+                                         apply_b_dec_to_input=False)
+        cfg.metadata.hook_name, cfg.metadata.hook_name_out = task["hook"], task["hook_out"]
+        torch.manual_seed(task.get("seed", 0))
+        sae = getattr(T, cls)(cfg)
+        perturb(sae, ("b_enc", "b_dec"), task.get("seed", 0))
+        with torch.no_grad():
+            sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True))
+            if "skip" in kind:
+                sae.W_skip.copy_(0.1 * torch.randn(sae.W_skip.shape))
+            if "jumprelu" in kind:  # one threshold for every latent, above each token's 2k-th pre-activation
+                pre = x @ sae.W_enc + sae.b_enc
+                sae.threshold.fill_(pre.topk(2 * task["k"], dim=-1).values[:, -1].max().item())
+                info["threshold"] = float(sae.threshold[0])
+        sae.save_model(task["dir"])
+        out = saelens_outputs(SAE.load_from_disk(task["dir"]), x)
+        info["cfg"] = json.load(open(f"{task['dir']}/cfg.json"))
+    elif op == "ct_load":  # a transcoder set written by saekit, loaded by circuit-tracer's own loader
+        import os
+        from pathlib import Path
+
+        import yaml
+        from circuit_tracer.transcoder import TranscoderSet
+        from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
+
+        folder = Path(task["dir"])
+        # what ReplacementModel.from_pretrained(model, NAME) calls, with CIRCUIT_TRACER_CACHE_DIR=PARENT: a set in
+        # its local cache layout is read from there (offline: anything else would go to the Hub and fail)
+        os.environ["CIRCUIT_TRACER_CACHE_DIR"] = str(folder.parent)
+        transcoders, _ = load_transcoder_from_hub(folder.name, device=torch.device("cpu"))
+        assert isinstance(transcoders, TranscoderSet), type(transcoders)
+        out = circuit_tracer_outputs(transcoders, x)
+        first = transcoders[0]
+        info = {"n_layers": len(transcoders), "d_transcoder": transcoders.d_transcoder, "d_model": first.d_model,
+                "feature_input_hook": transcoders.feature_input_hook,
+                "feature_output_hook": transcoders.feature_output_hook, "scan": transcoders.scan,
+                "skip_connection": transcoders.skip_connection,
+                "activation": type(first.activation_function).__name__,
+                "lazy_decoder": first.lazy_decoder, "layer_idx": [tc.layer_idx for tc in transcoders]}
+        if task.get("resave"):  # its own writer, plus the config.yaml its cache writer adds
+            transcoders.to_safetensors(task["resave"])
+            config = yaml.safe_load(open(folder / "config.yaml"))
+            keep = ("model_kind", "model_name", "feature_input_hook", "feature_output_hook", "scan")
+            with open(Path(task["resave"]) / "config.yaml", "w") as f:
+                yaml.dump({k: config[k] for k in keep}, f)
     elif op == "sparsify_make":  # an SAE made and saved by sparsify
         from sparsify import SparseCoder, SparseCoderConfig
 
@@ -111,13 +176,15 @@ def run(task: dict, x: torch.Tensor) -> dict:
 def main() -> None:
     job = json.load(open(sys.argv[1]))
     x = load_file(job["x"])["x"]
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    import sae_lens
-    import sparsify  # noqa: F401
-
-    report = {"versions": {"sae_lens": sae_lens.__version__, "sparsify": version("eai-sparsify"),
-                           "torch": torch.__version__}, "tasks": []}
+    versions = {"torch": torch.__version__}
+    for package in ("sae-lens", "eai-sparsify", "circuit-tracer", "transformer-lens", "transformers"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    report = {"versions": versions, "tasks": []}
     for task in job["tasks"]:
         report["tasks"].append(run(task, x))
     json.dump(report, open(job["report"], "w"), indent=1, default=str)
