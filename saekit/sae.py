@@ -161,8 +161,8 @@ class SparseAutoencoder(nn.Module):
                 kept = values.detach()[values.detach() > 0]
                 low = (kept.min() if kept.numel() else torch.tensor(math.inf, device=x.device)).float().reshape(1)
                 low = across.min(low)[0] if across is not None else low[0]
-                if torch.isfinite(low):
-                    self.threshold.lerp_(low.to(self.threshold.dtype), 0.01)
+                if torch.isfinite(low):  # the first batch sets it; an EMA from 0 would take ~300 steps to arrive
+                    self.threshold.lerp_(low.to(self.threshold.dtype), 0.01 if self.threshold > 0 else 1.0)
         return values, indices, aux_v, aux_i
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
