@@ -64,8 +64,9 @@ bench-peers: setup $(PEERS_STAMP)
 	$(PY) benchmarks/peers.py --peers-python $(PEERS_PY) --json runs/bench/peers.json
 
 # circuit-tracer (0.5.0) lives in its own venv: it pins transformers <= 4.57.3 and huggingface-hub < 1.0. torch first
-# (the CPU wheel on disk), named again beside circuit-tracer so the resolver keeps it; the last line fails the build
-# if a CUDA wheel came along anyway.
+# (the CPU wheel on disk), named again beside circuit-tracer so the resolver keeps it; nnsight 0.6.3 because its
+# nnsight backend imports nnsight.intervention.tracing, which 0.8 removed; the last line fails the build if a CUDA
+# wheel came along anyway.
 CT       ?= .venv-ct
 CT_PY    := $(CT)/bin/python
 CT_PIP   := $(CT_PY) -m pip --disable-pip-version-check
@@ -76,8 +77,8 @@ peers-ct: $(CT_STAMP)
 $(CT_STAMP): Makefile
 	test -x $(CT_PY) || python3 -m venv $(CT)
 	$(CT_PY) -c "import torch" 2>/dev/null || $(CT_PIP) install -q torch==2.13.0
-	$(CT_PIP) install -q circuit-tracer==0.5.0 torch==2.13.0
-	$(CT_PY) -c "import circuit_tracer.transcoder"
+	$(CT_PIP) install -q circuit-tracer==0.5.0 nnsight==0.6.3 torch==2.13.0
+	$(CT_PY) -c "import circuit_tracer.transcoder, circuit_tracer.replacement_model.replacement_model_nnsight"
 	! $(CT_PIP) list 2>/dev/null | grep -i nvidia
 	touch $(CT_STAMP)
 

@@ -159,6 +159,22 @@ def run(task: dict, x: torch.Tensor) -> dict:
             keep = ("model_kind", "model_name", "feature_input_hook", "feature_output_hook", "scan")
             with open(Path(task["resave"]) / "config.yaml", "w") as f:
                 yaml.dump({k: config[k] for k in keep}, f)
+    elif op == "ct_replacement_model":  # circuit-tracer's replacement model of a real model with our set
+        import os
+        from pathlib import Path
+
+        from circuit_tracer.replacement_model import ReplacementModel
+        from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
+
+        folder = Path(task["dir"])
+        os.environ["CIRCUIT_TRACER_CACHE_DIR"] = str(folder.parent)
+        transcoders, _ = load_transcoder_from_hub(folder.name, device=torch.device("cpu"))
+        model = ReplacementModel.from_pretrained_and_transcoders(task["model"], transcoders, backend=task["backend"],
+                                                                 device=torch.device("cpu"), dtype=torch.float32)
+        tokens = load_file(task["tokens"])["tokens"]
+        logits, acts = model.get_activations(tokens)  # it zeroes position 0 (BOS), as its attribution does
+        out = {"acts": (acts.to_dense() if acts.is_sparse else acts).float(), "logits": logits.float()}
+        info = {"class": type(model).__name__, "feature_input_hook": transcoders.feature_input_hook}
     elif op == "sparsify_make":  # an SAE made and saved by sparsify
         from sparsify import SparseCoder, SparseCoderConfig
 

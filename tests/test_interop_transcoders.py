@@ -382,3 +382,65 @@ def test_what_circuit_tracer_writes_imports_exactly(ct_peer, tmp_path):
     shutil.copytree(resaved, tmp_path / "copy")
     convert(tmp_path / "copy", tmp_path / "as_saelens", to="saelens", k=K)
     assert len(load_transcoders(tmp_path / "as_saelens")) == LAYERS
+
+
+def transformers_457_copy(src: Path, dst: Path) -> Path:
+    """saekit's dequantized default model (written by transformers 5) as transformers 4.57 reads it: the tokenizer
+    class named, rope_theta and architectures in config.json, no GGUF note, "pt" safetensors metadata and the
+    tied embedding stored under model.embed_tokens."""
+    dst.mkdir(parents=True)
+    config = json.loads((src / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config["rope_theta"] = (config.pop("rope_parameters", None) or {}).get("rope_theta", config.get("rope_theta"))
+    config["architectures"] = config.get("architectures") or ["LlamaForCausalLM"]
+    (dst / "config.json").write_text(json.dumps(config))
+    tok = json.loads((src / "tokenizer_config.json").read_text()) | {"tokenizer_class": "PreTrainedTokenizerFast"}
+    (dst / "tokenizer_config.json").write_text(json.dumps(tok))
+    shutil.copy(src / "tokenizer.json", dst / "tokenizer.json")
+    w = load_file(src / "model.safetensors")
+    if config.get("tie_word_embeddings") and "model.embed_tokens.weight" not in w:
+        w["model.embed_tokens.weight"] = w.pop("lm_head.weight")
+    save_file(w, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@needs_ct
+def test_circuit_tracer_reads_our_hook_pair_on_the_real_model(model, tmp_path):
+    """circuit-tracer's replacement model of the default model (its nnsight backend; its TransformerLens backend has
+    no SmolLM2), with a set exported from saekit, computes the same latents at every layer as saekit does on the
+    activations it harvests at blocks.L.mlp.hook_in: `mlp.hook_in` is the same tensor there."""
+    from saekit.lm import resolve
+
+    n, d = model.cfg.n_layers, model.cfg.d_model
+    tokens = model.tokenizer("The cat sat on the mat. It was happy, and then it left the room.", return_tensors="pt").input_ids
+    tokens = torch.cat([torch.tensor([[model.tokenizer.bos_token_id]]), tokens], 1)
+    hooks = [f"blocks.{layer}.mlp.hook_in" for layer in range(n)]
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda h: h in hooks)
+    saes = []
+    for layer in range(n):
+        gen = torch.Generator().manual_seed(layer)
+        sae = SparseAutoencoder(SaeConfig(d_in=d, d_sae=256, k=8, d_out=d, transcoder=True, skip=True,
+                                          architecture="batchtopk"))
+        with torch.no_grad():
+            sae.W_enc.copy_(torch.randn(d, 256, generator=gen) / d**0.5)
+            sae.b_enc.copy_(0.1 * torch.randn(256, generator=gen))
+            sae.W_dec.copy_(torch.nn.functional.normalize(torch.randn(256, d, generator=gen), dim=1))
+            pre = cache[hooks[layer]][0] @ sae.W_enc + sae.b_enc
+            sae.threshold.fill_(pre.topk(16, dim=-1).values[:, -1].max().item())
+        sae.info = {"hook": hooks[layer], "hook_out": f"blocks.{layer}.hook_mlp_out", "model": "test"}
+        saes.append(sae)
+    export_circuit_tracer(saes, tmp_path / "sets" / "smol", n_layers=n)
+    save_file({"tokens": tokens}, tmp_path / "tokens.safetensors")
+    hf = transformers_457_copy(Path(resolve("default")[0]), tmp_path / "model")
+    report = run_peer(CT_PY, tmp_path, [{"op": "ct_replacement_model", "dir": str(tmp_path / "sets" / "smol"),
+                                         "model": str(hf), "backend": "nnsight",
+                                         "tokens": str(tmp_path / "tokens.safetensors")}], torch.zeros(1, D))
+    assert report["tasks"][0] == {"class": "NNSightReplacementModel", "feature_input_hook": "mlp.hook_in"}
+    theirs = load_file(tmp_path / "out0.safetensors")
+    ours = torch.stack([sae.dense_codes(cache[h][0]) for sae, h in zip(saes, hooks, strict=True)])
+    assert (ours[:, 1:] > 0).sum() > 10 * n  # every layer has active latents to compare
+    close(theirs["logits"], logits, "circuit-tracer's model logits")
+    assert theirs["acts"][:, 0].abs().max() == 0  # it leaves BOS out
+    close(theirs["acts"][:, 1:], ours[:, 1:], "circuit-tracer latents at mlp.hook_in, every layer")
+
