@@ -604,6 +604,9 @@ def convert(src: str | Path, out: str | Path, to: str = "saekit", fmt: str = "au
         raise SaekitError(f"unknown target format {to!r}: use one of {', '.join(FORMATS)}.")
     fmt = detect_format(src) if fmt == "auto" else fmt
     out = Path(out)
+    if fmt == "set" and to != "circuit-tracer" and len(sae_dirs(src)) == 1:
+        fmt = "saekit"  # a run with one dictionary: convert that one
+        src = sae_dirs(src)[0]
     if to == "circuit-tracer" or fmt in ("circuit-tracer", "set"):
         if to == "sparsify":
             raise SaekitError("saekit exports SAEs to sparsify, not transcoder sets; convert to saekit, saelens or "
@@ -655,6 +658,9 @@ def describe_converted(path: str | Path) -> str:
                      + (f" threshold={float(sae.threshold):.4g}" if sae.batch_level else ""))
     if len(lines) > 4:
         lines = lines[:2] + [f"  … {len(lines) - 3} more …", lines[-1]]
+    if fmt in ("circuit-tracer", "set"):
+        lines.insert(0, f"  {'circuit-tracer set' if fmt == 'circuit-tracer' else 'set'} of {len(saes)} transcoders, "
+                        f"one per layer ({saes[0].hook} … {saes[-1].hook})")
     if fmt in ("saekit", "saelens") and not saes[0].info.get("model_arg"):
         lines.append("  (no model recorded: `saekit eval` uses --model, default the embedded SmolLM2)")
     return "\n".join(lines)
