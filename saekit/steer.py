@@ -9,6 +9,11 @@ so the SAE's reconstruction error x − decode(z) is kept and nothing but the ed
 (an edit applied at the latents' hook is cancelled when the error is recomputed afterwards). Position 0
 (BOS; its norm is ~100× the rest and the SAE never saw it) is left alone unless `edit_bos=True`.
 
+A transcoder reads one hook and writes another, so an edit of its latents changes the MLP's output: z is encoded
+from the clean MLP input (its input hook, `sae.hook`), and y ← y + decode(z′) − decode(z) = y + Δz·W_dec at its
+output hook (`sae.hook_out`; adds and vectors land there too). The MLP's own output is kept — the transcoder's
+prediction error with it — so an edit that changes nothing is the identity, as for an SAE.
+
 Generated tokens are steered too, with and without a KV cache: a KV-cache step shows the hook a sequence
 of length 1, which SAELens's tutorial hook skips. `generate` samples baseline and steered rows in one batch
 from the same seed, with the same Gumbel noise per step, so the two differ only through the edits.
@@ -153,20 +158,20 @@ class Steering:
                  scale: Scale | None = None, prompt_len: int | None = None, rows: torch.Tensor | None = None,
                  edit_bos: bool = False):
         self.sae, self.edits = sae, list(edits)
-        self.hook = hook or sae.hook
-        if self.hook is None:
-            raise HookError("the SAE records no hook; pass hook='blocks.L.hook_resid_pre'.")
+        # hook: where the edits land; read: where a transcoder's latents are read (None: at `hook`, an SAE)
+        self.hook, self.read = steering_hooks(sae, hook)
         self.scale = feature_scale(scale)
         self.prompt_len, self.rows, self.edit_bos = prompt_len, rows, edit_bos
         self.offset: int | None = None
         self._next = 0
+        self._input: tuple[torch.Tensor, int] | None = None  # a transcoder's clean input in this forward, its start
         self.calls = 0
         for e in self.edits:
             if e.direction is None and not 0 <= e.feature < sae.cfg.d_sae:
-                raise SaekitError(f"feature {e.feature} is out of range: the SAE has {sae.cfg.d_sae} latents.")
-            if e.direction is not None and e.direction.numel() != sae.cfg.d_in:
-                raise SaekitError(f"steering vector has {e.direction.numel()} values; the hook's width is "
-                                  f"{sae.cfg.d_in}.")
+                raise SaekitError(f"feature {e.feature} is out of range: the {sae.kind} has {sae.cfg.d_sae} latents.")
+            if e.direction is not None and e.direction.numel() != sae.cfg.out_dim:
+                raise SaekitError(f"steering vector has {e.direction.numel()} values; the width of {self.hook}, where "
+                                  f"it is added, is {sae.cfg.out_dim}.")
         # add strengths in raw units (the scale lookup raises early for a never-firing feature)
         self._add_unit = {i: (self.scale(e.feature) if self.scale and e.direction is None else 1.0)
                           for i, e in enumerate(self.edits) if e.mode == "add"}
@@ -205,13 +210,26 @@ class Steering:
             raise SaekitError(f"an edit value has {t.numel()} entries but the batch has {B} rows.")
         return t.expand(B)[:, None]
 
+    def hooks(self) -> list[tuple[str, Callable]]:
+        """The (hook, function) pairs to attach, in the order a forward reaches them: an SAE's one hook; a
+        transcoder's input hook (which keeps the clean input) and output hook (which edits)."""
+        return [(self.hook, self)] if self.read is None else [(self.read, self.keep_input), (self.hook, self)]
+
+    def keep_input(self, act: torch.Tensor, hook=None) -> torch.Tensor:
+        """A transcoder's input hook: remember this forward's clean MLP input (unchanged) for the output hook."""
+        self.calls += 1
+        x = act[None] if act.dim() == 2 else act
+        self._input = (x, self._start(x.shape[1]))
+        return act
+
     @torch.no_grad()
     def delta(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(change [B, T, d] fp32, touched [B, T] bool) for activations x [B, T, d] at positions start…"""
+        """(change [B, T, d_out] fp32, touched [B, T] bool) for activations x [B, T, d_in] that the latents are
+        encoded from (a transcoder's input), at positions start…"""
         B, T, d = x.shape
         dev = x.device
         W_dec = self.sae.W_dec
-        out = torch.zeros(B, T, d, dtype=torch.float32, device=dev)
+        out = torch.zeros(B, T, W_dec.shape[1], dtype=torch.float32, device=dev)
         touched = torch.zeros(B, T, dtype=torch.bool, device=dev)
         z: dict[int, torch.Tensor] = {}  # feature -> clean z_f [B, T]
         z_new: dict[int, torch.Tensor] = {}
@@ -247,11 +265,18 @@ class Steering:
         return out, touched
 
     def __call__(self, act: torch.Tensor, hook=None) -> torch.Tensor:
-        self.calls += 1
+        """The edit hook: act is the activation at `self.hook` (a transcoder's output; its input came first)."""
         squeeze = act.dim() == 2
         x = act[None] if squeeze else act
-        start = self._start(x.shape[1])
-        change, touched = self.delta(x, start)
+        if self.read is None:
+            self.calls += 1
+            src, start = x, self._start(x.shape[1])
+        else:
+            if self._input is None or self._input[0].shape[:2] != x.shape[:2]:
+                raise SaekitError(f"a transcoder's edits at {self.hook} need the MLP input of the same forward from "
+                                  f"{self.read}: attach both of Steering.hooks() (steer() does), not the edit alone.")
+            (src, start), self._input = self._input, None
+        change, touched = self.delta(src, start)
         if not touched.any():
             return act
         y = torch.where(touched[..., None], (x.float() + change).to(x.dtype), x)
@@ -267,19 +292,54 @@ def steer(model, sae: SparseAutoencoder, edits: Sequence[Edit] | Edit, hook: str
     steering = edits if isinstance(edits, Steering) else Steering(
         sae, [edits] if isinstance(edits, Edit) else edits, hook, scale, prompt_len, rows, edit_bos)
     _check_fits(model, steering)
-    with model.hooks(fwd_hooks=[(steering.hook, steering)]):
+    with model.hooks(fwd_hooks=steering.hooks()):
         yield steering
 
 
-def _check_fits(model, steering: Steering) -> None:
-    """A HookError for a hook the model lacks; a SaekitError for an SAE of another width."""
-    from .lm import check_hooks
+def steering_hooks(sae: SparseAutoencoder, hook: str | None = None) -> tuple[str, str | None]:
+    """(where edits land, where a transcoder reads its latents or None). An SAE steers at `hook` (default its own);
+    a transcoder at its output hook, reading its input hook, and nowhere else: its latents mean something only as
+    the MLP's output, so another `hook` is refused."""
+    if not sae.is_transcoder:
+        if (hook or sae.hook) is None:
+            raise HookError("the SAE records no hook; pass hook='blocks.L.hook_resid_pre'.")
+        return hook or sae.hook, None  # type: ignore[return-value]
+    if sae.hook is None or sae.hook_out is None:
+        raise HookError(f"the {sae.kind} records no input or output hook (hook {sae.hook!r}, hook_out "
+                        f"{sae.hook_out!r} in cfg.json's saekit fields); steering needs both.")
+    if hook is not None and hook != sae.hook_out:
+        raise HookError(f"a {sae.kind} is steered where it writes, the MLP output {sae.hook_out} (its latents read "
+                        f"{sae.hook}); it cannot steer {hook}. Drop the hook argument, or steer with an SAE trained "
+                        f"on {hook}.")
+    return sae.hook_out, sae.hook
 
-    check_hooks(model, [steering.hook])
-    width = model.cfg.d_model if steering.hook.endswith(("resid_pre", "resid_post", "resid_mid")) else None
-    if width is not None and width != steering.sae.cfg.d_in:
-        raise SaekitError(f"the SAE has d_in {steering.sae.cfg.d_in} but {steering.hook} has width {width}: "
-                          "this SAE was trained on another model.")
+
+def where(steering: Steering) -> str:
+    """Where the edits act, in words: "blocks.15.hook_resid_pre" or, for a transcoder, "blocks.6.hook_mlp_out (the
+    MLP output; latents read from blocks.6.mlp.hook_in)"."""
+    if steering.read is None:
+        return steering.hook
+    return f"{steering.hook} (the MLP output; latents read from {steering.read})"
+
+
+def _check_fits(model, steering: Steering) -> None:
+    """A HookError for a hook the model lacks (or a transcoder's hooks that are no MLP's input and output); a
+    SaekitError for a dictionary of another width."""
+    from .lm import check_hooks, check_pair
+
+    sae = steering.sae
+    check_hooks(model, [h for h, _ in steering.hooks()])
+    if steering.read is not None:
+        check_pair(model, steering.read, steering.hook)
+    # (hook, the dictionary's width there): residual-width hooks only; others are not known to have d_model
+    widths = [(steering.hook, sae.cfg.out_dim)] + ([(steering.read, sae.cfg.d_in)] if steering.read else [])
+    for hook, width in widths:
+        if hook.endswith(RESIDUAL_WIDTH) and model.cfg.d_model != width:
+            raise SaekitError(f"the {sae.kind} has width {width} at {hook} but the model's is {model.cfg.d_model}: "
+                              f"this {sae.kind} was trained on another model.")
+
+
+RESIDUAL_WIDTH = ("resid_pre", "resid_post", "resid_mid", "hook_mlp_out", "mlp.hook_in")
 
 
 # ----------------------------------------------------------------------------- generation
@@ -351,13 +411,16 @@ class PlainHF:
 
     The bridge swaps every HF submodule for a wrapper that fires its hook points, so one decode step of the
     default model makes ~1,800 Python module calls and 30 `inspect.signature` calls; this plain copy makes
-    ~400. Steering hooks the HF decoder layer that the hook name denotes (`blocks.L.hook_resid_pre`: the
-    input of layer L, `…resid_post`: its output) with a plain torch hook, and decoding uses HF's own
+    ~400. Steering hooks the HF module that the hook name denotes (`blocks.L.hook_resid_pre`: the input of
+    decoder layer L, `…resid_post`: its output; `blocks.L.mlp.hook_in` / `blocks.L.hook_mlp_out`: the input and
+    output of its MLP, where a transcoder reads and writes) with a plain torch hook, and decoding uses HF's own
     past_key_values. `agrees` checks once per hook that this path computes what the bridge computes (the
     hook's activation and the logits on a short prompt, to 1e-4; for the default model they agree bit for
     bit) and says no otherwise, so callers fall back to the bridge for any other hook or architecture."""
 
-    _RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+    _HOOK = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|mlp\.hook_in|hook_mlp_out)$")
+    _PLACE = {"hook_resid_pre": ("", "pre"), "hook_resid_post": ("", "post"), "mlp.hook_in": ("mlp", "pre"),
+              "hook_mlp_out": ("mlp", "post")}  # hook → (the decoder layer's submodule, its input or output)
     _CHECK_TEXT = "The fast path is taken only where it computes what the bridge computes."
 
     def __init__(self, bridge):
@@ -392,10 +455,13 @@ class PlainHF:
         return tuple(p.data_ptr() for p in bridge.parameters())
 
     def location(self, hook: str) -> tuple[torch.nn.Module, str] | None:
-        m = self._RESID.match(hook)
+        """(module, "pre" | "post"): the hook's activation is that module's input or output; None if unmapped."""
+        m = self._HOOK.match(hook)
         if m is None or int(m.group(1)) >= len(self._layers):
             return None
-        return self._layers[int(m.group(1))], m.group(2)
+        sub, where = self._PLACE[m.group(2)]
+        module = getattr(self._layers[int(m.group(1))], sub, None) if sub else self._layers[int(m.group(1))]
+        return (module, where) if isinstance(module, torch.nn.Module) else None
 
     @contextmanager
     def hooked(self, hook: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
@@ -405,7 +471,8 @@ class PlainHF:
         def pre(module, args, kwargs):
             if args:
                 return (fn(args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+            name = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+            return args, {**kwargs, name: fn(kwargs[name])}
 
         def post(module, args, output):
             return (fn(output[0]), *output[1:]) if isinstance(output, tuple) else fn(output)
@@ -465,13 +532,14 @@ _PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # bridge → Pl
 Engine = Literal["auto", "hf", "bridge"]
 
 
-def fast_path(model, hook: str | None, engine: Engine = "auto") -> tuple[PlainHF | None, str]:
-    """(the PlainHF to run `model` with, steered at `hook` (None: unsteered), or None for the bridge; why not the plain
-    path, "" when it is taken). The bridge runs for engine "bridge"; hooks attached to the bridge (the plain model would
-    not run them); a hook or model the plain path does not map or does not match. Engine "hf" raises instead of
-    falling back (tests and benchmarks)."""
+def fast_path(model, hook: str | Sequence[str] | None, engine: Engine = "auto") -> tuple[PlainHF | None, str]:
+    """(the PlainHF to run `model` with, steered at `hook` (several for a transcoder, `Steering.hooks()`; None:
+    unsteered), or None for the bridge; why not the plain path, "" when it is taken). The bridge runs for engine
+    "bridge"; hooks attached to the bridge (the plain model would not run them); a hook or model the plain path does
+    not map or does not match. Engine "hf" raises instead of falling back (tests and benchmarks)."""
     if engine == "bridge":
         return None, "engine 'bridge' asked for"
+    hooks = [hook] if hook is None or isinstance(hook, str) else list(hook)
     why = None
     if not hasattr(model, "original_model") or not hasattr(model, "blocks"):
         why = "the model is no TransformerBridge over an HF model"
@@ -489,8 +557,8 @@ def fast_path(model, hook: str | None, engine: Engine = "auto") -> tuple[PlainHF
             _PLAIN[model] = plain
         if isinstance(plain, str):
             why = plain
-        elif not plain.agrees(model, hook):
-            why = f"the plain HF path does not compute what the bridge computes at {hook}"
+        elif bad := [h for h in hooks if not plain.agrees(model, h)]:
+            why = f"the plain HF path does not compute what the bridge computes at {', '.join(map(str, bad))}"
         else:
             return plain, ""
     if engine == "hf":
@@ -498,8 +566,8 @@ def fast_path(model, hook: str | None, engine: Engine = "auto") -> tuple[PlainHF
     return None, why
 
 
-def plain_hf(model, hook: str | None, engine: Engine = "auto") -> PlainHF | None:
-    """The PlainHF to run `model` with, steered at `hook`, or None for the bridge (`fast_path` says why)."""
+def plain_hf(model, hook: str | Sequence[str] | None, engine: Engine = "auto") -> PlainHF | None:
+    """The PlainHF to run `model` with, steered at `hook`(s), or None for the bridge (`fast_path` says why)."""
     return fast_path(model, hook, engine)[0]
 
 
@@ -564,12 +632,13 @@ def sampling(model, prompt: list[int], rows: int, max_new_tokens: int, seed: int
         _check_fits(model, steering)
     n = max_new_tokens
     with cpu_threads(threads, device), ExitStack() as stack:
-        plain, why = fast_path(model, steering.hook if steering is not None else None, engine)  # (built once per model)
+        hooks = steering.hooks() if steering is not None else []
+        plain, why = fast_path(model, [h for h, _ in hooks] or None, engine)  # (built once per model)
         path = path_text(plain is not None, why, use_cache, device)
         if plain is not None:
             forward = plain.forward(use_cache)
-            if steering is not None:
-                stack.enter_context(plain.hooked(steering.hook, steering))
+            for h, fn in hooks:
+                stack.enter_context(plain.hooked(h, fn))
         else:
             forward = KVCache(model).forward if use_cache else model
             if steering is not None:

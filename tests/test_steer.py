@@ -295,11 +295,11 @@ def test_bridge_fallbacks_and_threads(model, sae):
     """Hooks the plain model cannot place, or hooks already on the bridge, keep generation on the bridge (the
     user's hook still fires); engine="hf" says why instead. The thread count is put back after generating."""
     kw = dict(prompt="Stocks fell", max_new_tokens=3, seed=0)
-    mlp = S.Steering(sae, [S.add(7, 30.0)], "blocks.3.hook_mlp_out")
-    assert S.plain_hf(model, mlp.hook) is None
-    with pytest.raises(SaekitError, match="does not compute what the bridge computes at blocks.3.hook_mlp_out"):
-        S.plain_hf(model, mlp.hook, "hf")
-    assert S.generate(model, sae, edits=[S.add(7, 30.0)], hook=mlp.hook, **kw).steered_tokens  # ran on the bridge
+    attn = S.Steering(sae, [S.add(7, 30.0)], "blocks.3.hook_attn_out")  # (MLP input/output are placed: transcoders)
+    assert S.plain_hf(model, attn.hook) is None
+    with pytest.raises(SaekitError, match="does not compute what the bridge computes at blocks.3.hook_attn_out"):
+        S.plain_hf(model, attn.hook, "hf")
+    assert S.generate(model, sae, edits=[S.add(7, 30.0)], hook=attn.hook, **kw).steered_tokens  # ran on the bridge
     fired = []
     with model.hooks(fwd_hooks=[("blocks.2.hook_resid_post", lambda act, hook: fired.append(act.shape) or act)]):
         assert S.plain_hf(model, HOOK) is None
