@@ -13,6 +13,10 @@ Gumbel noise per step, so every row differs from the unsteered one only through 
   kl     KL(unsteered ‖ steered) of next-token distributions on neutral prompts (side effects).
 Baseline: a difference-of-means vector (mean activation on the feature's top-activating tokens minus the
 mean on random tokens), normalised and added at the same norm as the SAE edit — same strength, same norm.
+
+A transcoder is steered where it writes (the MLP output; steer.py), so its reference tokens are read at both its
+hooks: the latents from the MLP input (the activations that define "fires"), the baseline's difference of means
+from the MLP output, where that vector is added.
 """
 
 from __future__ import annotations
@@ -64,18 +68,29 @@ def default_prompts(path: str | None = None) -> dict[str, list[str]]:
 
 # ----------------------------------------------------------------------------- reference activations
 
-def reference_activations(model, sae: SparseAutoencoder, cache: str | None, tokens: int, seed: int = 0) -> torch.Tensor:
-    """[N, d] activations at the SAE's hook (massive tokens left out, by the threshold recorded in the SAE):
-    the first shards of an activation cache, else a fresh harvest from the SAE's dataset."""
+def reference_activations(model, sae: SparseAutoencoder, cache: str | None, tokens: int, seed: int = 0
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x [N, d_in] at the SAE's hook, None) — for a transcoder (x at its input hook, y [N, d_out] at its output
+    hook) of the same tokens — the first shards of an activation cache, else a fresh harvest from the SAE's dataset.
+    Massive tokens are left out at every hook read, each by its threshold recorded at harvest (the cache's, else the
+    SAE's, which is of the hook it predicts), else 10× its median norm."""
     from .cache import MANIFEST, ActivationCache
     from .harvest import MASSIVE_MULTIPLE
 
+    hooks = [sae.hook] + ([sae.hook_out] if sae.is_transcoder else [])
+    if None in hooks:
+        raise DataError(f"the {sae.kind} records no {'output ' if sae.hook else ''}hook, so there is nothing to read "
+                        "reference activations at.")
+    recorded: dict[str, float | None] = {h: None for h in hooks} | {hooks[-1]: sae.info.get("massive_threshold")}
     cache = cache or sae.info.get("activations")
     if cache and (Path(cache) / MANIFEST).is_file():
         acts = ActivationCache(cache)
-        if sae.hook not in acts.hooks:
-            raise DataError(f"the activation cache {cache} holds {acts.hooks}, not the SAE's hook {sae.hook}.")
-        x = acts.head(sae.hook, tokens)
+        if missing := [h for h in hooks if h not in acts.hooks]:
+            raise DataError(f"the activation cache {cache} holds {acts.hooks}, not the {sae.kind}'s "
+                            + (f"hooks {missing} (a transcoder's reference tokens are read at its input and output; "
+                               "use the cache it was trained on)" if sae.is_transcoder else f"hook {sae.hook}") + ".")
+        read = {h: acts.head(h, tokens) for h in hooks}
+        recorded |= {h: acts.massive_threshold(h) for h in hooks if acts.massive_threshold(h) is not None}
     else:
         from .config import DataConfig
         from .data import load_contexts
@@ -85,9 +100,12 @@ def reference_activations(model, sae: SparseAutoencoder, cache: str | None, toke
         train, _ = load_contexts(model.tokenizer, data.dataset, data.context_size, data.heldout_fraction, data.seed,
                                  data.text_column)
         tokens = min(tokens, train.usable_tokens)
-        x = Harvester(model, [sae.hook]).harvest(train.tokens, tokens).acts[sae.hook]
-    threshold = sae.info.get("massive_threshold") or MASSIVE_MULTIPLE * float(x.norm(dim=1).median())
-    return x[x.norm(dim=1) <= threshold]
+        read = Harvester(model, hooks).harvest(train.tokens, tokens).acts
+    keep = torch.ones(len(read[hooks[0]]), dtype=torch.bool)
+    for h, a in read.items():
+        norms = a.norm(dim=1)
+        keep &= norms <= (recorded[h] or MASSIVE_MULTIPLE * float(norms.median()))
+    return read[hooks[0]][keep], (read[hooks[1]][keep] if sae.is_transcoder else None)
 
 
 @torch.no_grad()
@@ -132,14 +150,24 @@ def simple_ref(model, sae: SparseAutoencoder, f: int, typical: float, top_tokens
 @torch.no_grad()
 def feature_refs(model, sae: SparseAutoencoder, x: torch.Tensor, features: list[int], top_tokens: int = 10,
                  dom_examples: int = 64, baseline: bool = True, store=None, seed: int = 0,
-                 codes: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[FeatureRef]:
+                 codes: tuple[torch.Tensor, torch.Tensor] | None = None, y: torch.Tensor | None = None
+                 ) -> list[FeatureRef]:
+    """`x`: reference activations the latents are encoded from; `y`: a transcoder's MLP outputs of the same tokens,
+    where its edits and so its difference-of-means baseline act (an SAE's baseline is taken from x)."""
     from .lm import unembedding
 
     values, indices = codes if codes is not None else feature_codes(sae, x)
     W_U, w_norm = unembedding(model)
     scale = steer.feature_scale(store) if store is not None else None
+    where = x
+    if sae.is_transcoder and baseline:
+        if y is None or len(y) != len(x):
+            raise SaekitError(f"a {sae.kind}'s difference-of-means baseline is a direction in its output "
+                              f"({sae.hook_out}), where its edits act: pass y, the MLP outputs of the reference tokens "
+                              "(reference_activations gives both), or turn the baseline off.")
+        where = y
     gen = torch.Generator().manual_seed(seed)
-    rand = x[torch.randperm(len(x), generator=gen)[: max(dom_examples * 16, 1024)]]
+    rand = where[torch.randperm(len(x), generator=gen)[: max(dom_examples * 16, 1024)]]
     refs = []
     for f in features:
         if not 0 <= f < sae.cfg.d_sae:
@@ -157,7 +185,7 @@ def feature_refs(model, sae: SparseAutoencoder, x: torch.Tensor, features: list[
         dom = None
         if baseline and on.any():
             sel = acts.topk(min(dom_examples, int(on.sum()))).indices
-            v = x[sel].mean(0) - rand.mean(0)
+            v = where[sel].mean(0) - rand.mean(0)
             dom = v / v.norm().clamp_min(1e-8)
         refs.append(FeatureRef(f, typical, float(on.float().mean()), top,
                                [model.tokenizer.decode([int(t)]) for t in top], dom))
@@ -334,16 +362,18 @@ def figure(rows: list[dict[str, Any]], path: str | Path, title: str = "steering 
 
 
 def run(model, sae: SparseAutoencoder, cfg: SteerEvalConfig, x: torch.Tensor | None = None, store=None,
-        progress: bool = True) -> dict[str, Any]:
-    """The whole evaluation: reference activations → features → sweeps. Returns rows, verdicts and meta."""
+        progress: bool = True, y: torch.Tensor | None = None) -> dict[str, Any]:
+    """The whole evaluation: reference activations → features → sweeps. Returns rows, verdicts and meta.
+    `x` (and a transcoder's `y`): reference activations as `reference_activations` gives them (read when None)."""
     prompts = default_prompts(cfg.prompts or None)
     steer_p, neutral = prompts["steer"][: cfg.n_prompts], prompts["neutral"][: cfg.n_neutral]
     start = time.perf_counter()
     if x is None:
-        x = reference_activations(model, sae, cfg.activations or None, cfg.reference_tokens, cfg.seed)
+        x, y = reference_activations(model, sae, cfg.activations or None, cfg.reference_tokens, cfg.seed)
     codes = feature_codes(sae, x)
     features = list(cfg.features) or pick_features(*codes, sae.cfg.d_sae, cfg.auto_features, cfg.seed)
-    refs = feature_refs(model, sae, x, features, cfg.top_tokens, cfg.dom_examples, cfg.baseline, store, cfg.seed, codes)
+    refs = feature_refs(model, sae, x, features, cfg.top_tokens, cfg.dom_examples, cfg.baseline, store, cfg.seed, codes,
+                        y)
     strengths = sorted({0.0, *map(float, cfg.strengths)})
     rows: list[dict[str, Any]] = []
     for ref in refs:
@@ -374,10 +404,12 @@ def run_and_report(model, sae: SparseAutoencoder, cfg: SteerEvalConfig, sae_dir:
 
     res = run(model, sae, cfg, store=store)
     res |= {"sae": str(sae_dir), "model": model_id(model), "hook": sae.hook, "weights_sha256": sae.weights_hash(),
+            "dictionary": sae.kind, "steered_at": sae.hook_out,
             "typical_from": str(store.path) if store is not None else "reference tokens"}
+    at = f"{sae.hook} → {sae.hook_out}" if sae.is_transcoder else sae.hook
     with replacing(out) as staged:
         write_json(staged / REPORT, res)
-        figure(res["rows"], staged / "steer_eval.html", title=f"steering trade-off — {sae_dir.name} at {sae.hook}")
+        figure(res["rows"], staged / "steer_eval.html", title=f"steering trade-off — {sae_dir.name} at {at}")
     fig = out / "steer_eval.html"
     print()
     for f in res["features"]:
