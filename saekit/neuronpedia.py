@@ -270,7 +270,9 @@ def export_neuronpedia(store_path: str | Path, out: str | Path, cfg: Neuronpedia
         "kind": EXPORT_KIND, "format": "SAEDashboard 0.8.0 Neuronpedia batch JSON (NeuronpediaDashboardBatch)",
         "saekit_version": __version__, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "store": str(store.path.resolve()), "store_created_at": man.get("created_at"), "sae_dir": man.get("sae_dir"),
-        "sae_weights_sha256": man.get("sae_weights_sha256"), "hook": man.get("hook"), **header,
+        "sae_weights_sha256": man.get("sae_weights_sha256"), "hook": man.get("hook"),
+        # a transcoder's latents read `hook` (the MLP input) and write `hook_out`: Neuronpedia files them by layer
+        "dictionary": store.dictionary, "hook_out": man.get("hook_out", man.get("hook")), **header,
         "config": asdict(cfg), "latents": store.d_sae, "exported": len(live), "skipped_dead": store.d_sae - len(live),
         "batches": len(batches), "tokens_analysed": tokens,
         "logit_values": ("centred over the vocabulary (as SAEDashboard's)" if weights is not None

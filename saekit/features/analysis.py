@@ -1,6 +1,11 @@
 """`analyze`: build a feature store in one pass, from the model + SAE over the SAE's dataset (`saekit analyze
 SAE_DIR`), or from a cached harvest (`--activations DIR`: no model forward at all). Both batch contexts
-identically, so they build the same store."""
+identically, so they build the same store.
+
+A transcoder's store is built the same way from its encoder on the MLP input (its input hook): the examples,
+quantiles and histograms are of those activations; logit effects, neighbours and the map come from W_dec, the
+directions it writes into the residual through the MLP output. The pass also reads the MLP output (its output hook),
+so that massive tokens are left out at either hook, as training left them out."""
 
 from __future__ import annotations
 
@@ -26,13 +31,33 @@ if TYPE_CHECKING:
 
 
 def _load_sae_with_hook(sae_dir: str | Path):
-    """The SAE of `sae_dir`; it must record the hook it reads, which the pass harvests."""
+    """The SAE of `sae_dir`; it must record the hook it reads, which the pass harvests (and a transcoder the hook
+    it writes)."""
     from ..sae import load_sae
 
     sae = load_sae(sae_dir)
     if not sae.hook:
         raise FileFormatError(f"{sae_dir}/cfg.json records no hook; the feature store needs to know where the SAE reads.")
+    if sae.is_transcoder and not sae.hook_out:
+        raise FileFormatError(f"{sae_dir}/cfg.json is a {sae.kind} without its output hook (saekit.hook_out, e.g. "
+                              f"blocks.L.hook_mlp_out for {sae.hook}); add it, or retrain with `saekit train "
+                              "--transcoder`.")
     return sae
+
+
+def _quality(sae_dir: Path, sae) -> dict | None:
+    """The held-out numbers of `saekit eval` (eval.json beside the weights, if it is of these weights): FVU of
+    what the dictionary predicts — the MLP output for a transcoder — L0 and CE recovered."""
+    from ..errors import SaekitError
+
+    try:
+        ev = read_json(sae_dir / "eval.json")
+    except SaekitError:
+        return None
+    if ev.get("weights_sha256") != sae.weights_hash():
+        return None
+    keys = ("fvu", "l0", "ce_recovered_zero", "kl", "tokens")
+    return {k: ev[k] for k in keys if k in ev} | {"of": sae.hook_out, "from": str((sae_dir / "eval.json").resolve())}
 
 
 def claim_store(out: Path, sae_hash: str, cfg: FeatureConfig, overwrite: bool = False) -> None:
@@ -73,19 +98,30 @@ def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = No
     claim_store(out, sae.weights_hash(), cfg, overwrite)
     info = sae.info
     hook = sae.hook
+    # Massive tokens are judged at every hook the dictionary touches (a transcoder: its input and its output).
+    judged = [hook] + ([sae.hook_out] if sae.is_transcoder and sae.hook_out != hook else [])
     data = DataConfig.from_manifest(info, model=model_arg, dataset=dataset)
     cache = None
-    # The massive threshold recorded at harvest (the cache's, else the SAE's), unless a multiple is asked for;
-    # with neither, the first batch's median sets it.
-    threshold: float | None = None if cfg.massive_multiple is not None else info.get("massive_threshold")
-    threshold_from = "the SAE (recorded at harvest)"
+    # Per judged hook, the massive threshold recorded at harvest (the cache's, else the SAE's, which is of the hook
+    # it predicts: its output), unless a multiple is asked for; with neither, the first batch's median sets it.
+    thresholds: dict[str, float | None] = dict.fromkeys(judged)
+    threshold_from = dict.fromkeys(judged, "")
+    if cfg.massive_multiple is None and info.get("massive_threshold") is not None:
+        thresholds[judged[-1]], threshold_from[judged[-1]] = info["massive_threshold"], "the SAE (recorded at harvest)"
     if activations is not None:
         from ..cache import ActivationCache
 
         acts_cache = ActivationCache(activations)
-        cache = acts_cache.read([hook])
-        if cfg.massive_multiple is None and acts_cache.massive_threshold(hook) is not None:
-            threshold, threshold_from = acts_cache.massive_threshold(hook), "the activation cache (recorded at harvest)"
+        if missing := [h for h in judged if h not in acts_cache.hooks]:
+            raise DataError(f"the cache in {activations} holds {acts_cache.hooks}, not {missing}"
+                            + (f": a {sae.kind}'s store reads its input {hook} and its output {sae.hook_out} (massive "
+                               "tokens are left out at either, as in training); use the cache it was trained on "
+                               "(`saekit train --transcoder` writes both) or drop --activations."
+                               if sae.is_transcoder else "; use a cache harvested at the SAE's hook."))
+        cache = acts_cache.read(judged)
+        for h in judged:
+            if cfg.massive_multiple is None and acts_cache.massive_threshold(h) is not None:
+                thresholds[h], threshold_from[h] = acts_cache.massive_threshold(h), "the activation cache (recorded at harvest)"
         if cache.acts[hook].shape[1] != sae.cfg.d_in:
             raise ShapeError(f"the cache in {activations} has width {cache.acts[hook].shape[1]} at {hook}, "
                              f"but the SAE's d_in is {sae.cfg.d_in}.")
@@ -110,20 +146,22 @@ def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = No
     start = time.perf_counter()
     bar = tqdm(total=budget, desc="analyze", unit="tok", disable=not progress, dynamic_ncols=True)
 
-    def consume(acts, ids, pos, ctx) -> bool:
-        nonlocal seen, massive, threshold, threshold_from
+    def consume(acts: dict[str, torch.Tensor], ids, pos, ctx) -> bool:
+        nonlocal seen, massive
         take = min(len(ids), budget - seen)
-        acts, ids, pos, ctx = acts[:take], ids[:take], pos[:take], ctx[:take]
+        ids, pos, ctx = ids[:take], pos[:take], ctx[:take]
         seen += take
-        norms = acts.norm(dim=1)
-        if threshold is None:
-            multiple = MASSIVE_MULTIPLE if cfg.massive_multiple is None else cfg.massive_multiple
-            median = float(norms.median()) if len(norms) else 0.0
-            threshold = multiple * median if multiple > 0 and median > 0 else math.inf
-            threshold_from = f"{multiple:g}× the first batch's median norm" if multiple > 0 else "none (all kept)"
-        keep = norms <= threshold
+        keep = torch.ones(take, dtype=torch.bool, device=ids.device)
+        for h in judged:
+            norms = acts[h][:take].norm(dim=1)
+            if thresholds[h] is None:
+                multiple = MASSIVE_MULTIPLE if cfg.massive_multiple is None else cfg.massive_multiple
+                median = float(norms.median()) if len(norms) else 0.0
+                thresholds[h] = multiple * median if multiple > 0 and median > 0 else math.inf
+                threshold_from[h] = f"{multiple:g}× the first batch's median norm" if multiple > 0 else "none (all kept)"
+            keep &= (norms <= thresholds[h]).to(keep.device)
         massive += int((~keep).sum())
-        values, indices = sae.encode(acts[keep].to(device))
+        values, indices = sae.encode(acts[hook][:take][keep].to(device))
         builder.add(values, indices, ids[keep], pos[keep], ctx[keep])
         bar.update(take)
         return seen >= budget
@@ -131,7 +169,7 @@ def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = No
     if cache is None:
         from ..harvest import Harvester
 
-        harvester = Harvester(model, [hook], device=device)
+        harvester = Harvester(model, judged, device=device)
         gen = harvester.batches(contexts, cfg.batch_contexts)
         while True:
             t0 = time.perf_counter()
@@ -140,7 +178,7 @@ def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = No
             if batch is None:
                 break
             acts, ids, pos, ctx = batch
-            if consume(acts[hook], ids, pos, ctx):
+            if consume(acts, ids, pos, ctx):
                 break
         source = {"source": "model"}
     else:
@@ -148,7 +186,8 @@ def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = No
         cuts = torch.nonzero(group[1:] != group[:-1]).squeeze(1) + 1
         bounds = [0, *cuts.tolist(), len(group)]
         for lo, hi in zip(bounds, bounds[1:]):
-            if consume(cache.acts[hook][lo:hi], cache.token_ids[lo:hi], cache.positions[lo:hi], cache.context_ids[lo:hi]):
+            if consume({h: cache.acts[h][lo:hi] for h in judged}, cache.token_ids[lo:hi], cache.positions[lo:hi],
+                       cache.context_ids[lo:hi]):
                 break
         source = {"source": "activations", "activations": str(Path(activations).resolve())}
         try:  # tokenizing only: the windows show the very contexts the cache was harvested from
@@ -174,9 +213,12 @@ def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = No
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "sae_dir": str(sae_dir.resolve()), "sae_weights_sha256": sae.weights_hash(),
         "sae": dataclasses.asdict(sae.cfg), "hook": hook, "model": info.get("model") or model_id(model),
+        # what kind of dictionary the latents are (sae | transcoder | skip-transcoder) and the hook it writes
+        "dictionary": sae.kind, "hook_out": sae.hook_out, "quality": _quality(sae_dir, sae),
         "split": "train", **source,
         "tokens": builder.tokens, "tokens_seen": seen, "massive_excluded": massive,
-        "massive_threshold": threshold if threshold is not None and math.isfinite(threshold) else None, "massive_threshold_from": threshold_from,
+        "massive_threshold": finite(thresholds[hook]), "massive_threshold_from": threshold_from[hook],
+        "massive_thresholds": {h: {"threshold": finite(thresholds[h]), "from": threshold_from[h]} for h in judged},
         "d_sae": sae.cfg.d_sae, "vocab_size": vocab_size,
         "config": dataclasses.asdict(cfg), "map_method": finfo.pop("map_method"),
         "map_note": finfo.pop("map_note"), "map_neighbour_recall": finfo.pop("map_neighbour_recall"),
@@ -188,11 +230,16 @@ def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = No
     }
     with replacing(out, keep=(LABELS,)) as staged:
         write_store(staged, manifest, stats, feats, used_contexts, vocab, started=start)
-    print(f"feature store: {builder.tokens:,} tokens ({massive} massive left out), {sae.cfg.d_sae} latents, "
+    print(f"feature store of the {sae.kind} at {hook}" + (f" → {sae.hook_out}" if sae.is_transcoder else "") +
+          f": {builder.tokens:,} tokens ({massive} massive left out), {sae.cfg.d_sae} latents, "
           f"{seen / max(pass_s, 1e-9):,.0f} tokens/s → {out}\n"
           f"map: {manifest['map_note']}; {finfo['map_seconds']:.1f} s; its {MAP_RECALL_K} nearest points hold "
           f"{manifest['map_neighbour_recall']:.0%} of each latent's {MAP_RECALL_K} nearest decoder neighbours")
     return out
+
+
+def finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
 
 
 def _contexts_for(tokenizer, data: DataConfig) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The feature store on disk: its format, `write_store`, and `FeatureStore`, the read-only view the app uses.
 
 Store directory (the app reads the big arrays lazily, one latent's rows at a time):
-  manifest.json            SAE hash, model, hook, dataset, tokens, config, saekit version, map method
+  manifest.json            SAE hash, kind of dictionary (sae | transcoder | skip-transcoder), hook (a transcoder's
+                           input) and hook_out, model, dataset, tokens, config, saekit version, map method
   stats.safetensors        small per-latent arrays the overview needs at once
   features.safetensors     per-latent rows: histogram, examples + windows, sample, logits, profile, neighbours
   contexts.safetensors     token ids of every analysed context (example windows index into it)
@@ -222,6 +223,22 @@ class FeatureStore:
             return self._open(FEATURES).get_slice(key)[i: i + 1][0]
         except READ_ERRORS as e:
             raise self._damaged(FEATURES, e) from e
+
+    @property
+    def dictionary(self) -> str:
+        """What the latents belong to: "sae", "transcoder" or "skip-transcoder" (stores from before transcoders: "sae")."""
+        return str(self.manifest.get("dictionary", "sae"))
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.dictionary != "sae"
+
+    @property
+    def hooks_text(self) -> str:
+        """Where the dictionary reads and writes: "blocks.6.mlp.hook_in → blocks.6.hook_mlp_out" for a transcoder (its
+        MLP's input → output), the one hook for an SAE."""
+        hook = self.manifest.get("hook", "?")
+        return f"{hook} → {self.manifest.get('hook_out', '?')}" if self.is_transcoder else str(hook)
 
     @cached_property
     def stats(self) -> dict[str, np.ndarray]:
