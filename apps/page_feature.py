@@ -22,6 +22,9 @@ def feature_page(path: str, store: FeatureStore, labels: Labels) -> None:
     f = store.feature(fid)
     entry = labels.get(fid)
     st.title(f"Feature {fid}" + (f" — {entry.label}" if entry.label else ""))
+    if store.is_transcoder:
+        st.caption(f"A {store.dictionary} latent (`{store.hooks_text}`): it reads the MLP's input and writes into its "
+                   "output. Activations are its encoder's, on the MLP input.")
     label_header(store, labels, fid, entry)
     c = st.columns(4)
     c[0].metric("density", f"{f.density:.3%}", help=f"fires on {f.count:,} of {f.tokens:,} tokens")
@@ -54,7 +57,9 @@ def feature_page(path: str, store: FeatureStore, labels: Labels) -> None:
     with right:
         st.plotly_chart(render.hist_figure(f), key=f"hist_{fid}")
         st.subheader("Logit effects")
-        st.caption("(W_dec[f] ⊙ final-norm weight) · W_U: tokens this direction promotes and suppresses.")
+        st.caption("(W_dec[f] ⊙ final-norm weight) · W_U: tokens this direction promotes and suppresses."
+                   + (f" W_dec[f] is what the {store.dictionary} latent adds to the MLP output, and so to the residual "
+                      "stream." if store.is_transcoder else ""))
         lc = st.columns(2)
         lc[0].dataframe(pd.DataFrame({"promoted": [display_token(t) for _, t, _ in f.logits_top],
                                       "logit": [v for _, _, v in f.logits_top]}), hide_index=True, key="logits_top")

@@ -20,8 +20,9 @@ def overview_page(path: str, store: FeatureStore, labels: Labels) -> None:
     density = store.stats["density"]
     all_labels = labels.all_labels()
     st.title("Features")
-    st.caption(" · ".join(f"{name} `{man.get(key, '?')}`" for name, key in
-                          (("SAE", "sae_dir"), ("hook", "hook"), ("model", "model"), ("dataset", "dataset"))))
+    st.caption(source_caption(store))
+    if quality := quality_caption(man):
+        st.caption(quality)
     c = st.columns(5)
     c[0].metric("latents", f"{store.d_sae:,}")
     c[1].metric("tokens analysed", f"{store.tokens:,}")
@@ -68,6 +69,32 @@ def overview_page(path: str, store: FeatureStore, labels: Labels) -> None:
                  column_config={"density": st.column_config.NumberColumn(format="%.2e"),
                                 "max": st.column_config.NumberColumn(format="%.3g"),
                                 "mean": st.column_config.NumberColumn(format="%.3g")})
+
+
+def source_caption(store: FeatureStore) -> str:
+    """What the latents are and where they come from: the dictionary, its hook (a transcoder: input → output), the
+    model and dataset."""
+    man = store.manifest
+    if store.is_transcoder:
+        where = (f"{store.dictionary} `{man.get('sae_dir', '?')}` · reads the MLP input, writes the MLP output: "
+                 f"`{store.hooks_text}` (examples are its encoder's activations on the input; logit effects are of "
+                 "what it writes)")
+    else:
+        where = f"SAE `{man.get('sae_dir', '?')}` · hook `{man.get('hook', '?')}`"
+    return " · ".join([where, f"model `{man.get('model', '?')}`", f"dataset `{man.get('dataset', '?')}`"])
+
+
+def quality_caption(man: dict) -> str:
+    """The dictionary's held-out numbers from `saekit eval` (eval.json of these weights), when the store has them: FVU
+    of what it predicts (a transcoder: the MLP output), L0 and CE recovered."""
+    q = man.get("quality")
+    if not q or "fvu" not in q:
+        return ""
+    parts = [f"FVU of `{q.get('of', man.get('hook', '?'))}` {q['fvu']:.3f}"]
+    parts += [f"L0 {q['l0']:.1f}"] if "l0" in q else []
+    parts += [f"CE recovered {q['ce_recovered_zero']:.3f}"] if "ce_recovered_zero" in q else []
+    tokens = f" on {q['tokens']:,} tokens" if "tokens" in q else ""
+    return "held-out evaluation (saekit eval" + tokens + "): " + " · ".join(parts)
 
 
 def matching(df: pd.DataFrame, text: str, lo: float, hi: float, hide_dead: bool) -> np.ndarray:

@@ -32,8 +32,10 @@ def corpus_note(act: float, act_max: float) -> str:
 
 def text_page(path: str, store: FeatureStore, labels: Labels) -> None:
     st.title("Your text")
-    st.caption(f"Runs the model and SAE on your text now (its first {MAX_TOKENS} tokens): per-token activations of "
-               "the strongest features.")
+    what = (f"{store.dictionary} (its encoder on the MLP input `{store.manifest.get('hook')}`)" if store.is_transcoder
+            else "SAE")
+    st.caption(f"Runs the model and {what} on your text now (its first {MAX_TOKENS} tokens): per-token activations "
+               "of the strongest features.")
     text = st.text_area("Text", value=DEFAULT_TEXT, key="user_text", height=100)
     n = st.slider("features shown", 3, 30, 10, key="text_n")
     if st.button("Run", type="primary", key="text_run"):

@@ -63,6 +63,7 @@ class Row:
     value: float
     typical: float  # mean activation when it fires (0: never fired)
     act_max: float
+    target: str = "residual"  # what the edit moves: the residual (an SAE's hook), or a transcoder's "MLP output"
 
     @property
     def edit(self) -> S.Edit:
@@ -76,25 +77,28 @@ class Row:
         return {"clamp": f"clamp #{f} to {v:g}", "scale": f"scale #{f} × {v:g}", "ablate": f"ablate #{f}"}[self.mode]
 
     def explain(self) -> str:
-        """What the edit does to the residual stream, in numbers (every position but BOS, prompt and generated)."""
-        f, v, t, mx = self.feature, self.value, self.typical, self.act_max
+        """What the edit does to the residual stream (a transcoder's: to the MLP output), in numbers (every position
+        but BOS, prompt and generated)."""
+        f, v, t, mx, moved = self.feature, self.value, self.typical, self.act_max, self.target
+        kept = "the transcoder's prediction error" if moved == "MLP output" else "the SAE's reconstruction error"
         where = "at every position (prompt and generated; BOS excepted)"
         if self.mode == "add":
+            to = "" if moved == "residual" else f" to the {moved}"
             if t > 0:
-                return (f"**{v:g} × {t:.3g} = {v * t:.4g}** added along `W_dec[{f}]` {where}: the multiplier × feature "
-                        f"{f}'s typical activation (its mean when it fires; max {mx:.3g}).")
+                return (f"**{v:g} × {t:.3g} = {v * t:.4g}** added along `W_dec[{f}]`{to} {where}: the multiplier × "
+                        f"feature {f}'s typical activation (its mean when it fires; max {mx:.3g}).")
             return (f"**{v:g}** (raw: feature {f} never fired in the store, so it has no typical activation) added "
-                    f"along `W_dec[{f}]` {where}.")
+                    f"along `W_dec[{f}]`{to} {where}.")
         if self.mode == "clamp":
             rel = f" = {v / t:.3g} × its typical activation {t:.3g}" if t > 0 else " (it never fired in the store)"
-            return (f"feature {f}'s activation **set to {v:g}**{rel} (max {mx:.3g}) {where}: the residual moves by "
-                    f"({v:g} − z)·`W_dec[{f}]`, the SAE's reconstruction error kept.")
+            return (f"feature {f}'s activation **set to {v:g}**{rel} (max {mx:.3g}) {where}: the {moved} moves by "
+                    f"({v:g} − z)·`W_dec[{f}]`, {kept} kept.")
         if self.mode == "scale":
             typ = f": a typical firing {t:.3g} becomes {v * t:.4g}" if t > 0 else " (it never fired in the store)"
-            return (f"feature {f}'s activation **× {v:g}** wherever it fires{typ}; the residual moves by "
+            return (f"feature {f}'s activation **× {v:g}** wherever it fires{typ}; the {moved} moves by "
                     f"({v:g} − 1)·z·`W_dec[{f}]`.")
         typ = f"a typical firing removes {t:.3g}·`W_dec[{f}]`" if t > 0 else "it never fired in the store"
-        return f"feature {f}'s activation **set to 0** {where}: {typ} from the residual."
+        return f"feature {f}'s activation **set to 0** {where}: {typ} from the {moved}."
 
 
 def _scale(rows: Sequence[Row]) -> Callable[[int], float]:
@@ -196,15 +200,22 @@ def _row_widgets(store, f: int, mode_col, value_col, key: str) -> Row:
              "scale": "Factor", "ablate": "Strength"}[mode]
     value = value_col.number_input(label, value=default, step=1.0, key=f"steer_strength_{key}_{mode}",
                                    disabled=mode == "ablate")
-    return Row(f, mode, 0.0 if mode == "ablate" else float(value), typical, act_max)
+    return Row(f, mode, 0.0 if mode == "ablate" else float(value), typical, act_max,
+               "MLP output" if store.is_transcoder else "residual")
 
 
 def steering_panel(store, feature_id: int, live: Callable[[], Any] | None = None) -> None:
     fid = int(feature_id)
     st.subheader("Steering")
-    st.caption("Edits features at the SAE's hook on every token, generated ones included (clamp/scale/ablate keep the "
-               "SAE's reconstruction error), while the model writes a baseline and a steered continuation from the "
-               "same seed, token by token.")
+    if store.is_transcoder:
+        st.caption(f"Edits {store.dictionary} latents on every token, generated ones included: they are read from the "
+                   f"MLP input and the edit changes the MLP output by Δz·W_dec (`{store.hooks_text}`; the MLP's own "
+                   "output, with the transcoder's prediction error, is kept), while the model writes a baseline and a "
+                   "steered continuation from the same seed, token by token.")
+    else:
+        st.caption("Edits features at the SAE's hook on every token, generated ones included (clamp/scale/ablate keep "
+                   "the SAE's reconstruction error), while the model writes a baseline and a steered continuation from "
+                   "the same seed, token by token.")
     rows = _edit_rows(store, fid)
     c3, c4, c5, c6 = st.columns([1, 1, 3, 1])
     seed = int(c3.number_input("Seed", value=0, min_value=0, step=1, key=f"steer_seed_{fid}"))
@@ -262,7 +273,8 @@ def _generate(lm, store, rows: list[Row], prompt: str, seed: int, tokens: int, t
     titles = [r.title for r in rows]
     heads = ["baseline", "steered: " + "; ".join(titles)]
     with st.spinner("preparing the fast generation path (once per model) …"):
-        S.plain_hf(lm.model, lm.sae.hook)  # built and checked here, so the timing below is the generation alone
+        S.plain_hf(lm.model, [h for h in S.steering_hooks(lm.sae) if h])  # built and checked here, so the timing
+        # below is the generation alone
     pieces: list[list[str]] = [[], []]
     for r in (0, 1):
         boxes[r].markdown(_box(heads[r], prompt, [], marks), unsafe_allow_html=True)
