@@ -33,6 +33,11 @@ from .config import (
 from .errors import OptionError, SaekitError
 
 DEMO_OUT = "runs/demo"
+CIRCUITS_OUT = "runs/demo-circuits"
+# `saekit demo-circuits`: BatchTopK transcoders (exported to SAELens and circuit-tracer as JumpReLU) on every
+# layer; sized to finish in under 30 min on 2 cores without native bf16 (README: Transcoders).
+CIRCUITS_DEFAULTS = {"transcoder": True, "layers": "all", "architecture": "batchtopk", "tokens": 100_000,
+                     "epochs": 2.0, "storage_dtype": "float16", "eval_tokens": 2048, "checkpoint_every": 0}
 Values = dict[str, Any]
 
 
@@ -189,6 +194,13 @@ def cmd_demo(values: Values) -> int:
     return 0
 
 
+def cmd_demo_circuits(values: Values) -> int:
+    from .runner import demo_circuits
+
+    demo_circuits(train_run({**CIRCUITS_DEFAULTS, **values}, CIRCUITS_OUT))
+    return 0
+
+
 def cmd_eval(values: Values) -> int:
     from .runner import dictionaries_in, evaluate_replacement_set, evaluate_sae
 
@@ -297,7 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, HarvestConfig)
 
     for name, helptext, out in (("train", "harvest (or read --activations), train SAEs, evaluate them", "runs/train"),
-                                ("demo", "the embedded default end to end, into runs/demo", DEMO_OUT)):
+                                ("demo", "the embedded default end to end, into runs/demo", DEMO_OUT),
+                                ("demo-circuits", "transcoders on every layer of the default model, each evaluated, then "
+                                                  "all MLPs replaced at once; into runs/demo-circuits", CIRCUITS_OUT)):
         p = sub.add_parser(name, help=helptext)
         config_flag(p)
         p.add_argument("--hook", help="one hook name (shorthand for --hooks)")
@@ -311,10 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train transcoders: read each of --layers' MLP input, predict its output (one harvest pass)")
         p.add_argument("--skip", action="store_true", default=None,
                        help="with --transcoder: skip-transcoders (a dense linear path W_skip·x beside the latents)")
-        add_config_args(p, HarvestConfig)
+        shown = CIRCUITS_DEFAULTS if name == "demo-circuits" else {}
+        add_config_args(p, HarvestConfig, defaults=shown)
         # the run's seed and device are the harvest's flags, passed on to training
-        add_config_args(p, TrainConfig, exclude=("saes", "seed", "device"))
-        add_config_args(p, EvalConfig, prefix="eval_")
+        add_config_args(p, TrainConfig, exclude=("saes", "seed", "device"), defaults=shown)
+        add_config_args(p, EvalConfig, prefix="eval_", defaults={"tokens": shown.get("eval_tokens", EvalConfig.tokens)})
         add_config_args(p, RunConfig, defaults={"out": out})
         if name == "train":
             add_config_args(p, DistConfig)
@@ -391,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"harvest": cmd_harvest, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "convert": cmd_convert,
+COMMANDS = {"harvest": cmd_harvest, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo,
+            "demo-circuits": cmd_demo_circuits, "convert": cmd_convert,
             "analyze": cmd_analyze, "export-neuronpedia": cmd_export_neuronpedia, "browse": cmd_browse,
             "steer": cmd_steer, "steer-eval": cmd_steer_eval}
 

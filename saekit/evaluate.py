@@ -262,8 +262,10 @@ def evaluate(model, sae: SparseAutoencoder, contexts: torch.Tensor, cfg: EvalCon
         if src.shape[-1] != sae.cfg.d_in or act.shape[-1] != sae.cfg.out_dim:
             from .errors import ShapeError
 
-            raise ShapeError(f"the dictionary reads width {sae.cfg.d_in} and writes {sae.cfg.out_dim}, but "
-                             f"{read or hook} has width {src.shape[-1]} and {hook} {act.shape[-1]}.")
+            if not read:
+                raise ShapeError(f"the SAE has d_in {sae.cfg.d_in} but {hook} has width {act.shape[-1]}.")
+            raise ShapeError(f"the transcoder has d_in {sae.cfg.d_in} and d_out {sae.cfg.out_dim}, but {read} has "
+                             f"width {src.shape[-1]} and {hook} {act.shape[-1]}.")
         batches.append((toks, keep, act, entry, src[keep].float()))
         have += int(keep.sum())
         if have >= cfg.tokens:

@@ -302,13 +302,13 @@ def _train(spec: TrainRun, tcfg: TrainConfig, comm: Comm, out: Path) -> list[Pat
             trainer = Trainer(cfg, acts, unit_out, info={**info, "distributed": mode} if modules else info,
                               resume=run.resume)
             saved = trainer.fit(progress=comm.is_main or modules)
-            print(f"{f'[rank {comm.rank}] ' if modules else ''}trained {len(saved)} dictionaries on {unit} in "
+            print(f"{f'[rank {comm.rank}] ' if modules else ''}trained {_count(saved)} on {unit} in "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
         else:
             comm.say(msg)
             trainer = DistributedTrainer(cfg, acts, unit_out, comm, info=info, resume=run.resume)
             saved = trainer.fit(progress=comm.is_main)
-            comm.say(f"trained {len(saved)} dictionaries on {unit} in {time.perf_counter() - start:.0f} s on "
+            comm.say(f"trained {_count(saved)} on {unit} in {time.perf_counter() - start:.0f} s on "
                      f"{comm.world} processes; {trainer.comm_bytes_per_step / 2**20:.2f} MiB all-reduced per step and rank")
         del acts, trainer
         paths += saved
@@ -321,6 +321,10 @@ def _train(spec: TrainRun, tcfg: TrainConfig, comm: Comm, out: Path) -> list[Pat
             model = model or load_model(data_info["model_arg"], h.device)
             evaluate_sae(path, spec.eval, model=model, device=h.device)
     return paths
+
+
+def _count(paths: list[Path]) -> str:
+    return f"{len(paths)} dictionar{'y' if len(paths) == 1 else 'ies'}"
 
 
 def _massive_threshold(cache: ActivationCache, hook: str, rows: torch.Tensor, comm: Comm | None) -> float:
@@ -401,8 +405,8 @@ def dictionaries_in(path: str | Path) -> list[Path]:
     from .sae import CFG_FILE, WEIGHTS_FILE
 
     path = Path(path)
-    if (path / CFG_FILE).is_file():
-        return [path]
+    if (path / CFG_FILE).is_file() or not path.is_dir():
+        return [path]  # loading says what is wrong with it
     found = sorted({p.parent for pattern in (f"*/{WEIGHTS_FILE}", f"*/*/{WEIGHTS_FILE}") for p in path.glob(pattern)
                     if (p.parent / CFG_FILE).is_file()})
     if not found:
@@ -469,6 +473,39 @@ def demo(spec: TrainRun) -> list[Path]:
         print(f"browse its features:  saekit browse {store}   (or: make browse)")
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
     return paths
+
+
+def demo_circuits(spec: TrainRun) -> dict[str, Any]:
+    """`saekit demo-circuits`: transcoders on every layer of the model from one harvest, each evaluated with its MLP
+    replaced, then all MLPs replaced at once; RUN/report.md (+ report.json) tabulates them."""
+    start = time.perf_counter()
+    out = Path(spec.run.out)
+    paths = train(spec)
+    replacement = evaluate_replacement_set(out, spec.eval, device=spec.harvest.device)
+    rows = []
+    for p in paths:
+        ev = read_json(p / "eval.json")
+        rows.append({"dictionary": str(p.relative_to(out)), "hook": ev.get("hook_in"), **{
+            k: ev[k] for k in ("fvu", "fvu_excl_massive", "l0", "dead_fraction", "ce_recovered_zero", "kl", "tokens")}})
+    report = {"layers": rows, "replacement": replacement, "seconds": time.perf_counter() - start,
+              "cache": read_json(out / "activations" / MANIFEST)["harvest"]}
+    write_json(out / "report.json", report)
+    lines = ["# Transcoders on every layer", "",
+             f"{len(rows)} transcoders, one harvest of {report['cache']['tokens']:,} tokens "
+             f"({report['cache']['tokens_per_s']:,.0f} tokens/s); evaluated on {rows[0]['tokens']:,} held-out tokens each.",
+             "", "| dictionary | FVU (MLP out) | FVU excl. massive | L0 | dead | CE recovered (MLP zero-ablated) | KL |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['dictionary']} | {r['fvu']:.3f} | {r['fvu_excl_massive']:.3f} | {r['l0']:.1f} | "
+              f"{r['dead_fraction']:.1%} | {r['ce_recovered_zero']:.3f} | {r['kl']:.3f} |" for r in rows]
+    rep = replacement
+    lines += ["", f"**Every MLP replaced at once** ({rep['tokens']:,} held-out tokens, error terms dropped): CE "
+              f"{rep['ce_sae']:.3f} vs clean {rep['ce_clean']:.3f}, all MLPs zero-ablated {rep['ce_zero_ablation']:.3f}, "
+              f"mean-ablated {rep['ce_mean_ablation']:.3f}; CE recovered {rep['ce_recovered_zero']:.3f} (vs zero), "
+              f"{rep['ce_recovered_mean']:.3f} (vs mean); KL {rep['kl']:.3f}.",
+              "", f"Run in {report['seconds'] / 60:.1f} min."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return report
 
 
 def sae_grid(k: list[int], d_sae: list[int], architecture: str = "topk", transcoder: bool = False,

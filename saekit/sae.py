@@ -95,10 +95,14 @@ class SparseAutoencoder(nn.Module):
         W /= W.norm(dim=1, keepdim=True)
         if tied and cfg.out_dim != cfg.d_in:
             raise ShapeError(f"a tied init needs d_in = d_out (here {cfg.d_in} and {cfg.out_dim}); use tied=False.")
-        E = W if tied else torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
+        if tied:
+            E = W
+        else:
+            E = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
+            E /= E.norm(dim=1, keepdim=True)
         with torch.no_grad():
             sae.W_dec.copy_(W)
-            sae.W_enc.copy_(E.t() / E.norm(dim=1) * enc_scale)
+            sae.W_enc.copy_(E.t() * enc_scale)
             if sample is not None and sample.shape[-1] != cfg.d_in:
                 raise ShapeError(f"sample has width {sample.shape[-1]} but the SAE's d_in is {cfg.d_in}.")
             if cfg.transcoder and target is not None:

@@ -172,7 +172,7 @@ def test_distributed_modules_train_one_hook_per_process(tmp_path):
         sae = load_sae(tmp_path / hook / "k8-d256")
         assert sae.hook == hook and sae.info["harvest_tokens"] == 2048
         assert sae.info["distributed"]["mode"] == "modules"
-        assert f"[rank {rank}] trained 1 SAE(s) on {hook}" in run.stdout
+        assert f"[rank {rank}] trained 1 dictionary on {hook}" in run.stdout
     from saekit.cache import ActivationCache
 
     cache = ActivationCache(tmp_path / "activations").read()  # one ordinary cache, written by both ranks

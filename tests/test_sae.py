@@ -66,7 +66,11 @@ def test_batchtopk_training_keeps_k_per_token_on_average_and_updates_threshold()
     per_token = kept.sum(1)
     assert per_token.min() < per_token.max()  # L0 varies per token
     min_kept = values.detach()[kept].min()
-    # the running threshold moves 1% of the way toward the smallest kept value
+    # the first batch sets the threshold; later ones move it 1% of the way toward their smallest kept value
+    assert before == 0 and torch.equal(sae.threshold, min_kept)
+    before = sae.threshold.clone()
+    values, _, _, _ = sae.encode_train(x * 2)
+    min_kept = values.detach()[values.detach() > 0].min()
     torch.testing.assert_close(sae.threshold, before + 0.01 * (min_kept - before))
     # in eval mode the threshold is left alone
     sae.eval()
@@ -152,7 +156,8 @@ def test_manifest_fields(tmp_path):
     assert cfg["metadata"]["hook_name"] == HOOK
     assert cfg["metadata"]["model_name"] == "test/model"
     own = cfg["saekit"]
-    assert own["sae"] == {"d_in": 16, "d_sae": 48, "k": 4, "architecture": "topk"}
+    assert own["sae"] == {"d_in": 16, "d_sae": 48, "k": 4, "architecture": "topk", "prefixes": [], "transcoder": False,
+                          "skip": False, "d_out": None}
     assert own["weights_sha256"] == sae.weights_hash()
     assert own["hook"] == HOOK and own["training"] == {"steps": 3}
     assert set(own) >= {"format_version", "saved_at", "model", "dataset", "seed"}
@@ -190,7 +195,7 @@ def test_corrupt_cfg_json(sae_dir):
     with pytest.raises(FileFormatError, match="needs d_in, d_sae and k"):
         load_sae(sae_dir)
     (sae_dir / CFG_FILE).write_text('{"architecture": "standard", "d_in": 16, "d_sae": 48, "k": 4}')
-    with pytest.raises(FileFormatError, match="'standard' SAE"):
+    with pytest.raises(FileFormatError, match="'standard' dictionary"):
         load_sae(sae_dir)
     (sae_dir / CFG_FILE).unlink()
     with pytest.raises(FileFormatError, match="does not exist"):
