@@ -4,7 +4,7 @@ PY    := $(VENV)/bin/python
 PIP   := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.saekit-setup
 
-.PHONY: setup demo test test-fast gpu-check bench browse bench-peers peers peers-ct clean
+.PHONY: setup demo demo-circuits test test-fast gpu-check bench browse bench-peers peers peers-ct clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml Makefile
 
 demo: setup
 	$(VENV)/bin/saekit demo --overwrite  # a re-run starts the demo again (its cached harvest is reused)
+
+demo-circuits: setup  # transcoders on all 30 layers → runs/demo-circuits/report.md (the attribution graphs' set)
+	$(VENV)/bin/saekit demo-circuits --overwrite
 
 test: setup peers peers-ct  # the peers' venvs let the interop tests load our SAEs in real SAELens, sparsify and circuit-tracer
 	$(VENV)/bin/pytest -q
