@@ -283,3 +283,21 @@ def test_replace_all_refuses_a_set_with_a_missing_layer(tiny_set, tmp_path):
     shutil.copytree(out / "blocks.1.mlp", tmp_path / "set" / "blocks.1.mlp")
     with pytest.raises(SaekitError, match=r"no transcoder for layer\(s\) 0"):
         evaluate_replacement_set(tmp_path / "set", EvalConfig(tokens=64))
+
+
+def test_distribute_modules_spreads_layers_over_processes(tiny_set, tmp_path):
+    import subprocess
+    import sys
+
+    world, _ = tiny_set
+    out = tmp_path / "dist"
+    run = subprocess.run([sys.executable, "-m", "saekit", "train", "--distributed", "--nproc-per-node", "2",
+                          "--distribute-modules", "--transcoder", "--layers", "all", "--model", str(world["model"]),
+                          "--dataset", str(world["data"]), "--d-sae", "64", "--k", "4", "--tokens", "1800",
+                          "--epochs", "1", "--batch-size", "256", "--context-size", "32", "--no-eval", "--device",
+                          "cpu", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"[rank {rank}] trained 1 dictionary on blocks.{rank}.mlp" in run.stdout
+        tc = load_sae(out / f"blocks.{rank}.mlp" / "tc-k4-d64")
+        assert tc.hook_out == f"blocks.{rank}.hook_mlp_out" and tc.info["harvest_tokens"] == 1800
