@@ -314,12 +314,11 @@ def steering_hooks(sae: SparseAutoencoder, hook: str | None = None) -> tuple[str
     return sae.hook_out, sae.hook
 
 
-def where(steering: Steering) -> str:
+def where(sae: SparseAutoencoder, hook: str | None = None) -> str:
     """Where the edits act, in words: "blocks.15.hook_resid_pre" or, for a transcoder, "blocks.6.hook_mlp_out (the
     MLP output; latents read from blocks.6.mlp.hook_in)"."""
-    if steering.read is None:
-        return steering.hook
-    return f"{steering.hook} (the MLP output; latents read from {steering.read})"
+    at, read = steering_hooks(sae, hook)
+    return at if read is None else f"{at} (the MLP output; latents read from {read})"
 
 
 def _check_fits(model, steering: Steering) -> None:

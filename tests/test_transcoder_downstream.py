@@ -266,7 +266,7 @@ def test_plain_hf_path_equals_the_bridge_step_by_step_and_in_generation(model, t
     assert fast.steered_logprobs != fast.baseline_logprobs  # (the random model's near-uniform logits rarely flip a token)
     torch.testing.assert_close(torch.tensor(fast.steered_logprobs), torch.tensor(ref.steered_logprobs), atol=1e-4,
                                rtol=0)
-    assert S.where(S.Steering(tc, [])) == f"{OUT} (the MLP output; latents read from {IN})"
+    assert S.where(tc) == f"{OUT} (the MLP output; latents read from {IN})"
 
 
 def test_misuse_is_refused_saying_what_to_do(world, model, tc, tmp_path):
