@@ -215,20 +215,14 @@ def cmd_eval(values: Values) -> int:
 
 
 def cmd_convert(values: Values) -> int:
-    from .interop import SPARSIFY_WEIGHTS, convert, load_any
-    from .sae import WEIGHTS_FILE
+    from .interop import convert, describe_converted
 
     src = values["src"]
     written = convert(src, values["out_dir"], to=values.get("to") or "saekit", fmt=values.get("from_format") or "auto",
                       hookpoint=values.get("hookpoint"), hook=(values.get("hooks") or [None])[0], k=values.get("k"),
                       n_layers=values.get("n_layers"), approximate_batchtopk=bool(values.get("approximate_batchtopk")),
-                      overwrite=bool(values.get("overwrite")))
-    sae = load_any(written, "sparsify" if (written / SPARSIFY_WEIGHTS).is_file() else "saekit")
-    c = sae.cfg
-    print(f"{src} → {written}\n  {c.architecture} d_in={c.d_in} d_sae={c.d_sae} k={c.k} hook={sae.hook}"
-          + (f" threshold={float(sae.threshold):.4g}" if c.architecture == "batchtopk" else ""))
-    if (written / WEIGHTS_FILE).is_file() and not sae.info.get("model_arg"):
-        print("  (no model recorded: `saekit eval` uses --model, default the embedded SmolLM2)")
+                      overwrite=bool(values.get("overwrite")), name=values.get("name"))
+    print(f"{src} → {written}\n{describe_converted(written)}")
     return 0
 
 
@@ -260,7 +254,7 @@ def cmd_browse(values: Values) -> int:
 
 
 def cmd_steer(values: Values) -> int:
-    from .steer import generate, load_for_steering, make_edit
+    from .steer import generate, load_for_steering, make_edit, where
 
     cfg = config_from(SteerConfig, values)
     model, sae, store = load_for_steering(values["sae"], values.get("model"), values.get("store"))
@@ -269,7 +263,7 @@ def cmd_steer(values: Values) -> int:
              else "raw units")
     g = generate(model, sae, cfg.prompt, edit, cfg.seed, cfg.max_new_tokens, cfg.temperature, scale=store,
                  use_cache=cfg.kv_cache)
-    print(f"{edit.describe()} at {sae.hook}; strength in {units}; seed {g.seed}, temperature {g.temperature:g}\n")
+    print(f"{edit.describe()} at {where(sae)}; strength in {units}; seed {g.seed}, temperature {g.temperature:g}\n")
     print(g.side_by_side(cfg.width))
     return 0
 
@@ -346,20 +340,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cpu or cuda (default auto)")
     add_config_args(p, EvalConfig, prefix="eval_")
 
-    p = sub.add_parser("convert", help="convert an SAE between saekit, SAELens and sparsify formats")
+    p = sub.add_parser("convert", help="convert an SAE or a transcoder set between saekit, SAELens, sparsify and "
+                                       "circuit-tracer formats")
     p.add_argument("src", help="SAE directory: saekit/SAELens (cfg.json + sae_weights.safetensors) or sparsify "
                                "(<hookpoint>/cfg.json + sae.safetensors, or the folder holding hookpoint folders)")
     p.add_argument("out_dir", help="output directory (for sparsify: the folder that gets <hookpoint>/)")
-    p.add_argument("--to", choices=["saekit", "saelens", "sparsify"], default="saekit",
-                   help="target format (saekit and saelens write the same directory; default saekit)")
-    p.add_argument("--from", dest="from_format", choices=["auto", "saekit", "saelens", "sparsify"], default="auto",
+    p.add_argument("--to", choices=["saekit", "saelens", "sparsify", "circuit-tracer"], default="saekit",
+                   help="target format (saekit and saelens write the same directory; circuit-tracer: a whole transcoder "
+                        "set, config.yaml + layer_L.safetensors; default saekit)")
+    p.add_argument("--from", dest="from_format", choices=["auto", "saekit", "saelens", "sparsify", "circuit-tracer"],
+                   default="auto",
                    help="source format (default: detected)")
     p.add_argument("--hookpoint", help="sparsify module name (picks one of several on import; names the folder on "
                                        "export; default: mapped from the hook, blocks.L.hook_resid_pre → layers.L-1)")
     p.add_argument("--hook", help="transformer-lens hook to record (default: from the source; sparsify layers.L → "
                                   "blocks.L+1.hook_resid_pre)")
-    p.add_argument("--k", type=int, help="k for SAELens JumpReLU SAEs whose cfg.json records none")
-    p.add_argument("--n-layers", type=int, help="model depth: sparsify's last layers.L maps to hook_resid_post")
+    p.add_argument("--k", type=int, help="k for SAELens JumpReLU SAEs and circuit-tracer sets that record none")
+    p.add_argument("--n-layers", type=int, help="model depth: sparsify's last layers.L maps to hook_resid_post; a "
+                                                "circuit-tracer set must have a transcoder for each of its layers")
+    p.add_argument("--name", help="a run that trained several dictionaries per layer: the folder name to convert "
+                                  "(e.g. stc-btk32-d4608)")
     p.add_argument("--approximate-batchtopk", action="store_true", default=None,
                    help="export a BatchTopK SAE to sparsify as TopK k (sparsify has no threshold activation)")
     overwrite_flag(p, "an SAE with other weights in OUT_DIR")

@@ -291,8 +291,8 @@ def _train(spec: TrainRun, tcfg: TrainConfig, comm: Comm, out: Path) -> list[Pat
         info = {**data_info, "hook": unit_hooks[0], "activations": str(cache.dir), "harvest_tokens": cache.tokens,
                 "massive_tokens_excluded": n_massive if cfg.exclude_massive else 0,
                 **_massive_info(cache, unit_hooks[-1], thresholds)}
-        if transcoder:
-            info |= {"hook_out": unit_hooks[1], "kind": "transcoder"}
+        if transcoder:  # the input's threshold too: readers without the cache judge massive tokens at both hooks
+            info |= {"hook_out": unit_hooks[1], "kind": "transcoder", "massive_threshold_in": thresholds[unit_hooks[0]]}
         msg = (f"{unit}: {n_massive} massive tokens of {cache.tokens} "
                f"({'left out of' if cfg.exclude_massive else 'kept in'} training)")
         unit_out = out if len(units) == 1 else out / unit

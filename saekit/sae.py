@@ -331,7 +331,7 @@ class SparseAutoencoder(nn.Module):
             for name in expect:
                 getattr(sae, name).copy_(w[name])
             if "threshold" in w:
-                sae.threshold.copy_(w["threshold"].float().mean())
+                sae.threshold.copy_(w["threshold"].double().mean())  # exact for equal values (a float32 mean is not)
         sae.info = {k: v for k, v in cfg.get("saekit", {}).items()
                     if k not in ("format_version", "sae", "weights_sha256", "saved_at")}
         for name, t in w.items():

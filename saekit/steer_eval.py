@@ -82,6 +82,8 @@ def reference_activations(model, sae: SparseAutoencoder, cache: str | None, toke
         raise DataError(f"the {sae.kind} records no {'output ' if sae.hook else ''}hook, so there is nothing to read "
                         "reference activations at.")
     recorded: dict[str, float | None] = {h: None for h in hooks} | {hooks[-1]: sae.info.get("massive_threshold")}
+    if len(hooks) > 1:
+        recorded[hooks[0]] = sae.info.get("massive_threshold_in")
     cache = cache or sae.info.get("activations")
     if cache and (Path(cache) / MANIFEST).is_file():
         acts = ActivationCache(cache)

@@ -108,6 +108,8 @@ def analyze(sae_dir: str | Path, out: str | Path, cfg: FeatureConfig | None = No
     threshold_from = dict.fromkeys(judged, "")
     if cfg.massive_multiple is None and info.get("massive_threshold") is not None:
         thresholds[judged[-1]], threshold_from[judged[-1]] = info["massive_threshold"], "the SAE (recorded at harvest)"
+    if cfg.massive_multiple is None and len(judged) > 1 and info.get("massive_threshold_in") is not None:
+        thresholds[hook], threshold_from[hook] = info["massive_threshold_in"], "the transcoder (recorded at harvest)"
     if activations is not None:
         from ..cache import ActivationCache
 
