@@ -85,26 +85,37 @@ class SparseAutoencoder(nn.Module):
     @classmethod
     def initialized(cls, cfg: SaeConfig, sample: torch.Tensor | None = None, seed: int = 0,
                     device: torch.device | str | None = None, enc_scale: float = 1.0,
-                    target: torch.Tensor | None = None, tied: bool = True) -> SparseAutoencoder:
-        """Random unit-norm decoder rows; W_enc = enc_scale·W_decᵀ (`tied`, which needs d_in = d_out) or
-        enc_scale × independent random unit columns; b_enc = 0. b_dec: the geometric median of `sample` (an SAE)
-        or the mean of `target` (a transcoder: its target's offset, as a least-squares bias starts)."""
+                    target: torch.Tensor | None = None, init: str = "tied") -> SparseAutoencoder:
+        """b_enc = 0 and random unit-norm decoder rows with, by `init`:
+          tied          W_enc = enc_scale·W_decᵀ (an SAE's init; needs d_in = d_out)
+          independent   W_enc = enc_scale × random unit columns of its own
+          zero_decoder  sparsify's transcoder init: W_dec = 0, so each row starts along its first gradient (the
+                        direction its latent's activations correlate with the target's error); W_enc ~ U(±1/√d_in)
+                        and b_enc = −mean(sample)·W_enc, centring the sample's pre-activations
+        b_dec: the geometric median of `sample` (an SAE) or the mean of `target` (a transcoder: its target's offset)."""
+        if init not in ("tied", "independent", "zero_decoder"):
+            raise ValueError(f"init must be tied, independent or zero_decoder, not {init!r}")
+        if init == "tied" and cfg.out_dim != cfg.d_in:
+            raise ShapeError(f"a tied init needs d_in = d_out (here {cfg.d_in} and {cfg.out_dim}); use another init.")
+        if sample is not None and sample.shape[-1] != cfg.d_in:
+            raise ShapeError(f"sample has width {sample.shape[-1]} but the SAE's d_in is {cfg.d_in}.")
         sae = cls(cfg, device=device)
         gen = torch.Generator().manual_seed(seed)
         W = torch.randn(cfg.d_sae, cfg.out_dim, generator=gen)
         W /= W.norm(dim=1, keepdim=True)
-        if tied and cfg.out_dim != cfg.d_in:
-            raise ShapeError(f"a tied init needs d_in = d_out (here {cfg.d_in} and {cfg.out_dim}); use tied=False.")
-        if tied:
-            E = W
-        else:
+        if init == "tied":
+            E = W.t() * enc_scale
+        elif init == "independent":
             E = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
-            E /= E.norm(dim=1, keepdim=True)
+            E = (E / E.norm(dim=1, keepdim=True)).t() * enc_scale
+        else:
+            E = (torch.rand(cfg.d_in, cfg.d_sae, generator=gen) * 2 - 1) / math.sqrt(cfg.d_in)
+            W.zero_()
         with torch.no_grad():
             sae.W_dec.copy_(W)
-            sae.W_enc.copy_(E.t() * enc_scale)
-            if sample is not None and sample.shape[-1] != cfg.d_in:
-                raise ShapeError(f"sample has width {sample.shape[-1]} but the SAE's d_in is {cfg.d_in}.")
+            sae.W_enc.copy_(E)
+            if init == "zero_decoder" and sample is not None:
+                sae.b_enc.copy_(-sample[:16384].float().mean(0).to(E.device) @ E)
             if cfg.transcoder and target is not None:
                 if target.shape[-1] != cfg.out_dim:
                     raise ShapeError(f"the target has width {target.shape[-1]} but d_out is {cfg.out_dim}.")
