@@ -9,9 +9,9 @@ Three parts, one per invocation:
                  --skip: skip-transcoders on both sides. Interleaved runs, one subprocess each (sparsify with
                  .venv-peers's python), as benchmarks/peers.py; repeat r initialises both with seed --seed + r.
                  --saekit-init picks saekit's init (default: its default, transcoder_init "independent").
-  --inits        saekit only: transcoder_init independent vs tied, and two inits written into saekit's trainer
-                 here (centred: independent + sparsify's centring b_enc; sparsify: sparsify's whole init) ×
-                 seeds, same tokens; held-out FVU against the seed spread.
+  --inits        saekit only: transcoder_init independent vs tied, and three inits written into saekit's trainer
+                 here (centred: independent + sparsify's centring b_enc; zero-dec: independent + W_dec = 0;
+                 sparsify: sparsify's whole init) × seeds, same tokens; held-out FVU against the seed spread.
   --harvest-all  `saekit harvest --layers all --mlp-pairs --tokens 100000 --storage-dtype float16`: wall time,
                  tokens/s, peak RSS of the process, size on disk.
 
@@ -28,6 +28,7 @@ the MLP output, about its mean, on held-out normal tokens.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -47,9 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import TIMING_SKIP, _machine, _versions, fvu, lr_factor, summarize, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# saekit's two (TrainConfig.transcoder_init), and two written into its trainer by this benchmark: "centred" is
-# independent with b_enc = −mean(x)·W_enc (sparsify's encoder-bias centring), "sparsify" is sparsify's whole init.
-INITS = ("independent", "tied", "centred", "sparsify")
+# saekit's two (TrainConfig.transcoder_init), and three written into its trainer by this benchmark (_foreign_init):
+# independent with sparsify's centring b_enc ("centred"), with W_dec = 0 ("zero-dec"), and sparsify's whole init.
+INITS = ("independent", "tied", "centred", "zero-dec", "sparsify")
 
 
 @torch.no_grad()
@@ -83,11 +84,12 @@ def run_saekit(job: dict, data: dict[str, torch.Tensor], device: torch.device):
                       decay_fraction=job["decay_fraction"], auxk_coef=job["auxk_coef"] if job["auxk"] else 0.0,
                       dead_tokens=job["dead_tokens"], seed=job["seed"], device=str(device), log_every=10**9,
                       transcoder_init="tied" if job["init"] == "tied" else "independent")
+    cfg = dataclasses.replace(cfg, **job["saekit_set"])  # recipe experiments: --saekit-set grad_clip=0
     # The Trainer's first 65,536 rows (input and target scales) are those of the shared order, as the peer's.
     head = rows[data["order"][:65536]]
     trainer = Trainer(cfg, head, tempfile.mkdtemp(prefix="saekit-tc-bench-"), info={"hook": job["hook"]})
     trainer.total_steps = steps  # the schedule's length, exactly
-    if job["init"] in ("centred", "sparsify"):
+    if job["init"] in ("centred", "zero-dec", "sparsify"):
         _foreign_init(trainer, job["init"], rows[data["order"][:B], :d] * trainer.scale, job["seed"])
     aux_steps = 0
 
@@ -112,16 +114,19 @@ def _foreign_init(trainer, init: str, first_x: torch.Tensor, seed: int) -> None:
     """An init saekit does not offer, written into its trainer before the first step (Adam holds no state yet).
     "centred": saekit's independent init with b_enc = −mean(x)·W_enc, which centres the first batch's
     pre-activations (sparsify's first-step bias; an SAE gets the same from subtracting b_dec from x).
-    "sparsify": W_enc as nn.Linear's default, U(±1/√d_in), the same centring, and W_dec = 0 (saekit's
-    renormalisation leaves zero rows at zero until they get a gradient). b_dec stays the target's mean, as in
-    both libraries."""
+    "zero-dec": saekit's independent init with W_dec = 0 (sparsify's transcoder decoder; saekit's renormalisation
+    leaves a zero row at zero until it gets a gradient, so each row starts along its first gradient).
+    "sparsify": W_enc as nn.Linear's default, U(±1/√d_in) (columns of norm ≈ 0.58 against saekit's 0.5), the
+    centring and W_dec = 0. b_dec stays the target's mean, as in both libraries."""
     sae = trainer.saes[0]
     if init == "sparsify":
         gen = torch.Generator().manual_seed(seed)
         bound = 1 / math.sqrt(sae.cfg.d_in)
         sae.W_enc.copy_((torch.rand(sae.cfg.d_in, sae.cfg.d_sae, generator=gen) * 2 - 1) * bound)
+    if init in ("zero-dec", "sparsify"):
         sae.W_dec.zero_()
-    sae.b_enc.copy_(-first_x.mean(0) @ sae.W_enc)
+    if init in ("centred", "sparsify"):
+        sae.b_enc.copy_(-first_x.mean(0) @ sae.W_enc)
 
 
 def run_sparsify(job: dict, data: dict[str, torch.Tensor], device: torch.device):
@@ -267,20 +272,21 @@ def run_one(lib: str, label: str, init: str, repeat: int, args, data: Path, info
            "warmup_steps": args.warmup_steps, "decay_fraction": args.decay_fraction, "auxk": args.auxk,
            "auxk_coef": 1 / 32, "dead_tokens": info["dead_tokens"], "seed": args.seed + repeat, "skip": args.skip,
            "input_scale": info["input_scale"], "target_scale": info["target_scale"], "hook": info["hook"],
-           "threads": args.threads, "device": args.device,
+           "threads": args.threads, "device": args.device, "saekit_set": args.saekit_set,
            "result": str(Path(args.workdir) / f"{label}-{repeat}.json")}
     job_path = Path(args.workdir) / f"{label}-{repeat}.job.json"
     job_path.write_text(json.dumps(job))
     python = sys.executable if lib == "saekit" else args.peers_python
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "SPARSIFY_DISABLE_TRITON": "1",
            "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
-    t0 = time.perf_counter()
+    t0, load = time.perf_counter(), os.getloadavg()[0]
     run = subprocess.run([python, str(Path(__file__).resolve()), "--worker", str(job_path)], env=env,
                          capture_output=True, text=True)
     if run.returncode != 0:
         raise SystemExit(f"{label} worker failed (exit {run.returncode}):\n{run.stderr[-4000:]}")
     result = json.loads(Path(job["result"]).read_text())
-    result["process_s"] = time.perf_counter() - t0
+    # the 1-minute load average before and after: others' jobs share the 2 cores and slow single runs 3-5x
+    result |= {"process_s": time.perf_counter() - t0, "load_before": load, "load_after": os.getloadavg()[0]}
     return result
 
 
@@ -385,11 +391,16 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--peers-python", default=str(ROOT / ".venv-peers" / "bin" / "python"))
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
+    p.add_argument("--saekit-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a saekit TrainConfig field for saekit's runs (recipe experiments; repeatable)")
     p.add_argument("--json", help="write the table and every run here")
     args = p.parse_args()
     if args.worker:
         worker(args.worker)
         return
+    from saekit.config import parse_override
+
+    args.saekit_set = dict(parse_override(s) for s in args.saekit_set)
 
     from saekit.files import write_json
     from saekit.sae import lr_rule
@@ -434,7 +445,8 @@ def main() -> None:
                 r = run_one(lib, label, init, rep, args, data, info)
                 results.append(r)
                 print(f"  run {rep + 1}/{args.repeats} {label:<12} {r['tokens_per_s']:>8,.0f} tok/s  fvu {r['fvu']:.4f}  "
-                      f"L0 {r['l0']:.1f}  dead {r['dead_heldout']:.1%}  ({r['process_s']:.0f} s)", flush=True)
+                      f"L0 {r['l0']:.1f}  dead {r['dead_heldout']:.1%}  ({r['process_s']:.0f} s, load {r['load_before']:.1f}"
+                      f"→{r['load_after']:.1f})", flush=True)
         print()
         if args.inits:
             out["inits"], text = init_table(results, [label for _, label, _ in runs])
