@@ -8,10 +8,11 @@ Three parts, one per invocation:
                  b_enc centring the pre-activations, b_dec = the target's mean; no decoder renormalisation).
                  --skip: skip-transcoders on both sides. Interleaved runs, one subprocess each (sparsify with
                  .venv-peers's python), as benchmarks/peers.py; repeat r initialises both with seed --seed + r.
-                 --saekit-init picks saekit's init (default: its default, transcoder_init "independent").
-  --inits        saekit only: transcoder_init independent vs tied, and three inits written into saekit's trainer
-                 here (centred: independent + sparsify's centring b_enc; zero-dec: independent + W_dec = 0;
-                 sparsify: sparsify's whole init) × seeds, same tokens; held-out FVU against the seed spread.
+                 --saekit-init picks saekit's init (default: TrainConfig's default transcoder_init).
+  --inits        saekit only: its transcoder_init values (zero_decoder = sparsify's init, independent, tied) and
+                 three variants written into its trainer here (centred: independent + sparsify's centring b_enc;
+                 zero-dec: independent + W_dec = 0; uncentred: zero_decoder without the centring) × seeds, same
+                 tokens; held-out FVU against the seed spread.
   --harvest-all  `saekit harvest --layers all --mlp-pairs --tokens 100000 --storage-dtype float16`: wall time,
                  tokens/s, peak RSS of the process, size on disk.
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import shutil
 import statistics
@@ -48,9 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import TIMING_SKIP, _machine, _versions, fvu, lr_factor, summarize, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# saekit's two (TrainConfig.transcoder_init), and three written into its trainer by this benchmark (_foreign_init):
-# independent with sparsify's centring b_enc ("centred"), with W_dec = 0 ("zero-dec"), and sparsify's whole init.
-INITS = ("independent", "tied", "centred", "zero-dec", "sparsify")
+# saekit's own (TrainConfig.transcoder_init), and variants this benchmark writes into its trainer (_variant_init),
+# each named with the saekit init it starts from.
+OWN_INITS = ("zero_decoder", "independent", "tied")
+VARIANTS = {"centred": "independent", "zero-dec": "independent", "uncentred": "zero_decoder"}
+INITS = OWN_INITS + tuple(VARIANTS)
 
 
 @torch.no_grad()
@@ -83,14 +85,14 @@ def run_saekit(job: dict, data: dict[str, torch.Tensor], device: torch.device):
                       batch_size=B, epochs=1.0, lr=job["lr"], warmup_steps=job["warmup_steps"],
                       decay_fraction=job["decay_fraction"], auxk_coef=job["auxk_coef"] if job["auxk"] else 0.0,
                       dead_tokens=job["dead_tokens"], seed=job["seed"], device=str(device), log_every=10**9,
-                      transcoder_init="tied" if job["init"] == "tied" else "independent")
+                      transcoder_init=VARIANTS.get(job["init"], job["init"]))
     cfg = dataclasses.replace(cfg, **job["saekit_set"])  # recipe experiments: --saekit-set grad_clip=0
     # The Trainer's first 65,536 rows (input and target scales) are those of the shared order, as the peer's.
     head = rows[data["order"][:65536]]
     trainer = Trainer(cfg, head, tempfile.mkdtemp(prefix="saekit-tc-bench-"), info={"hook": job["hook"]})
     trainer.total_steps = steps  # the schedule's length, exactly
-    if job["init"] in ("centred", "zero-dec", "sparsify"):
-        _foreign_init(trainer, job["init"], rows[data["order"][:B], :d] * trainer.scale, job["seed"])
+    if job["init"] in VARIANTS:
+        _variant_init(trainer, job["init"], rows[data["order"][:B], :d] * trainer.scale)
     aux_steps = 0
 
     def step(batch: torch.Tensor) -> None:
@@ -110,23 +112,19 @@ def run_saekit(job: dict, data: dict[str, torch.Tensor], device: torch.device):
 
 
 @torch.no_grad()
-def _foreign_init(trainer, init: str, first_x: torch.Tensor, seed: int) -> None:
-    """An init saekit does not offer, written into its trainer before the first step (Adam holds no state yet).
-    "centred": saekit's independent init with b_enc = −mean(x)·W_enc, which centres the first batch's
-    pre-activations (sparsify's first-step bias; an SAE gets the same from subtracting b_dec from x).
-    "zero-dec": saekit's independent init with W_dec = 0 (sparsify's transcoder decoder; saekit's renormalisation
-    leaves a zero row at zero until it gets a gradient, so each row starts along its first gradient).
-    "sparsify": W_enc as nn.Linear's default, U(±1/√d_in) (columns of norm ≈ 0.58 against saekit's 0.5), the
-    centring and W_dec = 0. b_dec stays the target's mean, as in both libraries."""
+def _variant_init(trainer, init: str, first_x: torch.Tensor) -> None:
+    """A variant of one of saekit's inits, written into its trainer before the first step (Adam holds no state).
+    "centred": independent with b_enc = −mean(x)·W_enc, centring the first batch's pre-activations (sparsify's
+    first-step bias; an SAE gets the same from subtracting b_dec from x). "zero-dec": independent with W_dec = 0
+    (saekit's renormalisation leaves a zero row at zero until it gets a gradient, so each row starts along its
+    first gradient). "uncentred": zero_decoder with b_enc = 0."""
     sae = trainer.saes[0]
-    if init == "sparsify":
-        gen = torch.Generator().manual_seed(seed)
-        bound = 1 / math.sqrt(sae.cfg.d_in)
-        sae.W_enc.copy_((torch.rand(sae.cfg.d_in, sae.cfg.d_sae, generator=gen) * 2 - 1) * bound)
-    if init in ("zero-dec", "sparsify"):
-        sae.W_dec.zero_()
-    if init in ("centred", "sparsify"):
+    if init == "centred":
         sae.b_enc.copy_(-first_x.mean(0) @ sae.W_enc)
+    elif init == "zero-dec":
+        sae.W_dec.zero_()
+    elif init == "uncentred":
+        sae.b_enc.zero_()
 
 
 def run_sparsify(job: dict, data: dict[str, torch.Tensor], device: torch.device):
@@ -366,8 +364,8 @@ def main() -> None:
     p.add_argument("--layer", type=int, default=6)
     p.add_argument("--inits", action="store_true", help="compare saekit's transcoder inits instead of the libraries")
     p.add_argument("--init-list", default=",".join(INITS), help=f"with --inits: a comma list of {', '.join(INITS)}")
-    p.add_argument("--saekit-init", default="independent", help="saekit's init against sparsify (default its "
-                                                                     f"default); one of {', '.join(INITS)}")
+    p.add_argument("--saekit-init", default=None, help="saekit's init against sparsify (default: TrainConfig's "
+                                                        f"default transcoder_init); one of {', '.join(INITS)}")
     p.add_argument("--harvest-all", action="store_true", help="time and measure a --layers all --mlp-pairs harvest")
     p.add_argument("--harvest-dir", default="/tmp/saekit-tc-harvest-all")
     p.add_argument("--harvest-tokens", type=int, default=100_000)
@@ -398,9 +396,10 @@ def main() -> None:
     if args.worker:
         worker(args.worker)
         return
-    from saekit.config import parse_override
+    from saekit.config import TrainConfig, parse_override
 
     args.saekit_set = dict(parse_override(s) for s in args.saekit_set)
+    args.saekit_init = args.saekit_init or TrainConfig.transcoder_init
 
     from saekit.files import write_json
     from saekit.sae import lr_rule
@@ -436,7 +435,7 @@ def main() -> None:
               f"{info['dead_tokens']:,} tokens; affine least-squares x→y held-out FVU {info['linear_fvu']:.4f}", flush=True)
         runs = ([("saekit", init, init) for init in args.init_list.split(",") if init] if args.inits
                 else [("saekit", "saekit", args.saekit_init), ("sparsify", "sparsify", "sparsify")])
-        unknown = [i for _, _, i in runs if i not in INITS]
+        unknown = [i for lib, _, i in runs if lib == "saekit" and i not in INITS]
         if unknown:
             raise SystemExit(f"unknown init(s) {unknown}: choose from {', '.join(INITS)}.")
         results = []
