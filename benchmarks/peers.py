@@ -209,7 +209,15 @@ def run_sparsify(job: dict, data: dict[str, torch.Tensor], device: torch.device)
 RUNNERS = {"saekit": run_saekit, "saelens": run_saelens, "sparsify": run_sparsify}
 
 
+def unshadow_packages() -> None:
+    """Take benchmarks/ off sys.path: its kernels.py would shadow HF's `kernels` package, which transformers
+    imports when it finds one by that name."""
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+
+
 def worker(job_path: str) -> None:
+    unshadow_packages()
     job = json.loads(Path(job_path).read_text())
     torch.set_num_threads(job["threads"])
     device = torch.device(job["device"])

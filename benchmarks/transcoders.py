@@ -45,7 +45,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import TIMING_SKIP, _machine, _versions, fvu, lr_factor, summarize, table  # noqa: E402
+from peers import TIMING_SKIP, _machine, _versions, fvu, lr_factor, summarize, table, unshadow_packages  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # saekit's own (TrainConfig.transcoder_init), and variants this benchmark writes into its trainer (_variant_init),
@@ -181,6 +181,7 @@ RUNNERS = {"saekit": run_saekit, "sparsify": run_sparsify}
 
 
 def worker(job_path: str) -> None:
+    unshadow_packages()
     job = json.loads(Path(job_path).read_text())
     torch.set_num_threads(job["threads"])
     device = torch.device(job["device"])

@@ -331,6 +331,10 @@ class TrainConfig(Checked):
     U(±1/√d_in), b_enc centring the inputs), independent (unit-norm random W_enc columns, enc_init_scale long,
     independent of the random unit W_dec rows) or tied (W_enc = scale·W_decᵀ, the SAE init). Measured on layer 6 of
     the default model (benchmarks/transcoders.py --inits, 3 seeds): held-out FVU 0.509 / 0.535 / 0.567."""
+    decoder_norm: Literal["auto", "unit", "free"] = "auto"
+    """Decoder rows held at unit norm (each step's gradient along a row dropped, rows renormalised) or left free.
+    auto: unit for SAEs, free for transcoders (as sparsify; measured on layer 6 of the default model,
+    benchmarks/transcoders.py --saekit-set decoder_norm=...: README, "Transcoders")."""
     enc_init_scale: Positive = 0.5
     """W_enc starts as this × W_decᵀ (decoder rows unit-norm). Gao et al. use 1; 0.5 reaches a lower FVU at
     short budgets (measured: README, benchmarks/quality.py --baseline init)."""

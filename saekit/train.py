@@ -208,6 +208,7 @@ class Trainer:
         self.dead_tokens = cfg.dead_tokens or max(cfg.batch_size, min(10_000_000, self.total_steps * cfg.batch_size // 50))
         sample, target = x[:16384] * self.scale, y[:16384] * self.target_scale
         init = cfg.transcoder_init if self.transcoder else "tied"
+        self.unit_decoder = cfg.decoder_norm == "unit" or (cfg.decoder_norm == "auto" and not self.transcoder)
         self.saes = [SparseAutoencoder.initialized(c, sample, seed=cfg.seed + i, device=self.device,
                                                   enc_scale=cfg.enc_init_scale, target=target, init=init)
                      for i, c in enumerate(cfg.saes)]
@@ -299,13 +300,15 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)
                 raise NonFiniteError(f"the loss of SAE {sae_name(sae.cfg)} became {total.item()} at step {self.step}; "
                                      "the last checkpoint is intact. Lower --lr or check the activations.")
-            sae.remove_parallel_grad()
+            if self.unit_decoder:
+                sae.remove_parallel_grad()
             if self.cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            sae.normalize_decoder()
+            if self.unit_decoder:
+                sae.normalize_decoder()
             since += n
             since[fired] = 0
             out.append({"fvu": fvu.item(), "auxk": aux.item(), "l0": active.item() / n,
@@ -378,7 +381,8 @@ class Trainer:
                 st = opt.state.get(q, {})
                 if "x" in st:
                     p.data.copy_(st["x"])
-            sae.normalize_decoder()
+            if self.unit_decoder:
+                sae.normalize_decoder()
         sae.info = dict(self.info)
         return sae.folded(self.scale, self.target_scale if self.transcoder else None)
 
