@@ -281,6 +281,16 @@ def cmd_steer_eval(values: Values) -> int:
     return 0
 
 
+def cmd_attribute(values: Values) -> int:
+    from .attribution import AttributionConfig, attribute_to_dir
+
+    attribute_to_dir(values["transcoders"], values["prompt"], values["out"], values.get("target"),
+                     config_from(AttributionConfig, values), validate_top=values.get("validate") or 0,
+                     model_arg=values.get("model"), device=values.get("device") or "cpu",
+                     overwrite=bool(values.get("overwrite")))
+    return 0
+
+
 # ----------------------------------------------------------------------------- parsers
 
 def build_parser() -> argparse.ArgumentParser:
@@ -404,13 +414,30 @@ def build_parser() -> argparse.ArgumentParser:
                                    "built from this SAE; 'none': measure them on the reference tokens)")
     p.add_argument("--model", help="override the model recorded in the SAE")
     add_config_args(p, SteerEvalConfig)
+
+    from .attribution import AttributionConfig
+
+    p = sub.add_parser("attribute", help="the attribution graph of a prompt through a transcoder set, validated "
+                                         "in the real model: OUT/graph.json, report.md")
+    p.add_argument("--transcoders", required=True, help="a transcoder set (saekit train --transcoder --layers all; "
+                                                        "make demo-circuits writes runs/demo-circuits)")
+    p.add_argument("--prompt", required=True, help="the text (BOS is prepended)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--target", help="a next token to explain (one token, e.g. ' Paris'), or a contrast 'A|B' "
+                                    "(logit difference); default: the likeliest tokens")
+    p.add_argument("--validate", type=int, default=20, help="feature nodes to ablate and double in the real model "
+                                                            "(0: skip; default 20)")
+    p.add_argument("--model", help="override the model recorded in the transcoders")
+    p.add_argument("--device", help="cpu or cuda (default cpu)")
+    overwrite_flag(p, "a graph in --out")
+    add_config_args(p, AttributionConfig)
     return parser
 
 
 COMMANDS = {"harvest": cmd_harvest, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo,
             "demo-circuits": cmd_demo_circuits, "convert": cmd_convert,
             "analyze": cmd_analyze, "export-neuronpedia": cmd_export_neuronpedia, "browse": cmd_browse,
-            "steer": cmd_steer, "steer-eval": cmd_steer_eval}
+            "steer": cmd_steer, "steer-eval": cmd_steer_eval, "attribute": cmd_attribute}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -362,6 +362,25 @@ class TrainConfig(Checked):
 
 
 @dataclass
+class AttributionConfig(Checked):
+    """How large a graph to build."""
+
+    max_feature_nodes: Count | None = 4096
+    """Feature nodes whose incoming edges are computed, visited in order of their influence on the logits (None:
+    every active feature). Bounds time and the adjacency's memory."""
+    max_logits: Count = 10
+    """Logit nodes at most, when no target is given."""
+    logit_probability: Annotated[float, Range(gt=0, le=1)] = 0.95
+    """Logit nodes: the most likely next tokens until their probability reaches this."""
+    batch_size: Count = 256
+    """Targets per backward batch."""
+    max_tokens: Annotated[int, Range(ge=2)] = 64
+    """Longest prompt accepted (tokens, BOS included): memory and time grow with it."""
+    update_interval: Count = 4
+    """Batches between re-rankings of the unvisited features by influence."""
+
+
+@dataclass
 class EvalConfig(Checked):
     """Held-out evaluation."""
 

@@ -20,6 +20,7 @@ from .dist import Comm, DistributedTrainer, launch, split, wants_distributed
 from .errors import DataError, OptionError, OutputError, SaekitError
 from .files import claim_output, read_json, removed_on_failure, write_json
 from .harvest import MASSIVE_MULTIPLE, massive_record
+from .sae import SparseAutoencoder
 from .train import CHECKPOINT, StreamBatches, Trainer, resolve_device
 
 STREAM_HEAD_TOKENS = 16384  # a streamed run estimates the median norm on its first tokens
@@ -415,6 +416,35 @@ def dictionaries_in(path: str | Path) -> list[Path]:
     return found
 
 
+def transcoder_set(path: str | Path, why: str) -> dict[int, SparseAutoencoder]:
+    """The transcoders of a set (a `saekit train --transcoder` run, or a folder of them) by layer: one per MLP.
+    `why` starts the message when the folder holds SAEs."""
+    from .lm import hook_layer
+    from .sae import load_sae
+
+    path = Path(path)
+    dirs = dictionaries_in(path)
+    saes = [load_sae(p) for p in dirs]
+    if sae_dirs := [str(p) for p, s in zip(dirs, saes) if not s.is_transcoder]:
+        raise SaekitError(f"{why}, and {', '.join(sae_dirs[:3])} hold SAEs; point it at a transcoder run (saekit "
+                          "train --transcoder --layers all).")
+    by_layer: dict[int, list[Path]] = {}
+    for p, s in zip(dirs, saes):
+        by_layer.setdefault(hook_layer(s.hook), []).append(p)
+    if twice := {layer: ps for layer, ps in by_layer.items() if len(ps) > 1}:
+        layer, ps = next(iter(twice.items()))
+        raise SaekitError(f"{path} holds {len(ps)} transcoders for layer {layer} ({', '.join(map(str, ps))}); the "
+                          "replacement model takes one per MLP: copy one per layer into a folder and use that.")
+    return {hook_layer(s.hook): s for s in saes}
+
+
+def check_every_layer(by_layer: dict[int, Any], n_layers: int, path: Path, why: str, instead: str) -> None:
+    """Refuse a transcoder set that misses a layer of the model, naming it."""
+    if missing := sorted(set(range(n_layers)) - set(by_layer)):
+        raise SaekitError(f"{why}, and {path} has no transcoder for layer(s) {', '.join(map(str, missing))}; train "
+                          f"them (saekit train --transcoder --layers {','.join(map(str, missing))}) {instead}.")
+
+
 def evaluate_replacement_set(path: str | Path, cfg: EvalConfig, model_arg: str | None = None,
                              dataset: str | None = None, device: str = "auto") -> dict[str, Any]:
     """`saekit eval RUN --replace-all`: every MLP replaced by the run's transcoder for its layer at once, on the
@@ -424,27 +454,14 @@ def evaluate_replacement_set(path: str | Path, cfg: EvalConfig, model_arg: str |
     from .sae import load_sae
 
     path = Path(path)
-    saes = [load_sae(p) for p in dictionaries_in(path)]
-    if not all(s.is_transcoder for s in saes):
-        sae_dirs = [str(p) for p, s in zip(dictionaries_in(path), saes) if not s.is_transcoder]
-        raise SaekitError(f"--replace-all replaces MLPs with transcoders, and {', '.join(sae_dirs[:3])} hold SAEs; "
-                          "point it at a transcoder run (saekit train --transcoder --layers all).")
-    by_layer: dict[int, list[Path]] = {}
-    for p, s in zip(dictionaries_in(path), saes):
-        by_layer.setdefault(hook_layer(s.hook), []).append(p)
-    if twice := {layer: ps for layer, ps in by_layer.items() if len(ps) > 1}:
-        layer, ps = next(iter(twice.items()))
-        raise SaekitError(f"{path} holds {len(ps)} transcoders for layer {layer} ({', '.join(map(str, ps))}); the "
-                          "replacement model takes one per MLP: copy one per layer into a folder and evaluate that.")
+    by_layer = transcoder_set(path, "--replace-all replaces MLPs with transcoders")
     if not os.access(path, os.W_OK):
         raise OutputError(f"cannot write replacement_eval.json in {path} (permission denied).")
+    saes = [by_layer[L] for L in sorted(by_layer)]
     data = DataConfig.from_manifest(saes[0].info, model=model_arg, dataset=dataset)
     model = load_model(data.model, device)
-    missing = sorted(set(range(model.cfg.n_layers)) - set(by_layer))
-    if missing:
-        raise SaekitError(f"--replace-all replaces every MLP, and {path} has no transcoder for layer(s) "
-                          f"{', '.join(map(str, missing))}; train them (saekit train --transcoder --layers "
-                          f"{','.join(map(str, missing))}) or evaluate layers one at a time without --replace-all.")
+    check_every_layer(by_layer, model.cfg.n_layers, path, "--replace-all replaces every MLP",
+                      "or evaluate layers one at a time without --replace-all")
     _, held = contexts(model, data)
     if held is None:
         raise SaekitError("the dataset split leaves no held-out documents; set --heldout-fraction > 0.")
