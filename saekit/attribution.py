@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .config import AttributionConfig
 from .errors import SaekitError
 from .graph import Graph, partial_influence
+from .graph_json import write_graph_json
 from .lm import mlp_pair, model_id
 from .sae import SparseAutoencoder
 
@@ -591,6 +592,7 @@ def attribute_to_dir(transcoders_dir: str | Path, prompt: str, out: str | Path, 
     rep, md = attribution_report(graph, validation)
     out.mkdir(parents=True, exist_ok=True)
     graph.save(out)
+    write_graph_json(graph, out / "graph-frontend.json")  # opens in circuit-tracer's / Neuronpedia's graph frontend
     write_json(out / "report.json", rep)
     (out / "report.md").write_text(md)
     print(md)
