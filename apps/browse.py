@@ -1,8 +1,10 @@
 """The feature browser: `saekit browse STORE` runs this script with Streamlit (bound to 127.0.0.1).
 
 Pages (one module each): Overview (density histogram, feature map, feature table), Feature (one latent's
-page), Your text (run the model live), Search (by token string, by label/notes). The page and feature id
-live in the URL (?page=feature&feature=12). The store comes from $SAEKIT_STORE or `-- --store PATH`.
+page), Your text (run the model live), Search (by token string, by label/notes), and Graph (attribution graphs)
+when `--graphs DIR` is given. The page and feature id live in the URL (?page=feature&feature=12; the graph's name:
+?page=graph&graph=NAME). The store comes from $SAEKIT_STORE or `-- --store PATH`, the graphs from $SAEKIT_GRAPHS
+or `-- --graphs DIR`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 import streamlit as st
 from saekit.apps.common import PAGES, SLUG, get_labels, get_store, goto, store_path, sync_url
 from saekit.apps.page_feature import feature_page
+from saekit.apps.page_graph import graph_page, graphs_root, remember_url
 from saekit.apps.page_overview import overview_page
 from saekit.apps.page_search import search_page
 from saekit.apps.page_text import text_page
@@ -43,8 +46,19 @@ def url_problem_page(problem: str, store: FeatureStore) -> None:
             col.button(name, key=f"url_open_{slug}", on_click=goto, args=(slug,))
 
 
+def list_graph_page(on: bool) -> None:
+    """The Graph page exists only when --graphs names graphs: added to (or taken from) the page table that the
+    sidebar and the URL check read (the table is shared by every session of the server, and so is --graphs)."""
+    if on:
+        PAGES["graph"], SLUG["Graph"] = "Graph", "graph"
+    else:
+        PAGES.pop("graph", None), SLUG.pop("Graph", None)
+
+
 def main() -> None:
     st.set_page_config(page_title="saekit features", layout="wide")
+    graphs = graphs_root()
+    list_graph_page(graphs is not None)
     st.set_option("client.toolbarMode", "minimal")  # a local tool: no Deploy button (serve.py passes it too)
     path = str(store_path().resolve())
     try:  # FeatureStore checks every file's header: a missing or damaged store is reported here, once
@@ -60,6 +74,10 @@ def main() -> None:
                  "move it aside (it holds your labels and notes) and reload to start an empty one.")
         st.stop()
     sync_url(store.d_sae)
+    if graphs is not None:
+        remember_url()
+        for key in [k for k in st.session_state if str(k).startswith("graph_")]:  # the Graph page's widgets keep
+            st.session_state[key] = st.session_state[key]  # their values while another page is shown
     if "feature_id" in st.session_state:  # keep the id while the Feature page (and its box) is not shown
         st.session_state["feature_id"] = st.session_state["feature_id"]
     with st.sidebar:
@@ -75,11 +93,14 @@ def main() -> None:
         url_problem_page(problem, store)
         return
     fid = st.session_state.get("feature_id")
-    st.query_params.from_dict({"page": page, **({"feature": str(fid)} if page == "feature" and fid is not None else {})})
+    st.query_params.from_dict({"page": page, **({"feature": str(fid)} if page == "feature" and fid is not None else {}),
+                               **({"graph": st.session_state["graph_pick"]}
+                                  if page == "graph" and st.session_state.get("graph_pick") else {})})
     if page == "feature" and fid is None:
         st.info(f"Type a feature id (0–{store.d_sae - 1}) in the sidebar.")
         return
-    render_page = {"overview": overview_page, "feature": feature_page, "text": text_page, "search": search_page}[page]
+    render_page = {"overview": overview_page, "feature": feature_page, "text": text_page, "search": search_page,
+                   "graph": graph_page}[page]
     try:
         render_page(path, store, labels)
     except SaekitError as e:  # one page fails (a file damaged since the store opened, a model that won't load):

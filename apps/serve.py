@@ -1,4 +1,4 @@
-"""`saekit browse STORE [--port P]`: serve the Streamlit feature browser on 127.0.0.1."""
+"""`saekit browse STORE [--port P] [--graphs DIR]`: serve the Streamlit feature browser on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from saekit.features import FeatureStore
 SCRIPT = Path(__file__).with_name("browse.py")
 
 
-def streamlit_command(store: Path, port: int) -> list[str]:
+def streamlit_command(store: Path, port: int, graphs: Path | None = None) -> list[str]:
     return [sys.executable, "-m", "streamlit", "run", str(SCRIPT),
             "--server.address", "127.0.0.1", "--server.port", str(port), "--server.headless", "true",
             "--browser.serverAddress", "127.0.0.1", "--browser.gatherUsageStats", "false",
             "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal",  # a local tool: no Deploy
-            "--", "--store", str(store)]
+            "--", "--store", str(store), *(["--graphs", str(graphs)] if graphs is not None else [])]
 
 
 def check_port(port) -> int:
@@ -36,13 +36,19 @@ def check_port(port) -> int:
     return value
 
 
-def browse(store: str | Path, port: int = 8501) -> NoReturn:
-    """Serve the browser for `store`. Everything that can be checked is checked before streamlit starts:
-    the port, and the store (its manifest and every tensor file's header, FeatureStore.check), so a missing,
-    foreign or damaged store is a SaekitError saying what to do, and no server starts."""
+def browse(store: str | Path, port: int = 8501, graphs: str | Path | None = None) -> NoReturn:
+    """Serve the browser for `store` (and the attribution graphs in `graphs`: a graph folder, or a folder of them,
+    on a Graph page). Everything that can be checked is checked before streamlit starts: the port, the store (its
+    manifest and every tensor file's header, FeatureStore.check) and that `graphs` holds graphs, so a missing,
+    foreign or damaged store or graph folder is a SaekitError saying what to do, and no server starts."""
+    from saekit.apps.graph_live import graph_dirs
+
     port = check_port(port)
     store = Path(store).expanduser().resolve()
     FeatureStore(store)  # a missing, foreign or damaged store fails here, with what to do, not inside the app
+    if graphs is not None:
+        graphs = Path(graphs).expanduser().resolve()
+        graph_dirs(graphs)
     try:
         import streamlit  # noqa: F401
     except ImportError as e:
@@ -56,7 +62,10 @@ def browse(store: str | Path, port: int = 8501) -> NoReturn:
                               "ports below 1024 need administrator rights).") from e
     print(f"saekit: browsing {store} at http://127.0.0.1:{port}  (Ctrl-C stops)", flush=True)
     env = {**os.environ, "SAEKIT_STORE": str(store), "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    env.pop("SAEKIT_GRAPHS", None)  # only --graphs names graphs: a stale variable must not add a page
+    if graphs is not None:
+        env["SAEKIT_GRAPHS"] = str(graphs)
     # Become the server rather than its parent: a SIGTERM to `saekit browse` (a supervisor, a test fixture)
     # then stops streamlit too, where a child would be left running.
-    cmd = streamlit_command(store, port)
+    cmd = streamlit_command(store, port, graphs)
     os.execve(cmd[0], cmd, env)

@@ -251,7 +251,7 @@ def cmd_export_neuronpedia(values: Values) -> int:
 def cmd_browse(values: Values) -> int:
     from .apps.serve import browse
 
-    return browse(values["store"], values["port"])
+    return browse(values["store"], values["port"], values.get("graphs"))
 
 
 def cmd_steer(values: Values) -> int:
@@ -396,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("browse", help="serve the feature browser for a store on 127.0.0.1")
     p.add_argument("store", help="a directory written by `saekit analyze`")
     p.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1 (default 8501)")
+    p.add_argument("--graphs", help="attribution graphs for the Graph page: a folder written by `saekit attribute "
+                                    "--out`, or a folder of them (e.g. runs/graphs)")
 
     p = sub.add_parser("steer", help="generate baseline and steered continuations side by side")
     p.add_argument("--sae", required=True, help="SAE directory")
