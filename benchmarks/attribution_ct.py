@@ -14,9 +14,11 @@ Compared, nodes matched by (layer, position, latent) / (layer, position) / posit
     graph_json against circuit-tracer's create_graph_files).
 circuit-tracer loads the model from a local Hugging Face directory, offline; the default model is a GGUF saekit
 dequantizes into one (saekit.lm), whose config.json transformers 5 wrote: circuit-tracer's transformers 4.57
-reads `rope_theta` (not `rope_parameters`), would try to load the GGUF quantizer named in it and knows no
-tokenizer class "TokenizersBackend", so the worker reads a copy of the folder with config.json and
-tokenizer_config.json translated (the weights and tokenizer.json linked, unchanged); the logits of both
+reads `rope_theta` (not `rope_parameters`), would try to load the GGUF quantizer named in it, knows no
+tokenizer class "TokenizersBackend", refuses a safetensors file without the header tag format=pt and leaves a
+tied weight that safetensors stored once under another name (embed_tokens = lm_head) on the meta device, so the
+worker reads a copy of the folder with config.json and tokenizer_config.json translated and the weights re-saved
+with the tag and the tied alias stored (the same tensors; tokenizer.json linked); the logits of both
 sides on the prompt are compared to show it is the same model. If circuit-tracer cannot run the model, the
 output says where and why, and the comparison runs on a tiny random Llama with random transcoders (--tiny).
 
@@ -64,12 +66,11 @@ def ct_worker(job_path: str) -> None:
     try:
         from importlib.metadata import version
 
-        from safetensors.torch import save_file
-
         from circuit_tracer import ReplacementModel, attribute
         from circuit_tracer.graph import compute_graph_scores, compute_node_influence
         from circuit_tracer.utils.create_graph_files import create_graph_files
         from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
+        from safetensors.torch import save_file
 
         result["versions"] = {p: version(p) for p in ("circuit-tracer", "nnsight", "transformers", "torch")}
         result["stage"] = "load transcoders"
@@ -181,7 +182,10 @@ def ct_model_dir(hf_dir: Path, out: Path) -> tuple[Path, list[str]]:
     """A copy of a Hugging Face model folder that transformers 4.57 reads as transformers 5 does: config.json
     translated (rope_parameters → rope_theta / rope_scaling; the GGUF quantization_config dropped: the weights
     are already dequantized fp32), tokenizer_config.json's transformers-5 tokenizer class named as 4.57 knows it,
-    every other file linked. Returns (folder, what was changed)."""
+    untagged safetensors re-saved with format=pt, every other file linked. Returns (folder, what was changed)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
     out.mkdir(parents=True, exist_ok=True)
     cfg = json.loads((hf_dir / "config.json").read_text())
     changes = []
@@ -200,8 +204,24 @@ def ct_model_dir(hf_dir: Path, out: Path) -> tuple[Path, list[str]]:
     if tok.get("tokenizer_class") == "TokenizersBackend":  # transformers 5's name for a tokenizer.json tokenizer
         tok["tokenizer_class"] = "PreTrainedTokenizerFast"
         changes.append("tokenizer_class TokenizersBackend → PreTrainedTokenizerFast (the same tokenizer.json)")
+    rewrite = {"config.json", "tokenizer_config.json"}
+    for f in hf_dir.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            meta, names = st.metadata() or {}, set(st.keys())
+        # safetensors' save_model stores a tied tensor once and names its aliases in the header
+        # ({"model.embed_tokens.weight": "lm_head.weight"}): transformers 5 reads them, 4.57 leaves the alias
+        # unloaded (on the meta device); and 4.57 refuses a header without format=pt
+        aliases = {k: v for k, v in meta.items() if v in names and k not in names}
+        if meta.get("format") != "pt" or aliases:
+            rewrite.add(f.name)
+            if not (out / f.name).is_file():
+                tensors = load_file(str(f))
+                tensors.update({k: tensors[v].clone() for k, v in aliases.items()})
+                save_file(tensors, str(out / f.name), metadata={"format": "pt"})
+            changes.append(f"{f.name} re-saved with the header tag format=pt"
+                           + (f" and its tied aliases stored ({aliases})" if aliases else "") + " (the same tensors)")
     for f in hf_dir.iterdir():
-        if f.name not in ("config.json", "tokenizer_config.json") and not (out / f.name).exists():
+        if f.name not in rewrite and not (out / f.name).exists():
             (out / f.name).symlink_to(f.resolve())
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "tokenizer_config.json").write_text(json.dumps(tok, indent=2))
@@ -420,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--transcoders", default=str(ROOT / "runs" / "demo-circuits"))
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("--tiny", action="store_true", help="only the tiny random Llama with random transcoders")
-    p.add_argument("--tiny-skip", action="store_true", help="the tiny set with a skip path on layer 1")
+    p.add_argument("--tiny-skip", action="store_true", help="with the tiny model, also a set with a skip path on layer 1")
     p.add_argument("--random-transcoders", action="store_true",
                    help="the model with random BatchTopK transcoders (d_sae 512, k 8) instead of --transcoders")
     p.add_argument("--batch-size", type=int, default=256, help="saekit's targets per backward batch")
@@ -453,10 +473,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{args.model}: {e}", flush=True)
     if args.tiny or "comparison" not in res.get("default", {}):
         lm = build_tiny(work / "tiny")
-        run = random_set(str(lm), TINY_PROMPT, work / "tiny" / ("tc-skip" if args.tiny_skip else "tc"), 256, 8,
-                         (1,) if args.tiny_skip else ())
-        res["tiny"] = run_pair(str(lm), run, TINY_PROMPT, work / "tiny", args)
-        print(summary(res["tiny"]), flush=True)
+        for name, skip in (("tiny", ()), ("tiny_skip", (1,)))[: 2 if args.tiny_skip else 1]:
+            run = random_set(str(lm), TINY_PROMPT, work / name / "tc", 256, 8, skip)
+            res[name] = run_pair(str(lm), run, TINY_PROMPT, work / name, args)
+            print(summary(res[name]), flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
