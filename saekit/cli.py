@@ -37,8 +37,8 @@ CIRCUITS_OUT = "runs/demo-circuits"
 # `saekit demo-circuits`: BatchTopK transcoders (exported to SAELens and circuit-tracer as JumpReLU) on every
 # layer; sized to finish in under 30 min on 2 cores without native bf16 (README: Transcoders). 48 steps per layer:
 # a 50-step warm-up would leave the lr short of its peak the whole run (measured on layer 6: FVU 0.63 → 0.51).
-CIRCUITS_DEFAULTS = {"transcoder": True, "layers": "all", "architecture": "batchtopk", "tokens": 100_000,
-                     "epochs": 2.0, "warmup_steps": 5, "storage_dtype": "float16", "eval_tokens": 2048}
+CIRCUITS_DEFAULTS = {"transcoder": True, "layers": "all", "architecture": "batchtopk", "tokens": 90_000,
+                     "epochs": 2.0, "warmup_steps": 5, "storage_dtype": "float16", "eval_tokens": 1024}
 Values = dict[str, Any]
 
 

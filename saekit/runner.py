@@ -7,6 +7,7 @@ Commands (cli.py) build the typed configs and call these functions; nothing here
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import time
 from pathlib import Path
@@ -312,6 +313,7 @@ def _train(spec: TrainRun, tcfg: TrainConfig, comm: Comm, out: Path) -> list[Pat
             comm.say(f"trained {_count(saved)} on {unit} in {time.perf_counter() - start:.0f} s on "
                      f"{comm.world} processes; {trainer.comm_bytes_per_step / 2**20:.2f} MiB all-reduced per step and rank")
         del acts, trainer
+        gc.collect()  # the Trainer's schedules hold its bound methods (a cycle): free this unit's rows now
         paths += saved
     # Module mode: each rank knows only its own SAEs; data parallel: all ranks hold the same list.
     everyone = comm.all_gather_object([str(p) for p in paths], "collecting SAE paths")
