@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from saekit import steer as S
+from saekit.attribution.graph import Graph
 from saekit.errors import SaekitError
-from saekit.graph import Graph
 from saekit.lm import mlp_pair
 from saekit.sae import SparseAutoencoder
 from saekit.tokens import Vocab, display_token

@@ -1,4 +1,4 @@
-"""Drawing an attribution graph (saekit.graph.Graph) with plotly: nodes laid out by layer (rows: token embeddings
+"""Drawing an attribution graph (saekit.attribution.graph.Graph) with plotly: nodes laid out by layer (rows: token embeddings
 at the bottom, then each layer's feature and error nodes, the logits on top) × token position (columns; the nodes
 of one cell spread across it), edges coloured by the sign of their weight (blue promotes, red suppresses) with
 width and opacity growing with |weight|. Edges are drawn as a few traces (one per sign × weight band), so a graph
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from saekit.graph import Graph, Pruned
+from saekit.attribution.graph import Graph, Pruned
 
 BANDS = 4  # weight bands per sign: widths 0.6 … 4.5 px
 KIND_STYLE = {"feature": ("circle", "#636efa"), "error": ("square", "#b0b0b0"), "token": ("diamond", "#2ca02c"),

@@ -25,10 +25,10 @@ from saekit.apps.common import goto
 from saekit.apps.graph_live import GraphModel, NodeEdit, graph_dirs
 from saekit.apps.labels import Labels
 
+from saekit.attribution.graph import Graph
 from saekit.errors import SaekitError
 from saekit.features import FeatureStore
 from saekit.files import read_json, write_json
-from saekit.graph import Graph
 
 GRAPHS_ENV = "SAEKIT_GRAPHS"
 SUPERNODES = "supernodes.json"

@@ -297,7 +297,7 @@ def compare(sk, ct: dict[str, torch.Tensor], ct_info: dict[str, Any], top: int =
 def frontend_keys(sk, ct_file: Path) -> dict[str, Any]:
     """saekit's graph JSON against circuit-tracer's create_graph_files output: key sets at each level, and the
     share of node ids the two pruned graphs have in common."""
-    from saekit.graph_json import KEY, frontend_dict
+    from saekit.attribution.graph_json import KEY, frontend_dict
 
     ours = frontend_dict(sk, "saekit")
     theirs = json.loads(ct_file.read_text())

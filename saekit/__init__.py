@@ -25,11 +25,11 @@ def _import_hf_kernels() -> None:
 
 _import_hf_kernels()
 
-from .config import DataConfig, EvalConfig, HarvestConfig, SaeConfig, TrainConfig
-from .errors import SaekitError
-from .sae import SparseAutoencoder, load_sae
-from .train import Trainer
-from .version import __version__
+from .config import DataConfig, EvalConfig, HarvestConfig, SaeConfig, TrainConfig  # noqa: E402 (after the kernels guard)
+from .errors import SaekitError  # noqa: E402 (after the kernels guard)
+from .sae import SparseAutoencoder, load_sae  # noqa: E402 (after the kernels guard)
+from .train import Trainer  # noqa: E402 (after the kernels guard)
+from .version import __version__  # noqa: E402 (after the kernels guard)
 
 __all__ = ["SparseAutoencoder", "load_sae", "Trainer", "SaeConfig", "TrainConfig", "DataConfig", "HarvestConfig",
            "EvalConfig", "SaekitError", "__version__"]

@@ -452,8 +452,6 @@ def evaluate_replacement_set(path: str | Path, cfg: EvalConfig, model_arg: str |
     """`saekit eval RUN --replace-all`: every MLP replaced by the run's transcoder for its layer at once, on the
     held-out split; writes RUN/replacement_eval.json."""
     from .evaluate import evaluate_replacement, report
-    from .lm import hook_layer
-    from .sae import load_sae
 
     path = Path(path)
     by_layer = transcoder_set(path, "--replace-all replaces MLPs with transcoders")

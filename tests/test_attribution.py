@@ -10,10 +10,17 @@ import pytest
 import torch
 from helpers import build_world
 
-from saekit.attribution import AttributionConfig, LocalReplacement, attribute, edit_features, target_value, validate
+from saekit.attribution import (
+    AttributionConfig,
+    LocalReplacement,
+    attribute,
+    edit_features,
+    target_value,
+    validate,
+)
+from saekit.attribution.graph import Graph
 from saekit.config import SaeConfig
 from saekit.errors import FileFormatError, SaekitError
-from saekit.graph import Graph
 from saekit.sae import SparseAutoencoder
 
 PROMPT = "The cat sat on the mat and the dog"

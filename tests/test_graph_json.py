@@ -1,4 +1,4 @@
-"""Graph JSON for the circuit-tracer / Neuronpedia graph frontend (saekit/graph_json.py): its fields and node ids,
+"""Graph JSON for the circuit-tracer / Neuronpedia graph frontend (saekit/attribution/graph_json.py): its fields and node ids,
 the same file circuit-tracer's create_graph_files writes for the same graph (when .venv-ct is there), round trips,
 refusals, and `saekit attribute` writing it (tiny random Llama with random transcoders)."""
 
@@ -15,9 +15,9 @@ import torch
 from helpers import build_world
 
 from saekit.attribution import AttributionConfig, attribute
+from saekit.attribution.graph_json import cantor, frontend_dict, read_graph_json, write_graph_json
 from saekit.config import SaeConfig
 from saekit.errors import FileFormatError
-from saekit.graph_json import cantor, frontend_dict, read_graph_json, write_graph_json
 from saekit.sae import SparseAutoencoder
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ from helpers import BROWSER_SCRIPT, build_world, ok  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 from test_attribution import PROMPT, random_transcoders  # noqa: E402
 
-from saekit.graph import Graph  # noqa: E402
+from saekit.attribution.graph import Graph  # noqa: E402
 from saekit.tokens import Vocab, display_token  # noqa: E402
 
 

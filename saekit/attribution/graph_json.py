@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from .errors import FileFormatError
-from .files import atomic_write
+from ..errors import FileFormatError
+from ..files import atomic_write
 from .graph import GRAPH_KIND, Graph
 
 KEY = "saekit"

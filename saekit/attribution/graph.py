@@ -16,8 +16,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .errors import FileFormatError
-from .files import atomic_write
+from ..errors import FileFormatError
+from ..files import atomic_write
 
 GRAPH_KIND = "saekit-attribution-graph"
 
