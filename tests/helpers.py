@@ -141,3 +141,21 @@ def ok(at):
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
     return at
+
+
+def random_transcoders(n_layers: int, d: int, d_sae: int = 64, k: int = 6, skip_layers=(1,),
+                       arch: str = "topk") -> dict[int, SparseAutoencoder]:
+    """Random transcoders for every layer (seed = layer; b_enc 0.3 so latents fire; skip paths on skip_layers)."""
+    tcs = {}
+    for L in range(n_layers):
+        t = SparseAutoencoder.initialized(SaeConfig(d_in=d, d_sae=d_sae, k=k, transcoder=True, skip=L in skip_layers,
+                                                    architecture=arch), seed=L, init="independent")
+        with torch.no_grad():
+            t.b_enc.fill_(0.3)
+            if t.W_skip is not None:
+                t.W_skip.normal_(0, 0.05, generator=torch.Generator().manual_seed(L))
+            if arch == "batchtopk":
+                t.threshold.fill_(0.5)
+        t.info = {"hook": f"blocks.{L}.mlp.hook_in", "hook_out": f"blocks.{L}.hook_mlp_out"}
+        tcs[L] = t
+    return tcs

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import build_world
+from helpers import build_world, random_transcoders
 
 from saekit.attribution import (
     AttributionConfig,
@@ -19,28 +19,9 @@ from saekit.attribution import (
     validate,
 )
 from saekit.attribution.graph import Graph
-from saekit.config import SaeConfig
 from saekit.errors import FileFormatError, SaekitError
-from saekit.sae import SparseAutoencoder
 
 PROMPT = "The cat sat on the mat and the dog"
-
-
-def random_transcoders(n_layers: int, d: int, d_sae: int = 64, k: int = 6, skip_layers=(1,),
-                       arch: str = "topk") -> dict[int, SparseAutoencoder]:
-    tcs = {}
-    for L in range(n_layers):
-        t = SparseAutoencoder.initialized(SaeConfig(d_in=d, d_sae=d_sae, k=k, transcoder=True, skip=L in skip_layers,
-                                                    architecture=arch), seed=L, init="independent")
-        with torch.no_grad():
-            t.b_enc.fill_(0.3)
-            if t.W_skip is not None:
-                t.W_skip.normal_(0, 0.05, generator=torch.Generator().manual_seed(L))
-            if arch == "batchtopk":
-                t.threshold.fill_(0.5)
-        t.info = {"hook": f"blocks.{L}.mlp.hook_in", "hook_out": f"blocks.{L}.hook_mlp_out"}
-        tcs[L] = t
-    return tcs
 
 
 @pytest.fixture(scope="module")

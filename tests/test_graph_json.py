@@ -12,13 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_world
+from helpers import build_world, random_transcoders
 
 from saekit.attribution import AttributionConfig, attribute
 from saekit.attribution.graph_json import cantor, frontend_dict, read_graph_json, write_graph_json
-from saekit.config import SaeConfig
 from saekit.errors import FileFormatError
-from saekit.sae import SparseAutoencoder
 
 ROOT = Path(__file__).resolve().parents[1]
 CT_PY = Path(os.environ.get("SAEKIT_CT_PYTHON", ROOT / ".venv-ct" / "bin" / "python"))
@@ -33,26 +31,12 @@ NODE = ["activation", "clerp", "ctx_idx", "feature", "feature_type", "influence"
         "layer", "node_id", "reverse_ctx_idx", "run_idx", "token_prob"]
 
 
-def transcoders(n_layers: int, d: int, skip_layers=(1,)) -> dict[int, SparseAutoencoder]:
-    tcs = {}
-    for L in range(n_layers):
-        t = SparseAutoencoder.initialized(SaeConfig(d_in=d, d_sae=64, k=6, transcoder=True, skip=L in skip_layers),
-                                          seed=L, init="independent")
-        with torch.no_grad():
-            t.b_enc.fill_(0.3)
-            if t.W_skip is not None:
-                t.W_skip.normal_(0, 0.05, generator=torch.Generator().manual_seed(L))
-        t.info = {"hook": f"blocks.{L}.mlp.hook_in", "hook_out": f"blocks.{L}.hook_mlp_out"}
-        tcs[L] = t
-    return tcs
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     from saekit.lm import load_model
 
     w = build_world(tmp_path_factory.getbasetemp() / "feature_world")
-    return w, load_model(str(w["model"])), transcoders(2, 32)
+    return w, load_model(str(w["model"])), random_transcoders(2, 32)
 
 
 @pytest.fixture(scope="module")

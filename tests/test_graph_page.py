@@ -18,9 +18,14 @@ import pytest
 
 pytest.importorskip("streamlit")
 from browser_server import chromium_page, free_port, skip_reason  # noqa: E402
-from helpers import BROWSER_SCRIPT, build_world, ok  # noqa: E402
+from helpers import (  # noqa: E402
+    BROWSER_SCRIPT,
+    build_world,
+    ok,
+    random_transcoders,  # noqa: E402
+)
 from streamlit.testing.v1 import AppTest  # noqa: E402
-from test_attribution import PROMPT, random_transcoders  # noqa: E402
+from test_attribution import PROMPT  # noqa: E402
 
 from saekit.attribution.graph import Graph  # noqa: E402
 from saekit.tokens import Vocab, display_token  # noqa: E402
