@@ -26,7 +26,7 @@ demo: setup
 demo-circuits: setup  # transcoders on all 30 layers → runs/demo-circuits/report.md (the attribution graphs' set)
 	$(VENV)/bin/saekit demo-circuits --overwrite
 
-test: setup peers peers-ct  # the peers' venvs let the interop tests load our SAEs in real SAELens, sparsify and circuit-tracer
+test: setup peers peers-ct llama  # the peers' venvs let the interop tests load our SAEs in real SAELens, sparsify and circuit-tracer; llama: the real LLM server for explain's
 	$(VENV)/bin/pytest -q
 
 test-fast: setup  # unit tests only: no default model, no browser (the interop tests skip without the peers)
@@ -84,6 +84,22 @@ $(CT_STAMP): Makefile
 	$(CT_PY) -c "import circuit_tracer.transcoder, circuit_tracer.replacement_model.replacement_model_nnsight"
 	! $(CT_PIP) list 2>/dev/null | grep -i nvidia
 	touch $(CT_STAMP)
+
+# llama.cpp's OpenAI-compatible server (llama-cpp-python[server], compiled from source: ~10 min on 2 cores) lives in
+# its own venv: it needs no torch, and `saekit explain --llm http://...` and its integration test talk to it over HTTP.
+LLAMA       ?= .venv-llama
+LLAMA_PY    := $(LLAMA)/bin/python
+LLAMA_PIP   := $(LLAMA_PY) -m pip --disable-pip-version-check
+LLAMA_STAMP := $(LLAMA)/.saekit-llama
+
+.PHONY: llama
+llama: $(LLAMA_STAMP)
+
+$(LLAMA_STAMP): Makefile
+	test -x $(LLAMA_PY) || python3 -m venv $(LLAMA)
+	$(LLAMA_PIP) install -q 'llama-cpp-python[server]==0.3.36'
+	$(LLAMA_PY) -c "import llama_cpp.server.app"
+	touch $(LLAMA_STAMP)
 
 # SAEDashboard (sae-dashboard 0.8.0) lives in its own venv: it pins transformer-lens < 3, transformers < 4.57,
 # sae-lens < 7, datasets < 4 and safetensors < 0.5. torch first (the CPU wheel on disk), named again beside
