@@ -281,12 +281,33 @@ class DataConfig(Checked):
                    seed=int(manifest.get("seed", d.seed)))
 
 
+def expand_hook_ranges(hooks: list[str]) -> list[str]:
+    """Hook names with brace ranges expanded: 'blocks.{8..10}.hook_attn_out' → blocks.8…, blocks.9…, blocks.10…
+    (one set of SAEs over many layers is one --hooks value)."""
+    import re
+
+    out: list[str] = []
+    for hook in hooks:
+        m = re.search(r"\{(-?\d+)\.\.(-?\d+)\}", hook)
+        if not m:
+            if "{" in hook or "}" in hook:
+                raise OptionError("hooks", hook, "a range is written {A..B} with whole numbers, e.g. blocks.{8..20}.hook_resid_pre")
+            out.append(hook)
+            continue
+        a, b = int(m.group(1)), int(m.group(2))
+        if a > b:
+            raise OptionError("hooks", hook, f"the range {{{a}..{b}}} runs backwards; write {{{b}..{a}}}")
+        out += expand_hook_ranges([hook[:m.start()] + str(i) + hook[m.end():] for i in range(a, b + 1)])
+    return list(dict.fromkeys(out))
+
+
 @dataclass
 class HarvestConfig(DataConfig):
     """Which activations to collect, and how many."""
 
     hooks: list[str] = field(default_factory=lambda: ["blocks.15.hook_resid_pre"])
-    """Transformer-lens hook names; all are read in one forward pass."""
+    """Transformer-lens hook names; all are read in one forward pass. A brace range names many layers at once:
+    blocks.{8..20}.hook_resid_pre."""
     layers: str = ""
     """Layers to record instead of --hooks: 'all' or a comma list (6,12); each layer's resid_pre, or its MLP input
     and output with --mlp-pairs (what transcoders train on)."""
@@ -304,6 +325,9 @@ class HarvestConfig(DataConfig):
     recorded in the cache and the SAE, and training, evaluation and the feature store all use it."""
     device: Device = "auto"
     """'auto' (cuda if available, else cpu), 'cpu' or 'cuda'."""
+
+    def check(self) -> None:
+        self.hooks = expand_hook_ranges(self.hooks)
 
 
 @dataclass
@@ -556,6 +580,28 @@ class SteerConfig(Checked):
         if self.mode != "ablate" and self.strength is None:
             raise OptionError("strength", None, f"--mode {self.mode} needs a strength (add: strength; clamp: value; "
                               "scale: factor)")
+
+
+@dataclass
+class FlowConfig(Checked):
+    """Data-free feature flow across a set of SAEs (Laptev et al. 2025): decoder-cosine matches of each residual
+    feature at layer L against the residual, attention-output and MLP-output SAEs of layer L−1."""
+
+    top_k: Count = 5
+    """Matches kept per feature and per predecessor SAE."""
+    threshold: Annotated[float, Range(gt=0, lt=1)] = 0.5
+    """Cosine above which a predecessor counts (persisting / produced by MLP / by attention); below it in all
+    three the feature is new."""
+    variant: Literal["decoder", "encoder"] = "decoder"
+    """Directions that classify: decoder rows (the paper's) or encoder columns (both are matched and compared)."""
+    chunk: Count = 1024
+    """Target features per matmul chunk (bounds memory: chunk × d_sae floats)."""
+    check_tokens: NonNegInt = 4096
+    """Held-out tokens for the data check (co-activation of matched pairs); 0 skips it."""
+    check_min_fires: Count = 5
+    """A feature enters the data check when it fires on at least this many of those tokens."""
+    seed: NonNegInt = 0
+    """Seed of the random same-density baseline."""
 
 
 @dataclass
