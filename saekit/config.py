@@ -625,3 +625,49 @@ class NeuronpediaConfig(Checked):
     weights: bool = True
     """Read the store's SAE and model for the neuron alignment, the logit histograms and vocabulary-centred logit
     values (SAEDashboard's numbers); --no-weights exports from the store alone (those left empty or as stored)."""
+
+
+@dataclass
+class ExplainConfig(Checked):
+    """Auto-interpretation of a feature store's latents: explain with an LLM, score with detection and fuzzing."""
+
+    llm: str = "local:default"
+    """An OpenAI-compatible base URL (http://127.0.0.1:8080/v1: vLLM, llama.cpp's server, Ollama, a hosted API) or
+    local:MODEL for a transformers model in this process (local:default = the default model)."""
+    model: str | None = None
+    """The server's model name; default: the one model it serves."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the API key (read from there only; never written anywhere)."""
+    features: str = "all"
+    """Latents to explain: all, or ids and ranges like 0-499,1000."""
+    explainers: list[Literal["llm", "baseline"]] = field(default_factory=lambda: ["llm", "baseline"])
+    """llm: the LLM's explanation; baseline: the token profile ("fires on 'x', 'y'"), scored the same way."""
+    scorers: list[Literal["detection", "fuzzing"]] = field(default_factory=lambda: ["detection", "fuzzing"])
+    """Scorers run on every explanation."""
+    shuffled: bool = True
+    """Also score each latent with another latent's explanation (the shuffle-AUC check; doubles the scoring calls)."""
+    n_explain: Count = 10
+    """Top examples shown to the explainer."""
+    n_activating: Count = 5
+    """Held-out activating windows per scorer (from the quantile bands)."""
+    n_random: NonNegInt = 3
+    """Random non-activating windows per scorer."""
+    n_hard: NonNegInt = 2
+    """Non-activating windows from decoder neighbours' top examples per scorer."""
+    batch_size: Count = 5
+    """Excerpts per scoring call."""
+    concurrency: Count = 4
+    """Features in flight at once (HTTP backends; the in-process one runs one call at a time)."""
+    timeout: Positive = 120.0
+    """Seconds per HTTP request."""
+    retries: NonNegInt = 3
+    """Retries of a failed HTTP request (connection error, 429, 5xx), with exponential backoff."""
+    rate_limit: NonNegative = 0.0
+    """Requests per second at most (0: no limit)."""
+    seed: NonNegInt = 0
+    """Seed of the random windows, the excerpt order and the shuffle."""
+
+    def check(self) -> None:
+        if self.n_random + self.n_hard < 1:
+            raise OptionError("n_random", self.n_random, "the scorers need at least one non-activating window "
+                              "(--n-random or --n-hard)")
