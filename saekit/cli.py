@@ -21,6 +21,7 @@ from .config import (
     Count,
     DistConfig,
     EvalConfig,
+    FlowConfig,
     HarvestConfig,
     NeuronpediaConfig,
     RunConfig,
@@ -291,6 +292,16 @@ def cmd_attribute(values: Values) -> int:
     return 0
 
 
+def cmd_flow(values: Values) -> int:
+    from .flow import run_flow
+    from .runner import dictionaries_in
+
+    root = Path(values["sae_set"])
+    run_flow(root, dictionaries_in(root), values.get("out") or root / "flow", config_from(FlowConfig, values),
+             model_arg=values.get("model"), dataset=values.get("dataset"), overwrite=bool(values.get("overwrite")))
+    return 0
+
+
 # ----------------------------------------------------------------------------- parsers
 
 def build_parser() -> argparse.ArgumentParser:
@@ -433,13 +444,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda (default cpu)")
     overwrite_flag(p, "a graph in --out")
     add_config_args(p, AttributionConfig)
+
+    p = sub.add_parser("flow", help="data-free feature flow across a set of SAEs (resid/attn/mlp over many layers), "
+                                    "checked on held-out tokens: OUT/flow.json, flow.safetensors, report.md")
+    p.add_argument("sae_set", help="a folder of SAEs on blocks.L.hook_resid_pre (and hook_attn_out, hook_mlp_out) of "
+                                   "one model, e.g. saekit train --hooks 'blocks.{8..20}.hook_resid_pre,…'")
+    p.add_argument("--out", help="flow store directory (default SAE_SET/flow)")
+    p.add_argument("--model", help="override the model recorded in the SAEs (data check)")
+    p.add_argument("--dataset", help="override the dataset recorded in the SAEs (data check)")
+    overwrite_flag(p, "another artifact in --out")
+    add_config_args(p, FlowConfig)
     return parser
 
 
 COMMANDS = {"harvest": cmd_harvest, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo,
             "demo-circuits": cmd_demo_circuits, "convert": cmd_convert,
             "analyze": cmd_analyze, "export-neuronpedia": cmd_export_neuronpedia, "browse": cmd_browse,
-            "steer": cmd_steer, "steer-eval": cmd_steer_eval, "attribute": cmd_attribute}
+            "steer": cmd_steer, "steer-eval": cmd_steer_eval, "attribute": cmd_attribute, "flow": cmd_flow}
 
 
 def main(argv: list[str] | None = None) -> int:

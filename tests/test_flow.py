@@ -1,0 +1,205 @@
+"""Feature flow across layers: the SAE set (manifest, refusals), chunked matching, classification of planted
+persisting / MLP-made / attention-made / transformed / new directions, the stored flow and its graph, the data
+check on constructed co-activations, and the command end to end on the tiny world."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from saekit.config import FlowConfig, HarvestConfig
+from saekit.errors import SaekitError
+from saekit.flow import (
+    CLASSES,
+    FlowStore,
+    check_chain,
+    classify,
+    compute_flow,
+    data_check,
+    read_set,
+    save_flow,
+    top_matches,
+)
+from saekit.runner import dictionaries_in
+from saekit.sae import SaeConfig, SparseAutoencoder, load_sae
+
+D_IN, D_SAE = 256, 64
+PLANTED = {0: "persisting", 1: "mlp", 2: "attention", 3: "new", 4: "transformed"}
+
+
+def _save(root: Path, hook: str, W: torch.Tensor, model: str = "test/model", k: int = 3) -> Path:
+    sae = SparseAutoencoder(SaeConfig(d_in=W.shape[1], d_sae=W.shape[0], k=k))
+    W = W / W.norm(dim=1, keepdim=True)
+    with torch.no_grad():
+        sae.W_dec.copy_(W)
+        sae.W_enc.copy_(W.t())
+    sae.info = {"hook": hook, "model": model}
+    return sae.save(root / hook)
+
+
+def _random(gen: torch.Generator, n: int = D_SAE) -> torch.Tensor:
+    return torch.randn(n, D_IN, generator=gen)
+
+
+def planted_set(root: Path, layers=(3, 4, 5), blocks: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random SAEs on resid_pre of `layers` (and attn_out/mlp_out of all but the last), with resid layer 4's
+    features 0–4 planted as PLANTED says (relative to the layer 3 SAEs)."""
+    gen = torch.Generator().manual_seed(seed)
+    W = {}
+    for layer in layers:
+        W[f"blocks.{layer}.hook_resid_pre"] = _random(gen)
+        if blocks and layer != layers[-1]:
+            W[f"blocks.{layer}.hook_attn_out"] = _random(gen)
+            W[f"blocks.{layer}.hook_mlp_out"] = _random(gen)
+    r3, r4 = W["blocks.3.hook_resid_pre"], W["blocks.4.hook_resid_pre"]
+    unit = lambda v: v / v.norm()  # noqa: E731
+    r4[0] = unit(r3[7]) + 0.2 * unit(torch.randn(D_IN, generator=gen))
+    if blocks:
+        r4[1] = unit(W["blocks.3.hook_mlp_out"][5]) + 0.2 * unit(torch.randn(D_IN, generator=gen))
+        r4[2] = unit(W["blocks.3.hook_attn_out"][9]) + 0.2 * unit(torch.randn(D_IN, generator=gen))
+        r4[4] = unit(r3[11]) + unit(W["blocks.3.hook_mlp_out"][12])
+    for hook, w in W.items():
+        _save(root, hook, w)
+    return W
+
+
+def flow_of(root: Path, **kw) -> tuple[dict, dict]:
+    s = read_set(dictionaries_in(root), root)
+    return compute_flow(s, FlowConfig(check_tokens=0, **kw), progress=False)
+
+
+def test_top_matches_is_the_dense_argmax(gen):
+    t, s = torch.nn.functional.normalize(torch.randn(300, 16, generator=gen), dim=1), \
+        torch.nn.functional.normalize(torch.randn(200, 16, generator=gen), dim=1)
+    cos, idx = top_matches(t, s, k=3, chunk=64)
+    full = t @ s.t()
+    v, i = full.topk(3, dim=1)
+    assert torch.allclose(cos, v, atol=1e-6) and torch.equal(idx.long(), i)
+
+
+def test_planted_directions_are_recovered(tmp_path):
+    planted_set(tmp_path)
+    tensors, summary = flow_of(tmp_path)
+    cls = tensors["class/4"]
+    for latent, want in PLANTED.items():
+        assert CLASSES[int(cls[latent])] == want, (latent, CLASSES[int(cls[latent])])
+    assert int(tensors["decoder/4/resid/idx"][0, 0]) == 7
+    assert int(tensors["decoder/4/mlp/idx"][1, 0]) == 5
+    assert int(tensors["decoder/4/attn/idx"][2, 0]) == 9
+    # the random rest of the layer is new: random 256-d directions are far below the threshold
+    assert (cls[5:] == CLASSES.index("new")).all()
+    assert summary["layers"]["4"]["shares"]["persisting"] == pytest.approx(1 / D_SAE)
+    # tied SAEs: the encoder variant finds the same matches
+    assert summary["layers"]["4"]["top1_resid_agreement"] == 1.0
+    assert summary["target_layers"] == [4, 5]
+
+
+def test_residual_only_sets_classify_persisting_or_new(tmp_path):
+    planted_set(tmp_path, blocks=False)
+    tensors, summary = flow_of(tmp_path)
+    assert CLASSES[int(tensors["class/4"][0])] == "persisting"
+    assert summary["sources"] == {"resid": True, "attn": False, "mlp": False}
+    assert not any(k.endswith("/mlp/cos") for k in tensors)
+
+
+def test_classify_rules():
+    best = {"resid": torch.tensor([0.9, 0.9, 0.1, 0.1, 0.1, 0.1]), "attn": torch.tensor([0.1, 0.6, 0.7, 0.6, 0.2, 0.8]),
+            "mlp": torch.tensor([0.1, 0.1, 0.2, 0.65, 0.3, 0.1])}
+    assert [CLASSES[i] for i in classify(best, 0.5)] == ["persisting", "transformed", "attention", "mlp", "new",
+                                                         "attention"]
+
+
+def test_set_refusals_name_what_is_wrong(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    for layer in (3, 4, 6):
+        _save(tmp_path / "gap", f"blocks.{layer}.hook_resid_pre", _random(gen))
+    with pytest.raises(SaekitError, match="layer 5 is missing"):
+        check_chain(read_set(dictionaries_in(tmp_path / "gap"), tmp_path / "gap"))
+    _save(tmp_path / "models", "blocks.3.hook_resid_pre", _random(gen), model="a")
+    _save(tmp_path / "models", "blocks.4.hook_resid_pre", _random(gen), model="b")
+    with pytest.raises(SaekitError, match="different models .*a: blocks.3.*b: blocks.4"):
+        read_set(dictionaries_in(tmp_path / "models"), tmp_path / "models")
+    _save(tmp_path / "widths", "blocks.3.hook_resid_pre", _random(gen))
+    _save(tmp_path / "widths", "blocks.4.hook_resid_pre", _random(gen, 32))
+    with pytest.raises(SaekitError, match=r"widths \(d_sae\) \(64: blocks.3.hook_resid_pre; 32: blocks.4"):
+        read_set(dictionaries_in(tmp_path / "widths"), tmp_path / "widths")
+    for layer in (3, 4, 5):
+        _save(tmp_path / "blocks", f"blocks.{layer}.hook_resid_pre", _random(gen))
+    _save(tmp_path / "blocks", "blocks.3.hook_mlp_out", _random(gen))
+    with pytest.raises(SaekitError, match="none on blocks.4.hook_mlp_out"):
+        check_chain(read_set(dictionaries_in(tmp_path / "blocks"), tmp_path / "blocks"))
+    _save(tmp_path / "other", "blocks.3.hook_resid_post", _random(gen))
+    with pytest.raises(SaekitError, match="hook_resid_post; a flow set holds"):
+        read_set(dictionaries_in(tmp_path / "other"), tmp_path / "other")
+
+
+def test_brace_ranges_expand_once():
+    h = HarvestConfig(hooks="blocks.{8..10}.hook_resid_pre,blocks.{8..9}.hook_attn_out")
+    assert h.hooks == ["blocks.8.hook_resid_pre", "blocks.9.hook_resid_pre", "blocks.10.hook_resid_pre",
+                       "blocks.8.hook_attn_out", "blocks.9.hook_attn_out"]
+    with pytest.raises(SaekitError, match="runs backwards"):
+        HarvestConfig(hooks=["blocks.{9..8}.hook_resid_pre"])
+
+
+def test_store_round_trip_and_graph(tmp_path):
+    planted_set(tmp_path / "set")
+    s = read_set(dictionaries_in(tmp_path / "set"), tmp_path / "set")
+    cfg = FlowConfig(check_tokens=0)
+    tensors, summary = compute_flow(s, cfg, progress=False)
+    out = save_flow(tmp_path / "flow", s, cfg, tensors, summary, {"ran": False, "why": "skipped in a test"})
+    store = FlowStore(out)
+    assert store.class_of(4, 0) == "persisting"
+    pred = store.predecessors("blocks.4.hook_resid_pre", 4, min_cos=0.5)
+    assert {(p["kind"], p["latent"]) for p in pred} == {("resid", 11), ("mlp", 12)}
+    succ = store.successors("blocks.3.hook_resid_pre", 7, min_cos=0.5)
+    assert [(q["hook"], q["latent"]) for q in succ] == [("blocks.4.hook_resid_pre", 0)]
+    nodes, edges = store.graph("blocks.4.hook_resid_pre", 4)
+    assert {(n["hook"], n["latent"]) for n in nodes} == {("blocks.4.hook_resid_pre", 4), ("blocks.3.hook_resid_pre", 11),
+                                                          ("blocks.3.hook_mlp_out", 12)}
+    assert len(edges) == 2
+    with pytest.raises(SaekitError, match="feature 64 does not exist .*d_sae 64"):
+        store.predecessors("blocks.4.hook_resid_pre", 64)
+    report = (out / "report.md").read_text()
+    assert "| 4 |" in report and "Not run — skipped in a test" in report
+
+
+def test_data_check_separates_matches_from_random(tmp_path):
+    """Tokens built from sparse codes of the layer 3 SAEs; resid 4 = resid 3 + attn 3 + mlp 3 (as in the model):
+    matched pairs co-fire, random same-density pairs do not."""
+    W = planted_set(tmp_path)
+    s = read_set(dictionaries_in(tmp_path), tmp_path)
+    cfg = FlowConfig(check_tokens=2000, check_min_fires=3)
+    tensors, _ = compute_flow(s, cfg, progress=False)
+    gen = torch.Generator().manual_seed(1)
+    n = 2000
+
+    def sparse_acts(w: torch.Tensor) -> torch.Tensor:
+        codes = torch.zeros(n, w.shape[0])
+        idx = torch.stack([torch.randperm(w.shape[0], generator=gen)[:2] for _ in range(n)])
+        codes.scatter_(1, idx, 1 + torch.rand(n, 2, generator=gen))
+        return codes @ torch.nn.functional.normalize(w, dim=1)
+
+    acts = {h: sparse_acts(w) for h, w in W.items()}
+    acts["blocks.4.hook_resid_pre"] = sum(acts[f"blocks.3.hook_{h}"] for h in ("resid_pre", "attn_out", "mlp_out"))
+    acts["blocks.5.hook_resid_pre"] = sum(acts[f"blocks.4.hook_{h}"] for h in ("resid_pre", "attn_out", "mlp_out"))
+    check = data_check(s, tensors, cfg, acts)
+    o = check["overall"]
+    assert check["ran"] and o["resid/corr_top_n"] > 0
+    assert o["precision_persisting"] > o["precision_random"] + 0.3
+    assert check["layers"]["4"]["persisting_links"] == 2  # features 0 (persisting) and 4 (transformed)
+
+
+def test_flow_command_on_a_set_without_model_data(tmp_path, capsys):
+    from saekit.cli import main
+
+    planted_set(tmp_path / "set")
+    assert main(["flow", str(tmp_path / "set"), "--out", str(tmp_path / "graph"), "--check-tokens", "0"]) == 0
+    assert (tmp_path / "set" / "sae_set.json").is_file()
+    printed = capsys.readouterr().out
+    assert "persisting" in printed and "Not run — skipped: --check-tokens 0" in printed
+    assert main(["flow", str(tmp_path / "set"), "--out", str(tmp_path / "graph"), "--check-tokens", "0"]) == 0
+    assert main(["flow", str(tmp_path / "set"), "--out", str(tmp_path / "set" / "blocks.3.hook_resid_pre"),
+                 "--check-tokens", "0"]) == 2
+    assert load_sae(tmp_path / "set" / "blocks.3.hook_resid_pre").cfg.d_sae == D_SAE
