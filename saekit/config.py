@@ -419,6 +419,48 @@ class EvalConfig(Checked):
     """A latent firing on more than this fraction of tokens is dense."""
 
 
+SUITE_PARTS = ("core", "probing", "absorption", "tpp")
+
+
+@dataclass
+class SuiteConfig(Checked):
+    """The evaluation suite beyond the core metrics: sparse probing, feature absorption, targeted probe perturbation."""
+
+    suite: str = "core"
+    """Comma-separated parts: core, probing, absorption, tpp, or all."""
+    probe_dataset: str = "default"
+    """Labelled text for probing and TPP: 'default' (BBC News, 5 topics from its folders), a directory with one subfolder of text files per label, or json/jsonl/parquet files with a label column."""
+    label_column: str = "label"
+    """Column holding the class label in json/jsonl/parquet probing data."""
+    probe_documents: NonNegInt = 1000
+    """Documents for probing and TPP (0: all), drawn evenly over the labels; whole documents are held out."""
+    probe_context: Annotated[int, Range(ge=2)] = 128
+    """Tokens per probing document (BOS and its first tokens), as SAEBench."""
+    probe_test_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.2
+    """Fraction of the probing documents (and absorption words) held out to measure accuracy."""
+    probe_k: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 50])
+    """Latents (or activation dimensions) each sparse probe may use."""
+    tpp_latents: Count = 20
+    """Latents ablated per class in targeted probe perturbation (SAEBench reports 20)."""
+    absorption_words: Count = 1500
+    """Single-token words from the tokenizer's vocabulary for the first-letter task."""
+    absorption_examples: NonNegInt = 4
+    """In-context examples before each first-letter prompt."""
+    seed: NonNegInt = 0
+    """Seed for document and word sampling and the splits."""
+
+    def parts(self) -> list[str]:
+        parts = list(SUITE_PARTS) if self.suite.strip() == "all" else [p.strip() for p in self.suite.split(",") if p.strip()]
+        if bad := [p for p in parts if p not in SUITE_PARTS]:
+            raise OptionError("suite", self.suite, f"unknown part {bad[0]!r}; use {', '.join(SUITE_PARTS)} or all")
+        return parts
+
+    def check(self) -> None:
+        self.parts()
+        if any(k < 1 for k in self.probe_k):
+            raise OptionError("probe_k", self.probe_k, "each k must be at least 1")
+
+
 
 @dataclass
 class RunConfig(Checked):
