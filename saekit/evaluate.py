@@ -42,6 +42,86 @@ def ce_recovered(ce_ablated: float, ce_sae: float, ce_clean: float) -> float:
     return (ce_ablated - ce_sae) / (ce_ablated - ce_clean) if ce_ablated != ce_clean else float("nan")
 
 
+DRAWS = 1000
+"""Bootstrap resamples behind every interval."""
+
+LEVEL = 0.95
+"""Coverage of the reported intervals."""
+
+
+def resample_weights(n: int, draws: int = DRAWS, seed: int = 0) -> torch.Tensor:
+    """[draws, n] float64 counts: how often each of n units appears in each bootstrap resample (multinomial)."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (draws, n), generator=gen)
+    return torch.zeros(draws, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(draws, n, dtype=torch.float64))
+
+
+def bootstrap(per_unit: dict[str, torch.Tensor], statistic, draws: int = DRAWS, seed: int = 0,
+              level: float = LEVEL) -> dict[str, tuple[float, float]]:
+    """Percentile intervals of statistics of sums over units (contexts, documents, words).
+
+    `per_unit[name]` is [n, ...]: each unit's contribution to a sum. `statistic(sums)` maps sums (each with a
+    leading resample axis [draws, ...]) to {metric: [draws]}. The units are resampled with replacement; a metric
+    is then recomputed from the resampled sums, so ratios (FVU, CE recovered) are resampled as ratios."""
+    n = len(next(iter(per_unit.values())))
+    w = resample_weights(n, draws, seed)
+    sums = {k: (w @ v.double().reshape(n, -1)).reshape(draws, *v.shape[1:]) for k, v in per_unit.items()}
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    out = {}
+    for name, values in statistic(sums).items():
+        values = values.double()
+        values = values[~values.isnan()]
+        out[name] = tuple(torch.quantile(values, q).tolist()) if len(values) else (math.nan, math.nan)
+    return out
+
+
+def group_sum(values: torch.Tensor, groups: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-group sums [n, ...] of per-row `values` [rows, ...] (float64) whose group ids are `groups` [rows]."""
+    values = values.double()
+    return torch.zeros(n, *values.shape[1:], dtype=torch.float64, device=values.device).index_add_(0, groups, values)
+
+
+def _moments(x: torch.Tensor, x_hat: torch.Tensor, groups: torch.Tensor, n: int, tag: str = "") -> dict[str, torch.Tensor]:
+    """Per-context sums from which FVU (about the mean), the legacy explained variance and nmse are rebuilt."""
+    x, x_hat = x.double(), x_hat.double()
+    err = (x - x_hat).pow(2).sum(1)
+    sq = x.pow(2).sum(1)
+    return {f"n{tag}": group_sum(torch.ones_like(err), groups, n), f"err{tag}": group_sum(err, groups, n),
+            f"sq{tag}": group_sum(sq, groups, n), f"sx{tag}": group_sum(x, groups, n),
+            f"ratio{tag}": group_sum(err / sq.clamp_min(1e-30), groups, n)}
+
+
+def core_statistic(dense_threshold: float):
+    """The core metrics of eval.json as functions of per-context sums (see `_context_sums`); a sum absent
+    (no CE pass, no latent counts) leaves its metrics out."""
+    def fvu_of(s, tag=""):
+        var = s[f"sq{tag}"] - s[f"sx{tag}"].pow(2).sum(-1) / s[f"n{tag}"].clamp_min(1)
+        return s[f"err{tag}"] / var.clamp_min(1e-30)
+
+    def statistic(s: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {"fvu": fvu_of(s), "explained_variance_about_zero_legacy": 1 - s["err"] / s["sq"],
+               "nmse": s["ratio"] / s["n"]}
+        if "n_normal" in s:
+            out["fvu_excl_massive"] = fvu_of(s, "_normal")
+        if "active" in s:
+            out["l0"] = s["active"] / s["n"]
+        if "fires" in s:
+            out["dead_fraction"] = (s["fires"] == 0).double().mean(-1)
+            out["dense_fraction"] = (s["fires"] / s["n"][..., None] > dense_threshold).double().mean(-1)
+        if "pred" in s:
+            ce = {k: s[k] / s["pred"] for k in ("clean", "sae", "zero", "mean", "kl")}
+            out |= {"ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero_ablation": ce["zero"],
+                    "ce_mean_ablation": ce["mean"], "ce_delta": ce["sae"] - ce["clean"], "kl": ce["kl"],
+                    "ce_recovered_zero": (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]),
+                    "ce_recovered_mean": (ce["mean"] - ce["sae"]) / (ce["mean"] - ce["clean"])}
+        return out
+    return statistic
+
+
+FIRES_LIMIT = 1 << 24
+"""Largest contexts × latents matrix of firing counts kept for the dead/dense intervals (128 MB in float64)."""
+
+
 @torch.no_grad()
 def reconstruction_metrics(sae: SparseAutoencoder, x: torch.Tensor, massive_multiple: float = MASSIVE_MULTIPLE,
                            dense_threshold: float = 0.1, batch: int = 4096,
@@ -53,25 +133,41 @@ def reconstruction_metrics(sae: SparseAutoencoder, x: torch.Tensor, massive_mult
 
 
 def _reconstruction(sae: SparseAutoencoder, src: torch.Tensor, massive_multiple: float, dense_threshold: float,
-                    batch: int, massive_threshold: float | None, target: torch.Tensor | None = None
-                    ) -> tuple[dict[str, Any], torch.Tensor]:
-    """(reconstruction_metrics, x̂): evaluate splices the very x̂ it measured. `src` is what the dictionary
-    reads, `target` what it predicts (`src` for an SAE)."""
+                    batch: int, massive_threshold: float | None, target: torch.Tensor | None = None,
+                    groups: torch.Tensor | None = None, n_groups: int = 0
+                    ) -> tuple[dict[str, Any], torch.Tensor, dict[str, torch.Tensor]]:
+    """(reconstruction_metrics, x̂, per-group sums): evaluate splices the very x̂ it measured. `src` is what the
+    dictionary reads, `target` what it predicts (`src` for an SAE). With `groups` (each row's context) the sums
+    behind every metric are also kept per context, for the bootstrap."""
     x = src if target is None else target
     parts = []
     fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=x.device)
+    per_ctx_fires = groups is not None and n_groups * sae.cfg.d_sae <= FIRES_LIMIT
+    ctx_fires = torch.zeros(n_groups if per_ctx_fires else 0, sae.cfg.d_sae, dtype=torch.float64, device=x.device)
+    active = torch.zeros(len(x), dtype=torch.float64, device=x.device)
     l0 = 0.0
     for i in range(0, len(x), batch):  # one encode per batch serves the reconstruction and the counts
         v, idx = sae.encode(src[i: i + batch])
         parts.append(sae.decode(v, idx, src[i: i + batch]))
         on = v > 0
         l0 += on.sum().item()
+        active[i: i + len(v)] = on.sum(1).double()
         fires += torch.bincount(idx[on], minlength=sae.cfg.d_sae)
+        if per_ctx_fires:
+            rows = groups[i: i + len(v)][:, None].expand_as(idx)[on]
+            ctx_fires.index_put_((rows, idx[on]), torch.ones_like(rows, dtype=torch.float64), accumulate=True)
     x_hat = torch.cat(parts)
     norms = x.norm(dim=1)
     massive = norms > massive_threshold if massive_threshold is not None else massive_mask(norms, massive_multiple)
     normal = ~massive
     freq = fires.float() / len(x)
+    sums: dict[str, torch.Tensor] = {}
+    if groups is not None:
+        sums = _moments(x, x_hat, groups, n_groups) | _moments(x[normal], x_hat[normal], groups[normal], n_groups,
+                                                               "_normal")
+        sums["active"] = group_sum(active, groups, n_groups)
+        if per_ctx_fires:
+            sums["fires"] = ctx_fires
     return {
         "fvu": fvu(x, x_hat),
         "fvu_excl_massive": fvu(x[normal], x_hat[normal]),
@@ -82,7 +178,7 @@ def _reconstruction(sae: SparseAutoencoder, src: torch.Tensor, massive_multiple:
         "dense_fraction": (freq > dense_threshold).float().mean().item(),
         "massive_tokens": int(massive.sum()),
         "tokens": len(x),
-    }, x_hat
+    }, x_hat, sums
 
 
 SUFFIX_TOLERANCE = 1e-3
@@ -204,19 +300,26 @@ def _nll(splice: _Splicer, rows: torch.Tensor, targets: torch.Tensor) -> torch.T
                                  reduction="none") for i in range(0, len(rows), ROWS)])
 
 
-def _pair_sums(splice: _Splicer, clean: torch.Tensor, spliced: torch.Tensor, targets: torch.Tensor
-               ) -> tuple[float, float, float]:
-    """(Σ NLL clean, Σ NLL spliced, Σ KL(p_clean ‖ p_spliced)) over rows [n, ·] of splice.outputs at the same
-    predictions; each clean log-softmax is made once and serves the KL right away."""
-    nll_clean = nll_spliced = kl = 0.0
+def _pair_rows(splice: _Splicer, clean: torch.Tensor, spliced: torch.Tensor, targets: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row [n] (float64): NLL clean, NLL spliced, KL(p_clean ‖ p_spliced), of rows [n, ·] of splice.outputs
+    at the same predictions; each clean log-softmax is made once and serves the KL right away."""
+    parts = []
     for i in range(0, len(clean), ROWS):
         t = targets[i: i + ROWS]
         logp = F.log_softmax(splice.logits_of(clean[i: i + ROWS]), dim=-1)
         logq = F.log_softmax(splice.logits_of(spliced[i: i + ROWS]), dim=-1)
-        nll_clean += F.nll_loss(logp, t, reduction="sum").item()
-        nll_spliced += F.nll_loss(logq, t, reduction="sum").item()
-        kl += F.kl_div(logq, logp, log_target=True, reduction="sum").item()
-    return nll_clean, nll_spliced, kl
+        parts.append(torch.stack([F.nll_loss(logp, t, reduction="none"), F.nll_loss(logq, t, reduction="none"),
+                                  F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1)]).double())
+    rows = torch.cat(parts, 1) if parts else torch.zeros(3, 0, dtype=torch.float64)
+    return rows[0], rows[1], rows[2]
+
+
+def _pair_sums(splice: _Splicer, clean: torch.Tensor, spliced: torch.Tensor, targets: torch.Tensor
+               ) -> tuple[float, float, float]:
+    """(Σ NLL clean, Σ NLL spliced, Σ KL(p_clean ‖ p_spliced)) over the rows of `_pair_rows`."""
+    nll_clean, nll_spliced, kl = _pair_rows(splice, clean, spliced, targets)
+    return nll_clean.sum().item(), nll_spliced.sum().item(), kl.sum().item()
 
 
 @torch.no_grad()
@@ -276,9 +379,16 @@ def evaluate(model, sae: SparseAutoencoder, contexts: torch.Tensor, cfg: EvalCon
     x = torch.cat([a[k].float() for _, k, a, _, _ in batches])
     src = torch.cat([b[4] for b in batches]) if read else x
     batches = [b[:4] for b in batches]
+    # contexts are the bootstrap's unit: each kept token's (and prediction's) context, numbered over batches
+    starts = [0]
+    for toks, *_ in batches:
+        starts.append(starts[-1] + len(toks))
+    n_ctx = starts[-1]
+    groups = torch.cat([k.nonzero()[:, 0] + lo for (_, k, _, _), lo in zip(batches, starts)])
     recorded = sae.info.get("massive_threshold") if cfg.massive_multiple is None else None
     multiple = MASSIVE_MULTIPLE if cfg.massive_multiple is None else cfg.massive_multiple
-    out, x_hat = _reconstruction(sae, src, multiple, cfg.dense_threshold, 4096, recorded, x if read else None)
+    out, x_hat, per_ctx = _reconstruction(sae, src, multiple, cfg.dense_threshold, 4096, recorded,
+                                          x if read else None, groups, n_ctx)
     out |= {"kind": sae.kind, "architecture": sae.cfg.architecture} | ({"hook_in": read} if read else {})
     out["massive_threshold_from"] = ("the harvest (recorded in the SAE)" if recorded is not None else
                                      f"{multiple:g}× the evaluated tokens' median norm")
@@ -286,16 +396,19 @@ def evaluate(model, sae: SparseAutoencoder, contexts: torch.Tensor, cfg: EvalCon
 
     # Pass 2: CE and KL with the SAE, zero and mean splices (unkept positions keep their activation).
     sums = dict.fromkeys(("clean", "sae", "zero", "mean", "kl"), 0.0)
+    per_ctx |= {k: torch.zeros(n_ctx, dtype=torch.float64, device=device) for k in (*sums, "pred")}
     shared: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # ablation → (position-0 input, log-probabilities)
     n_pred, done = 0, 0
     toks0, _, act0, entry0 = batches[0]
     splice.check(toks0, entry0, act0)
     # contexts per forward: the shortcut holds hidden states only, the plain path full logits
     per_forward = 2 * cfg.batch_contexts if splice.fast else cfg.batch_contexts
-    for toks, keep, act, entry in tqdm(batches, desc="eval", disable=not progress, dynamic_ncols=True):
+    for b, (toks, keep, act, entry) in enumerate(tqdm(batches, desc="eval", disable=not progress, dynamic_ncols=True)):
         pred = keep[:, :-1]  # next-token predictions made at spliced positions
         targets = toks[:, 1:]
         n_pred += int(pred.sum())
+        c0 = starts[b]
+        per_ctx["pred"][c0: c0 + len(toks)] = pred.sum(1).double()
         spliced = act.clone()
         spliced[keep] = x_hat[done: done + int(keep.sum())].to(act.dtype)
         done += int(keep.sum())
@@ -308,10 +421,10 @@ def evaluate(model, sae: SparseAutoencoder, contexts: torch.Tensor, cfg: EvalCon
             o = splice.outputs(toks[s].repeat(2, 1), entry[s].repeat(2, 1, 1), torch.cat([act[s], spliced[s]]))
             clean, spl = o[:n, :-1][pred[s]], o[n:, :-1][pred[s]]
             del o
-            nll_c, nll_s, kl = _pair_sums(splice, clean, spl, targets[s][pred[s]])
-            sums["clean"] += nll_c
-            sums["sae"] += nll_s
-            sums["kl"] += kl
+            ctx_of_row = pred[s].nonzero()[:, 0] + c0 + lo
+            for name, rows in zip(("clean", "sae", "kl"), _pair_rows(splice, clean, spl, targets[s][pred[s]])):
+                sums[name] += rows.sum().item()
+                per_ctx[name].index_add_(0, ctx_of_row, rows.to(device))
 
         # ablations: a context whose ablated input equals an earlier one's (resid_pre hook, only position 0
         # unspliced) reuses that one's log-probabilities; the others run in forwards
@@ -338,15 +451,29 @@ def evaluate(model, sae: SparseAutoencoder, contexts: torch.Tensor, cfg: EvalCon
             del o
             nll = _nll(splice, at_pred, targets[idx][pred[idx]])
             counts = pred[idx].sum(1).tolist()
-            for (name, _, a, kept), job_rows, job_nll in zip(part, at_pred.split(counts), nll.split(counts)):
+            for (name, c, a, kept), job_rows, job_nll in zip(part, at_pred.split(counts), nll.split(counts)):
                 sums[name] += job_nll.sum().item()
+                per_ctx[name][c0 + c] += job_nll.double().sum()
                 if kept:
                     shared[name] = (a[0].clone(), torch.cat([F.log_softmax(splice.logits_of(r), dim=-1)
                                                              for r in job_rows.split(ROWS)]))
         for name, c in reuse:
-            sums[name] += F.nll_loss(shared[name][1], targets[c][pred[c]], reduction="sum").item()
-    out |= ce_metrics(sums, n_pred) | {"hook": hook, "eval_config": asdict(cfg), "seconds": time.perf_counter() - start}
+            nll = F.nll_loss(shared[name][1], targets[c][pred[c]], reduction="sum").item()
+            sums[name] += nll
+            per_ctx[name][c0 + c] += nll
+    out |= ce_metrics(sums, n_pred) | {"hook": hook, "eval_config": asdict(cfg)}
+    out |= intervals_of(per_ctx, core_statistic(cfg.dense_threshold))
+    out["seconds"] = time.perf_counter() - start
     return out
+
+
+def intervals_of(per_unit: dict[str, torch.Tensor], statistic, unit: str = "contexts") -> dict[str, Any]:
+    """eval.json's interval entries: {"intervals": {metric: [lo, hi]}, unit: n, "interval_method": …}."""
+    per_unit = {k: v.cpu() for k, v in per_unit.items()}
+    n = len(next(iter(per_unit.values())))
+    ci = bootstrap(per_unit, statistic)
+    return {"intervals": {k: list(v) for k, v in ci.items()}, unit: n,
+            "interval_method": f"{LEVEL:.0%} percentile bootstrap over {n} {unit} ({DRAWS} resamples)"}
 
 
 @torch.no_grad()
@@ -460,8 +587,19 @@ def report(metrics: dict[str, Any]) -> str:
             ("KL(clean‖SAE)", "kl"), ("tokens", "tokens")]
     width = max(len(r[0]) for r in rows)
     lines = []
+    ci = metrics.get("intervals", {})
     for label, key in rows:
         if key in metrics:
             v = metrics[key]
-            lines.append(f"  {label:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {label:<{width}}  {v}")
+            lines.append(f"  {label:<{width}}  {with_interval(v, ci.get(key))}" if isinstance(v, float)
+                         else f"  {label:<{width}}  {v}")
+    if "interval_method" in metrics:
+        lines.append(f"  [intervals: {metrics['interval_method']}; CE over {metrics.get('ce_tokens', '?')} predictions]")
     return "\n".join(lines)
+
+
+def with_interval(value: float, interval: list[float] | tuple[float, float] | None, digits: int = 4) -> str:
+    """`0.1800 [0.1760, 0.1840]` (the value alone when it has no interval)."""
+    if not interval:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
