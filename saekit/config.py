@@ -635,7 +635,9 @@ class FlowConfig(Checked):
     """Cosine above which a predecessor counts (persisting / produced by MLP / by attention); below it in all
     three the feature is new."""
     variant: Literal["decoder", "encoder"] = "decoder"
-    """Directions that classify: decoder rows (the paper's) or encoder columns (both are matched and compared)."""
+    """Directions that classify: decoder rows (the paper's) or encoder columns."""
+    compare: bool = True
+    """Also match by the other variant and report how often the two agree (doubles the matching time)."""
     chunk: Count = 1024
     """Target features per matmul chunk (bounds memory: chunk × d_sae floats)."""
     check_tokens: NonNegInt = 4096

@@ -210,6 +210,7 @@ def compute_flow(s: SaeSet, cfg: FlowConfig, load: Callable[[str], Any] | None =
     load = load or (lambda p: load_sae(p))
     targets = check_chain(s)
     other = VARIANTS[1 - VARIANTS.index(cfg.variant)]
+    variants = (cfg.variant, other) if cfg.compare else (cfg.variant,)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, Any] = {}
     cache: dict[str, dict[str, torch.Tensor]] = {}
@@ -217,18 +218,18 @@ def compute_flow(s: SaeSet, cfg: FlowConfig, load: Callable[[str], Any] | None =
     def dirs(m: Member) -> dict[str, torch.Tensor]:
         if m.hook not in cache:
             sae = load(m.path)
-            cache[m.hook] = {v: unit_directions(sae, v) for v in VARIANTS}
+            cache[m.hook] = {v: unit_directions(sae, v) for v in variants}
         return cache[m.hook]
 
     start, pairs = time.perf_counter(), 0
     bar = tqdm(targets, desc="flow", unit="layer", disable=not progress, dynamic_ncols=True)
     for layer in bar:
         tgt = dirs(s.at("resid", layer))
-        best: dict[str, dict[str, torch.Tensor]] = {v: {} for v in VARIANTS}
+        best: dict[str, dict[str, torch.Tensor]] = {v: {} for v in variants}
         for kind in SOURCES:
             if (src := s.at(kind, layer - 1)) is None:
                 continue
-            for v in VARIANTS:
+            for v in variants:
                 cos, idx = top_matches(tgt[v], dirs(src)[v], cfg.top_k, cfg.chunk)
                 tensors[f"{v}/{layer}/{kind}/cos"], tensors[f"{v}/{layer}/{kind}/idx"] = cos, idx
                 best[v][kind] = cos[:, 0]
@@ -236,16 +237,17 @@ def compute_flow(s: SaeSet, cfg: FlowConfig, load: Callable[[str], Any] | None =
             if kind != "resid":
                 cache.pop(src.hook, None)  # a block's SAE feeds one residual layer only
         cache.pop(s.at("resid", layer - 1).hook, None)
-        cls, alt = classify(best[cfg.variant], cfg.threshold), classify(best[other], cfg.threshold)
-        tensors[f"class/{layer}"], tensors[f"class_alt/{layer}"] = cls, alt
-        agree = (tensors[f"decoder/{layer}/resid/idx"][:, 0] == tensors[f"encoder/{layer}/resid/idx"][:, 0])
-        layers[str(layer)] = {
+        tensors[f"class/{layer}"] = cls = classify(best[cfg.variant], cfg.threshold)
+        layers[str(layer)] = row = {
             "shares": {c: float((cls == i).float().mean()) for i, c in enumerate(CLASSES)},
-            "shares_alt": {c: float((alt == i).float().mean()) for i, c in enumerate(CLASSES)},
             "mean_best_cos": {k: float(b.mean()) for k, b in best[cfg.variant].items()},
-            "top1_resid_agreement": float(agree.float().mean()),
-            "class_agreement": float((cls == alt).float().mean()),
         }
+        if cfg.compare:
+            tensors[f"class_alt/{layer}"] = alt = classify(best[other], cfg.threshold)
+            agree = tensors[f"decoder/{layer}/resid/idx"][:, 0] == tensors[f"encoder/{layer}/resid/idx"][:, 0]
+            row |= {"shares_alt": {c: float((alt == i).float().mean()) for i, c in enumerate(CLASSES)},
+                    "top1_resid_agreement": float(agree.float().mean()),
+                    "class_agreement": float((cls == alt).float().mean())}
         bar.set_postfix(pairs_per_s=f"{pairs / (time.perf_counter() - start):.1f}")
     seconds = time.perf_counter() - start
     summary = {"layers": layers, "seconds": seconds, "pairs_matched": pairs, "target_layers": targets,
@@ -535,11 +537,14 @@ def report(meta: dict[str, Any]) -> str:
              f"Matched by {cfg['variant']} cosine, threshold {cfg['threshold']}, top {cfg['top_k']} per source; "
              f"{summ['pairs_matched']} SAE pairs in {summ['seconds']:.2f} s. Sources present: "
              + ", ".join(k for k, v in summ["sources"].items() if v) + ".", "",
-             "| layer | " + " | ".join(CLASSES) + f" | top-1 resid match = {other}'s | class = {other}'s |",
-             "|---" * (len(CLASSES) + 3) + "|"]
+             "| layer | " + " | ".join(CLASSES) + (f" | top-1 resid match = {other}'s | class = {other}'s |"
+                                                     if cfg.get("compare", True) else " |"),
+             "|---" * (len(CLASSES) + 1 + 2 * cfg.get("compare", True)) + "|"]
     for layer, row in summ["layers"].items():
-        lines.append(f"| {layer} | " + " | ".join(f"{row['shares'][c]:.1%}" for c in CLASSES)
-                     + f" | {row['top1_resid_agreement']:.1%} | {row['class_agreement']:.1%} |")
+        lines.append(f"| {layer} | " + " | ".join(f"{row['shares'][c]:.1%}" for c in CLASSES) + " |"
+                     + (f" {row['top1_resid_agreement']:.1%} | {row['class_agreement']:.1%} |" if cfg.get("compare", True) else ""))
+    if not cfg.get("compare", True):
+        lines += ["", f"({other} variant not matched: --no-compare.)"]
     lines += ["", "## Data check (held-out co-activation)", ""]
     if not check.get("ran"):
         lines.append(f"Not run — {check.get('why', 'no reason recorded')}.")
