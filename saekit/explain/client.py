@@ -1,0 +1,158 @@
+"""LLM backends behind one small interface, `chat(messages, max_tokens) -> Reply`:
+  HttpClient    any OpenAI-compatible server (vLLM, llama.cpp's server, Ollama, a hosted API): chat completions
+                over HTTP (httpx), key read from an environment variable only, timeouts, retries with backoff on
+                connection errors / 429 / 5xx, an optional rate limit; safe to call from several threads
+  LocalClient   a transformers causal LM in this process (`local:default` = the default model), greedy decoding;
+                one call at a time
+`make_client("http://127.0.0.1:8080/v1" | "local:default", ...)` picks one and checks it can answer."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..errors import SaekitError
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class Reply:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+
+
+class LLMClient(Protocol):
+    name: str  # backend and model, for records and reports
+    parallel: bool  # whether several threads may call chat at once
+
+    def chat(self, messages: Messages, max_tokens: int) -> Reply: ...
+
+
+class HttpClient:
+    parallel = True
+
+    def __init__(self, base_url: str, model: str | None = None, api_key_env: str = "OPENAI_API_KEY",
+                 timeout: float = 120.0, retries: int = 3, rate_limit: float = 0.0, check: bool = True):
+        import httpx
+
+        self.base_url = base_url.rstrip("/")
+        key = os.environ.get(api_key_env) if api_key_env else None  # never stored on self, never logged
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        self.retries, self.min_interval = retries, (1.0 / rate_limit if rate_limit > 0 else 0.0)
+        self._lock, self._next = threading.Lock(), 0.0
+        self.model = model or ""
+        if check:
+            self.model = self._check(model)
+        self.name = f"{self.model} @ {self.base_url}"
+
+    def _get(self, path: str):
+        import httpx
+
+        try:
+            r = self._http.get(path)
+        except httpx.HTTPError as e:
+            raise SaekitError(f"the LLM server at {self.base_url} is unreachable ({type(e).__name__}: {e}); start "
+                              "it (e.g. `.venv-llama/bin/python -m llama_cpp.server --model FILE.gguf --port 8080`, "
+                              "built by `make llama`) or pass the right --llm URL (it ends in /v1).") from None
+        if r.status_code != 200:
+            raise SaekitError(f"{self.base_url}{path} answered HTTP {r.status_code}: {r.text[:500]}")
+        return r.json()
+
+    def _check(self, model: str | None) -> str:
+        """The model to use: `model` if the server serves it, else the one it serves when it serves one."""
+        served = [m.get("id", "") for m in self._get("/models").get("data", [])]
+        if model is None:
+            if len(served) == 1:
+                return served[0]
+            raise SaekitError(f"{self.base_url} serves {len(served)} models ({', '.join(served) or 'none listed'}); "
+                              "name one with --model.")
+        if served and model not in served:
+            raise SaekitError(f"{self.base_url} does not serve the model {model!r}; it serves: {', '.join(served)}.")
+        return model
+
+    def _wait_turn(self) -> None:
+        if not self.min_interval:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + self.min_interval
+        time.sleep(max(0.0, start - now))
+
+    def chat(self, messages: Messages, max_tokens: int) -> Reply:
+        import httpx
+
+        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0}
+        t0, last = time.perf_counter(), ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(min(30.0, 0.5 * 2 ** (attempt - 1)))  # backoff: 0.5, 1, 2, … s
+            self._wait_turn()
+            try:
+                r = self._http.post("/chat/completions", json=body)
+            except httpx.HTTPError as e:
+                last = f"{type(e).__name__}: {e}"
+                continue
+            if r.status_code == 429 or r.status_code >= 500:
+                last = f"HTTP {r.status_code}: {r.text[:300]}"
+                continue
+            if r.status_code != 200:
+                raise SaekitError(f"{self.base_url}/chat/completions answered HTTP {r.status_code}: {r.text[:500]}")
+            data = r.json()
+            try:
+                text = data["choices"][0]["message"]["content"] or ""
+            except (KeyError, IndexError, TypeError):
+                raise SaekitError(f"{self.base_url}/chat/completions answered without choices[0].message.content: "
+                                  f"{str(data)[:500]}") from None
+            usage = data.get("usage") or {}
+            return Reply(text, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)),
+                         time.perf_counter() - t0)
+        raise SaekitError(f"{self.base_url}/chat/completions failed {self.retries + 1} times; last: {last}")
+
+
+class LocalClient:
+    parallel = False
+
+    def __init__(self, model: str = "default", device: str = "cpu"):
+        from ..lm import _load_hf, resolve
+
+        where, model_id = resolve(model)
+        if isinstance(where, str):
+            raise SaekitError(f"local:{model}: the in-process backend takes 'default', a .gguf file or a local "
+                              "Hugging Face directory.")
+        self.model, self.tokenizer = _load_hf(where)
+        self.model.to(device)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise SaekitError(f"local:{model} ({model_id}) has no chat template; use an instruction-tuned model.")
+        self.device, self.name = device, f"{model_id} (in-process transformers)"
+        self._lock = threading.Lock()
+
+    def chat(self, messages: Messages, max_tokens: int) -> Reply:
+        import torch
+
+        t0 = time.perf_counter()
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                 return_dict=True)["input_ids"].to(self.device)
+        with self._lock, torch.no_grad():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                      do_sample=False, pad_token_id=self.tokenizer.eos_token_id)
+        new = out[0, ids.shape[1]:]
+        return Reply(self.tokenizer.decode(new, skip_special_tokens=True), int(ids.shape[1]), int(len(new)),
+                     time.perf_counter() - t0)
+
+
+def make_client(llm: str, model: str | None = None, api_key_env: str = "OPENAI_API_KEY", timeout: float = 120.0,
+                retries: int = 3, rate_limit: float = 0.0) -> LLMClient:
+    if llm.startswith("local:"):
+        return LocalClient(llm.removeprefix("local:") or "default")
+    if llm.startswith(("http://", "https://")):
+        return HttpClient(llm, model, api_key_env, timeout, retries, rate_limit)
+    raise SaekitError(f"--llm {llm!r}: give an OpenAI-compatible base URL (http://HOST:PORT/v1) or local:MODEL "
+                      "(local:default = the default model in this process).")

@@ -1,0 +1,78 @@
+"""Every prompt the explainer and the scorers send, and the parsers of their answers (one file, so the wording
+can be read and changed in one place). Prompts are chat messages: a system turn and a user turn."""
+
+from __future__ import annotations
+
+import re
+
+from .examples import MARK_CLOSE, MARK_OPEN, Window
+
+Messages = list[dict[str, str]]
+
+EXPLAIN_SYSTEM = (
+    "You study a single feature of a language model. You are shown text excerpts where the feature is active; "
+    f"the tokens where it fires are wrapped in {MARK_OPEN} {MARK_CLOSE}. Find what the marked tokens have in "
+    "common (the words themselves, their meaning, or the context around them) and describe the feature in one "
+    "short phrase. Answer with one line: Explanation: <phrase>")
+
+DETECTION_SYSTEM = (
+    "A feature of a language model has this explanation. You are shown numbered text excerpts. For each excerpt, "
+    "say whether the feature is active somewhere in it (1) or not (0). Answer only with a list of 0s and 1s, one "
+    "per excerpt, in order, like [1, 0, 0, 1, 0].")
+
+FUZZING_SYSTEM = (
+    f"A feature of a language model has this explanation. You are shown numbered text excerpts with some tokens "
+    f"wrapped in {MARK_OPEN} {MARK_CLOSE}. For each excerpt, say whether the wrapped tokens are exactly where the "
+    "feature, as explained, is active (1) or not (0). Answer only with a list of 0s and 1s, one per excerpt, in "
+    "order, like [1, 0, 0, 1, 0].")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def explain_prompt(windows: list[Window]) -> Messages:
+    body = "\n".join(f"Excerpt {i + 1}: {_one_line(w.marked())}" for i, w in enumerate(windows))
+    return [{"role": "system", "content": EXPLAIN_SYSTEM}, {"role": "user", "content": body + "\n\nExplanation:"}]
+
+
+def classify_prompt(kind: str, explanation: str, texts: list[str]) -> Messages:
+    """The detection (plain texts) or fuzzing (texts with marked tokens) prompt for one batch."""
+    system = {"detection": DETECTION_SYSTEM, "fuzzing": FUZZING_SYSTEM}[kind]
+    body = "\n".join(f"Excerpt {i + 1}: {_one_line(t)}" for i, t in enumerate(texts))
+    return [{"role": "system", "content": system},
+            {"role": "user", "content": f"Explanation: {_one_line(explanation)}\n\n{body}\n\n"
+                                        f"Answer with {len(texts)} numbers:"}]
+
+
+_LABEL = re.compile(r"(?:explanation|answer|feature|description)\s*[:\-]\s*", re.I)
+MAX_EXPLANATION = 200
+
+
+def parse_explanation(answer: str) -> str | None:
+    """The phrase from an explainer's answer: the text after the last "Explanation:" (else the first non-empty
+    line), without quotes and markers, at most 200 characters. None if nothing usable is left."""
+    text = answer.strip()
+    labels = list(_LABEL.finditer(text))
+    if labels:
+        text = text[labels[-1].end():]
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    line = line.replace(MARK_OPEN, "").replace(MARK_CLOSE, "").strip(" \"'`*.-:")
+    if not line or not re.search(r"\w", line):
+        return None
+    return line[:MAX_EXPLANATION]
+
+
+_WORDS = {"1": 1, "0": 0, "true": 1, "false": 0, "yes": 1, "no": 0}
+_VOTE = re.compile(r"\b(1|0|true|false|yes|no)\b", re.I)
+
+
+def parse_votes(answer: str, n: int) -> list[int] | None:
+    """n votes (1/0) from a classifier's answer: the first bracketed list holding exactly n of 1/0/true/false/
+    yes/no, else the first n such words in the answer when there are exactly n of them. None when unparseable."""
+    for m in re.finditer(r"\[([^\[\]]*)\]", answer):
+        votes = [_WORDS[v.lower()] for v in _VOTE.findall(m.group(1))]
+        if len(votes) == n:
+            return votes
+    votes = [_WORDS[v.lower()] for v in _VOTE.findall(answer)]
+    return votes if len(votes) == n else None

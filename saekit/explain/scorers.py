@@ -1,0 +1,142 @@
+"""Scorers, as delphi defines them (Paulo et al. 2024), with our own prompts:
+  detection  the LLM reads the explanation and plain excerpts and says which ones the feature is active in:
+             held-out activating windows (label 1) and non-activating ones (label 0)
+  fuzzing    the LLM reads the explanation and excerpts with some tokens marked and says whether the marks are
+             where the feature is active: activating windows marked at their firing tokens (1), non-activating
+             windows marked at the spans of a random activating window (0) — delphi's default fuzzing
+Each answers in batches of `batch_size` excerpts (one call per batch); the score is the balanced accuracy, with F1,
+accuracy and the counts. Votes that cannot be parsed are counted as `unparsed` and left out of the metrics.
+
+No embedding scorer: it needs a sentence-embedding model, and none is installed or cached on this machine
+(sentence-transformers is absent; no embedding weights in any package here), so it is left out rather than faked.
+
+`shuffle_auc` checks a batch: each feature scored with its own explanation against an explanation of another
+feature (shuffled); the AUC over features says how often the right explanation scores higher."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .client import LLMClient
+from .examples import FeatureExamples
+from .prompts import classify_prompt, parse_votes
+
+SCORERS = ("detection", "fuzzing")
+SCORE_MAX_TOKENS = 30
+
+
+@dataclass
+class Score:
+    scorer: str
+    tp: int = 0
+    fp: int = 0
+    tn: int = 0
+    fn: int = 0
+    unparsed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    calls: int = 0
+    answers: list[dict] = field(default_factory=list)  # per call: the raw answer and the labels asked
+
+    @property
+    def n(self) -> int:
+        return self.tp + self.fp + self.tn + self.fn
+
+    @property
+    def accuracy(self) -> float | None:
+        return (self.tp + self.tn) / self.n if self.n else None
+
+    @property
+    def balanced_accuracy(self) -> float | None:
+        pos, neg = self.tp + self.fn, self.tn + self.fp
+        if not pos or not neg:
+            return None
+        return 0.5 * (self.tp / pos + self.tn / neg)
+
+    @property
+    def f1(self) -> float | None:
+        d = 2 * self.tp + self.fp + self.fn
+        return 2 * self.tp / d if d else None
+
+    def add(self, labels: list[int], votes: list[int] | None) -> None:
+        if votes is None:
+            self.unparsed += len(labels)
+            return
+        for y, v in zip(labels, votes):
+            self.tp += y and v
+            self.fn += y and not v
+            self.fp += (not y) and v
+            self.tn += (not y) and (not v)
+
+
+def samples(kind: str, ex: FeatureExamples, rng: random.Random) -> list[tuple[str, int]]:
+    """(text shown, label) for each excerpt of a scorer, shuffled."""
+    if kind == "detection":
+        out = [(w.text(), 1) for w in ex.activating] + [(w.text(), 0) for w in ex.non_activating]
+    elif kind == "fuzzing":
+        spans = [w.spans() for w in ex.activating]
+        out = [(w.marked(), 1) for w in ex.activating]
+        for w in ex.non_activating:
+            s = [(a, b) for a, b in rng.choice(spans) if b <= len(w.pieces)] or [(len(w.pieces) // 2, len(w.pieces) // 2 + 1)]
+            out.append((w.marked(s), 0))
+    else:
+        raise ValueError(f"unknown scorer {kind!r}; known: {', '.join(SCORERS)}")
+    rng.shuffle(out)
+    return out
+
+
+def score(kind: str, client: LLMClient, explanation: str, ex: FeatureExamples, batch_size: int = 5,
+          seed: int = 0) -> Score:
+    rng = random.Random(f"{kind}:{ex.feature}:{seed}")  # the same excerpts and order for every explanation
+    items = samples(kind, ex, rng)
+    s = Score(kind)
+    for i in range(0, len(items), batch_size):
+        batch = items[i: i + batch_size]
+        labels = [y for _, y in batch]
+        reply = client.chat(classify_prompt(kind, explanation, [t for t, _ in batch]), SCORE_MAX_TOKENS)
+        votes = parse_votes(reply.text, len(batch))
+        s.add(labels, votes)
+        s.calls += 1
+        s.prompt_tokens += reply.prompt_tokens
+        s.completion_tokens += reply.completion_tokens
+        s.answers.append({"labels": labels, "answer": reply.text, "votes": votes})
+    return s
+
+
+def score_record(s: Score) -> dict:
+    return {"n": s.n, "tp": s.tp, "fp": s.fp, "tn": s.tn, "fn": s.fn, "unparsed": s.unparsed,
+            "accuracy": s.accuracy, "balanced_accuracy": s.balanced_accuracy, "f1": s.f1, "calls": s.calls,
+            "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
+            "answers": json.dumps(s.answers)}
+
+
+def derangement(n: int, seed: int = 0) -> list[int]:
+    """A permutation with no fixed point (n ≥ 2): feature i is scored with the explanation of feature perm[i]."""
+    if n < 2:
+        raise ValueError("shuffling explanations needs at least 2 features")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    nxt = [0] * n
+    for j, i in enumerate(order):  # each takes the next one's in a random cycle
+        nxt[i] = order[(j + 1) % n]
+    return nxt
+
+
+def auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(a positive scores above a negative), ties counted half (Mann–Whitney)."""
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
+
+
+def shuffle_auc(own: list[float], shuffled: list[float], n_boot: int = 2000, seed: int = 0) -> dict:
+    """AUC of the scores with features' own explanations against the scores with shuffled ones, with a 95%
+    bootstrap interval over features (pairs resampled together)."""
+    a, b = np.asarray(own, float), np.asarray(shuffled, float)
+    rng = np.random.default_rng(seed)
+    boots = [auc(a[i], b[i]) for i in (rng.integers(0, len(a), len(a)) for _ in range(n_boot))] if len(a) > 1 else []
+    lo, hi = (np.percentile(boots, [2.5, 97.5]) if boots else (float("nan"), float("nan")))
+    return {"auc": auc(a, b), "lo": float(lo), "hi": float(hi), "features": len(a)}
