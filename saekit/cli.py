@@ -21,6 +21,7 @@ from .config import (
     Count,
     DistConfig,
     EvalConfig,
+    ExplainConfig,
     FlowConfig,
     HarvestConfig,
     NeuronpediaConfig,
@@ -285,10 +286,33 @@ def cmd_steer_eval(values: Values) -> int:
 def cmd_attribute(values: Values) -> int:
     from .attribution import AttributionConfig, attribute_to_dir
 
-    attribute_to_dir(values["transcoders"], values["prompt"], values["out"], values.get("target"),
-                     config_from(AttributionConfig, values), validate_top=values.get("validate") or 0,
-                     model_arg=values.get("model"), device=values.get("device") or "cpu",
-                     overwrite=bool(values.get("overwrite")))
+    tcs, saes, prompt, prompts = (values.get(k) for k in ("transcoders", "saes", "prompt", "prompts"))
+    if bool(tcs) == bool(saes):
+        raise OptionError("give --transcoders (an attribution graph) or --saes (attribution patching over residual "
+                          "SAEs), one of them.")
+    if bool(prompt) == bool(prompts):
+        raise OptionError("give --prompt TEXT or --prompts FILE (a prompt set), one of them.")
+    common = {"model_arg": values.get("model"), "device": values.get("device") or "cpu",
+              "overwrite": bool(values.get("overwrite"))}
+    if tcs:
+        if prompts:
+            raise OptionError("--prompts is for attribution patching (--saes); a graph traces one --prompt.")
+        attribute_to_dir(tcs, prompt, values["out"], values.get("target"), config_from(AttributionConfig, values),
+                         validate_top=values.get("validate") or 0, **common)
+        return 0
+    from .attribution.patching import MetricPrompt, patch_to_dir, read_prompts
+
+    if prompt:
+        target = values.get("target")
+        if not target:
+            raise OptionError("attribution patching needs a metric: --target ' Paris' (its logit minus the mean "
+                              "logit) or --target ' Paris| London' (a logit difference).")
+        a, _, b = target.partition("|")
+        items = [MetricPrompt(prompt, a, b or None)]
+    else:
+        items = read_prompts(prompts)
+    patch_to_dir(saes, items, values["out"], ig_steps=values.get("ig_steps", 10),
+                 validate_top=values.get("validate") or 0, max_tokens=values.get("max_tokens") or 64, **common)
     return 0
 
 
@@ -299,6 +323,25 @@ def cmd_flow(values: Values) -> int:
     root = Path(values["sae_set"])
     run_flow(root, dictionaries_in(root), values.get("out") or root / "flow", config_from(FlowConfig, values),
              model_arg=values.get("model"), dataset=values.get("dataset"), overwrite=bool(values.get("overwrite")))
+    return 0
+
+
+def cmd_explain(values: Values) -> int:
+    import json
+
+    from .explain import dry_run, format_report, make_client, parse_features, run
+    from .features.store import open_store
+
+    cfg = config_from(ExplainConfig, values)
+    store = open_store(values["store"])
+    if values.get("dry_run"):
+        d = dry_run(store, cfg, parse_features(cfg.features, store.d_sae))
+        print(json.dumps(d, indent=1))
+        return 0
+    client = make_client(cfg.llm, cfg.model, cfg.api_key_env, cfg.timeout, cfg.retries, cfg.rate_limit)
+    print(f"saekit explain: LLM {client.name}; results in {store.path}/explanations.sqlite")
+    rep = run(store, client, cfg, resume=bool(values.get("resume")), overwrite=bool(values.get("overwrite")))
+    print(format_report(rep))
     return 0
 
 
@@ -432,14 +475,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("attribute", help="the attribution graph of a prompt through a transcoder set, validated "
                                          "in the real model: OUT/graph.json, report.md")
-    p.add_argument("--transcoders", required=True, help="a transcoder set (saekit train --transcoder --layers all; "
-                                                        "make demo-circuits writes runs/demo-circuits)")
-    p.add_argument("--prompt", required=True, help="the text (BOS is prepended)")
+    p.add_argument("--transcoders", help="a transcoder set (saekit train --transcoder --layers all; "
+                                         "make demo-circuits writes runs/demo-circuits): builds a graph")
+    p.add_argument("--saes", help="instead, residual SAEs (a run or folder of them): ranks their features and error "
+                                  "nodes by attribution patching and integrated gradients (Marks et al. 2024)")
+    p.add_argument("--prompt", help="the text (BOS is prepended)")
+    p.add_argument("--prompts", help="with --saes, a prompt set: JSON lines {prompt, target, contrast} or "
+                                     "'prompt<TAB>target[<TAB>contrast]'; the metric is averaged over it")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--target", help="a next token to explain (one token, e.g. ' Paris'), or a contrast 'A|B' "
-                                    "(logit difference); default: the likeliest tokens")
-    p.add_argument("--validate", type=int, default=20, help="feature nodes to ablate and double in the real model "
-                                                            "(0: skip; default 20)")
+                                    "(logit difference); default: the likeliest tokens (with --saes: required)")
+    p.add_argument("--validate", type=int, default=20, help="feature nodes to ablate (and, for a graph, double) in "
+                                                            "the real model (0: skip; default 20)")
+    p.add_argument("--ig-steps", type=int, default=10, help="with --saes: integrated-gradient steps (0: AtP only)")
     p.add_argument("--model", help="override the model recorded in the transcoders")
     p.add_argument("--device", help="cpu or cuda (default cpu)")
     overwrite_flag(p, "a graph in --out")
@@ -454,13 +502,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="override the dataset recorded in the SAEs (data check)")
     overwrite_flag(p, "another artifact in --out")
     add_config_args(p, FlowConfig)
+
+    p = sub.add_parser("explain", help="explain a store's latents with an LLM and score the explanations (detection, "
+                                       "fuzzing) against a token-profile baseline and shuffled explanations; "
+                                       "results in STORE/explanations.sqlite, shown by `saekit browse`")
+    config_flag(p)
+    p.add_argument("store", help="a feature store written by `saekit analyze`")
+    p.add_argument("--resume", action="store_true", default=None, help="skip features (and scores) already done")
+    p.add_argument("--dry-run", action="store_true", default=None, help="print the LLM calls and prompt tokens a "
+                                                                         "run would make, and stop")
+    overwrite_flag(p, "the results of these features")
+    add_config_args(p, ExplainConfig)
     return parser
 
 
 COMMANDS = {"harvest": cmd_harvest, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo,
             "demo-circuits": cmd_demo_circuits, "convert": cmd_convert,
             "analyze": cmd_analyze, "export-neuronpedia": cmd_export_neuronpedia, "browse": cmd_browse,
-            "steer": cmd_steer, "steer-eval": cmd_steer_eval, "attribute": cmd_attribute, "flow": cmd_flow}
+            "steer": cmd_steer, "steer-eval": cmd_steer_eval, "attribute": cmd_attribute, "flow": cmd_flow,
+            "explain": cmd_explain}
 
 
 def main(argv: list[str] | None = None) -> int:
