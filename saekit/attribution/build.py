@@ -39,6 +39,20 @@ class LogitTarget:
         return logits[..., self.vocab_index] - logits.mean(-1)
 
 
+def single_token(tokenizer, text_or_id: str | int, vocab: int) -> int:
+    """A target's token id: an id in the vocabulary, or a text that is exactly one token."""
+    if isinstance(text_or_id, int):
+        if not 0 <= text_or_id < vocab:
+            raise SaekitError(f"token id {text_or_id} is outside the vocabulary (0–{vocab - 1}).")
+        return text_or_id
+    ids = tokenizer(text_or_id, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise SaekitError(f"the target {text_or_id!r} is {len(ids)} tokens ({pieces}), not one; pick a single "
+                          "token (often with its leading space, e.g. ' Paris').")
+    return ids[0]
+
+
 def logit_targets(rep: LocalReplacement, tokenizer, target: str | int | Sequence[str] | tuple | None = None,
                   cfg: AttributionConfig = AttributionConfig()) -> list[LogitTarget]:
     """The logit nodes: the likeliest next tokens (None), one token (text or id), a list of tokens, or a
@@ -48,16 +62,7 @@ def logit_targets(rep: LocalReplacement, tokenizer, target: str | int | Sequence
     mean = W.mean(1)
 
     def one(text_or_id: str | int) -> int:
-        if isinstance(text_or_id, int):
-            if not 0 <= text_or_id < W.shape[1]:
-                raise SaekitError(f"token id {text_or_id} is outside the vocabulary (0–{W.shape[1] - 1}).")
-            return text_or_id
-        ids = tokenizer(text_or_id, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            pieces = tokenizer.convert_ids_to_tokens(ids)
-            raise SaekitError(f"the target {text_or_id!r} is {len(ids)} tokens ({pieces}), not one; pick a single "
-                              "token (often with its leading space, e.g. ' Paris').")
-        return ids[0]
+        return single_token(tokenizer, text_or_id, W.shape[1])
 
     if target is None:
         order = probs.argsort(descending=True)[: cfg.max_logits]
