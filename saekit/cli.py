@@ -28,6 +28,7 @@ from .config import (
     RunConfig,
     SaeConfig,
     SteerConfig,
+    SuiteConfig,
     TrainConfig,
     TrainRun,
     convert,
@@ -211,6 +212,11 @@ def cmd_eval(values: Values) -> int:
     where = dict(model_arg=values.get("model"), dataset=values.get("dataset"), device=values.get("device") or "auto")
     if values.get("replace_all"):
         evaluate_replacement_set(Path(values["sae_dir"]), cfg, **where)
+        return 0
+    if values.get("suite"):  # the evaluation suite: inputs made once for every dictionary; + report.html
+        from .evals.suite import run_suite
+
+        run_suite(dictionaries_in(values["sae_dir"]), cfg, config_from(SuiteConfig, values), **where)
         return 0
     for path in dictionaries_in(values["sae_dir"]):
         evaluate_sae(path, cfg, **where)
@@ -404,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="override the dataset recorded in the SAE")
     p.add_argument("--device", help="auto, cpu or cuda (default auto)")
     add_config_args(p, EvalConfig, prefix="eval_")
+    add_config_args(p, SuiteConfig)
 
     p = sub.add_parser("convert", help="convert an SAE or a transcoder set between saekit, SAELens, sparsify and "
                                        "circuit-tracer formats")
