@@ -25,20 +25,24 @@ from saekit.sae import SparseAutoencoder
 from saekit.tokens import Vocab, display_token
 
 GRAPH_FILE = "graph.json"
+PATCHING_FILE = "nodes.json"  # saekit attribute --saes: a ranked node list, no graph
+RESULT_FILES = (GRAPH_FILE, PATCHING_FILE)
 
 
 def graph_dirs(root: str | Path) -> list[Path]:
-    """The graph folders of `--graphs ROOT`: ROOT itself when it holds graph.json, else its sub-folders that do."""
+    """The result folders of `--graphs ROOT` (an attribution graph's graph.json, or attribution patching's
+    nodes.json): ROOT itself when it holds one, else its sub-folders that do."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise SaekitError(f"--graphs {root} does not exist (or is no folder): pass a folder written by `saekit attribute "
                           "--out DIR`, or a folder of such folders (e.g. runs/graphs).")
-    if (root / GRAPH_FILE).is_file():
+    if any((root / f).is_file() for f in RESULT_FILES):
         return [root]
-    found = sorted(p.parent for p in root.glob(f"*/{GRAPH_FILE}"))
+    found = sorted({p.parent for f in RESULT_FILES for p in root.glob(f"*/{f}")})
     if not found:
-        raise SaekitError(f"--graphs {root} holds no attribution graph (no graph.json in it or in its sub-folders): write "
-                          f"one with `saekit attribute --transcoders SET --prompt TEXT --out {root}/NAME`.")
+        raise SaekitError(f"--graphs {root} holds no attribution graph (no graph.json or nodes.json in it or in its "
+                          f"sub-folders): write one with `saekit attribute --transcoders SET --prompt TEXT --out "
+                          f"{root}/NAME` (or --saes SAES --prompts FILE).")
     return found
 
 

@@ -22,8 +22,10 @@ import streamlit as st
 import torch
 from saekit.apps import graph_plot as GP
 from saekit.apps.common import goto
-from saekit.apps.graph_live import GraphModel, NodeEdit, graph_dirs
+from saekit.apps.graph_live import GRAPH_FILE, PATCHING_FILE, GraphModel, NodeEdit, graph_dirs
 from saekit.apps.labels import Labels
+from saekit.apps.page_patching import describe as describe_patching
+from saekit.apps.page_patching import patching_page
 
 from saekit.attribution.graph import Graph
 from saekit.errors import SaekitError
@@ -155,6 +157,13 @@ def _select_from_chart(chart_key: str, node_key: str, names: dict[int, str]) -> 
 
 # ----------------------------------------------------------------------------- the page
 
+def result_name(directory: Path) -> str:
+    """A result's name in the picker: a graph's prompt, or a patching result's prompt set."""
+    if (directory / GRAPH_FILE).is_file():
+        return repr(read_json(directory / GRAPH_FILE).get("meta", {}).get("prompt", ""))
+    return describe_patching(read_json(directory / PATCHING_FILE))
+
+
 def graph_page(path: str, store: FeatureStore, labels: Labels) -> None:
     root = graphs_root()
     if root is None:
@@ -174,12 +183,15 @@ def graph_page(path: str, store: FeatureStore, labels: Labels) -> None:
         st.error(problem)
     pick = st.selectbox("Graph", list(names), key="graph_pick", placeholder="pick a graph",
                         on_change=lambda: st.session_state.pop("graph_url_problem", None),
-                        format_func=lambda n: f"{n} — {read_json(names[n] / 'graph.json').get('meta', {}).get('prompt', '')!r}")
+                        format_func=lambda n: f"{n} — {result_name(names[n])}")
     if pick is None:
         return
     st.session_state.pop("graph_url_problem", None)
     st.query_params["graph"] = pick
     directory = names[pick]
+    if not (directory / GRAPH_FILE).is_file():
+        patching_page(store, labels, directory)
+        return
     stamp = (directory / "graph.safetensors").stat().st_mtime if (directory / "graph.safetensors").exists() else 0.0
     graph = load_graph(str(directory), stamp)
     show_graph(path, store, labels, graph, directory, stamp)

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import SaekitError
+from ..lm import model_id
 from ..sae import SparseAutoencoder
 from .build import single_token
 
@@ -160,7 +161,8 @@ def node_effects(model, saes: dict[str, SparseAutoencoder], prompts: list[Metric
     bar.close()
     ig = [e.mean(0) for e in per_ig] if ig_steps else None
     meta = {"prompts": P, "ig_steps": ig_steps, "seconds": time.perf_counter() - start, "forward_backward_batches":
-            passes, "hooks": hooks}
+            passes, "hooks": hooks, "weights": {h: s.weights_hash() for h, s in saes.items()},
+            "model": model_id(model)}
     return NodeEffects(hooks, clean_m, atp, ig, checks, per_ig, acts, meta)
 
 
