@@ -9,6 +9,10 @@ Three parts, each printed and written to --json:
             change of the top logit, when each of the top-20 feature nodes is ablated or doubled
             (saekit.attribution.validate); mean ρ over prompts with a bootstrap 95% interval, and the same for the
             direct edges alone (a finding, not a target). Also the graphs' replacement / completeness scores.
+  patching  attribution patching over residual SAEs (--saes, default the demo SAE) on a prompt set with a
+            logit-difference metric (benchmarks/attribution_prompts.jsonl: ten "The capital of X is" prompts):
+            time, forward-backward batches, IG's completeness, and the Spearman ρ of IG and AtP against ablating
+            each of the top-20 feature nodes alone in the real model.
 
     python benchmarks/attribution.py --transcoders runs/demo-circuits --json runs/bench/attribution.json
 """
@@ -71,19 +75,24 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=10, help="prompts of 16 tokens for the validation")
     p.add_argument("--top", type=int, default=20, help="feature nodes ablated / doubled per prompt")
     p.add_argument("--max-feature-nodes", type=int, default=AttributionConfig.max_feature_nodes)
-    p.add_argument("--skip", default="", help="comma list of parts to skip: time, validate")
+    p.add_argument("--saes", default="runs/demo/k32-d4608", help="residual SAEs for the patching part")
+    p.add_argument("--patching-prompts", default=str(Path(__file__).with_name("attribution_prompts.jsonl")))
+    p.add_argument("--skip", default="", help="comma list of parts to skip: time, validate, patching")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     from saekit.config import DataConfig
     from saekit.lm import load_model
     from saekit.runner import transcoder_set
 
-    tcs = transcoder_set(args.transcoders, "the benchmark needs transcoders")
-    model = load_model(DataConfig.from_manifest(tcs[min(tcs)].info).model)
-    cfg = AttributionConfig(max_feature_nodes=args.max_feature_nodes)
-    result: dict = {"cpu": cpu(), "transcoders": args.transcoders, "config": vars(args), "time": [], "validate": []}
-    print(f"CPU: {result['cpu']}; model and {len(tcs)} transcoders loaded, peak RSS {peak_rss_gb():.2f} GB")
     skip = set(args.skip.split(","))
+    result: dict = {"cpu": cpu(), "transcoders": args.transcoders, "config": vars(args), "time": [], "validate": []}
+    if {"time", "validate"} <= skip:
+        tcs, model = {}, None
+    else:
+        tcs = transcoder_set(args.transcoders, "the benchmark needs transcoders")
+        model = load_model(DataConfig.from_manifest(tcs[min(tcs)].info).model)
+        print(f"CPU: {result['cpu']}; model and {len(tcs)} transcoders loaded, peak RSS {peak_rss_gb():.2f} GB")
+    cfg = AttributionConfig(max_feature_nodes=args.max_feature_nodes)
     if "time" not in skip:
         print(f"\n{'tokens':>6} {'seconds':>8} {'batches':>8} {'s/batch':>8} {'active':>7} {'visited':>8} "
               f"{'peak RSS GB':>12}")
@@ -118,10 +127,41 @@ def main() -> None:
         result["validate_summary"] = summary
         for k, s in summary.items():
             print(f"  mean {k}: {s['mean']:+.3f} [{s['low']:+.3f}, {s['high']:+.3f}] over {s['n']} prompts")
+    if "patching" not in skip:
+        result["patching"] = patching(args, model)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_json(args.json, result)
         print(f"wrote {args.json}")
+
+
+def patching(args, model) -> dict:
+    from saekit.attribution.patching import node_effects, read_prompts, residual_sae_set, validate_patching
+    from saekit.config import DataConfig
+    from saekit.lm import load_model
+
+    saes = residual_sae_set(args.saes)
+    if model is None:
+        model = load_model(DataConfig.from_manifest(next(iter(saes.values())).info).model)
+    prompts = read_prompts(args.patching_prompts)
+    print(f"\nattribution patching: {len(prompts)} prompts, SAEs {', '.join(saes)}; CPU {cpu()}")
+    t0 = time.perf_counter()
+    effects = node_effects(model, saes, prompts, ig_steps=10, progress=False)
+    seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    v = validate_patching(model, saes, prompts, effects, args.top)
+    row = {"prompts": len(prompts), "seconds": seconds, "seconds_per_prompt": seconds / len(prompts),
+           "forward_backward_batches": effects.meta["forward_backward_batches"],
+           "validation_seconds": time.perf_counter() - t0, "metric": effects.metric,
+           "ig_completeness": effects.ig_sum_check, "rho_ig": v["ig"], "rho_atp": v["atp"], "nodes": v["nodes"]}
+    print(f"  {seconds:.1f} s ({row['seconds_per_prompt']:.1f} s a prompt, {row['forward_backward_batches']} "
+          f"forward-backward batches), validation {row['validation_seconds']:.1f} s; metric {effects.metric:+.3f}")
+    for h, c in zip(effects.hooks, effects.ig_sum_check):
+        print(f"  IG completeness {h}: Σ IG {c['ig_sum']:+.3f} vs all nodes off {c['measured']:+.3f}")
+    print(f"  top {v['nodes']} feature nodes ablated alone: Spearman ρ IG {v['ig']['rho']:+.2f} "
+          f"[{v['ig']['low']:+.2f}, {v['ig']['high']:+.2f}], AtP {v['atp']['rho']:+.2f} "
+          f"[{v['atp']['low']:+.2f}, {v['atp']['high']:+.2f}]")
+    return row
 
 
 if __name__ == "__main__":
