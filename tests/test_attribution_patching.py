@@ -157,3 +157,25 @@ def test_bad_input_is_refused(tiny, tmp_path):
     t.save(tmp_path / "tc" / "blocks.0.mlp")
     with pytest.raises(SaekitError, match="transcoders"):
         residual_sae_set(tmp_path / "tc")
+
+
+def test_on_the_default_model(model):
+    """The default model, a random SAE at layer 3: IG is complete within its discretisation, and validation
+    ablates in the real model."""
+    hook = "blocks.3.hook_resid_pre"
+    _, cache = model.run_with_cache(model.to_tokens("The cat sat on the mat. Stocks fell in London on Monday."),
+                                    names_filter=lambda n: n == hook)
+    s = SparseAutoencoder.initialized(SaeConfig(d_in=576, d_sae=256, k=16), seed=0)
+    with torch.no_grad():
+        s.W_dec.mul_(20)  # writes of the residual stream's scale, so that switching nodes off moves the logits
+        # b_dec at the activations' mean, as training puts it: "every node off" is then the mean activation, not
+        # the zero vector, at which the norm that reads the stream is singular and a 10-step path integral fails
+        s.b_dec.copy_(cache[hook][0, 1:].mean(0))
+    saes = {hook: s}
+    prompts = [MetricPrompt("The capital of France is", " Paris", " London")]
+    e = node_effects(model, saes, prompts, ig_steps=10, progress=False)
+    assert e.metric > 0  # the model prefers Paris
+    c = e.ig_sum_check[0]
+    assert c["ig_sum"] == pytest.approx(c["measured"], rel=0.15, abs=0.1)
+    v = validate_patching(model, saes, prompts, e, top=5)
+    assert v["nodes"] == 5 and all(n["measured"] == n["measured"] for n in v["per_node"])

@@ -6,7 +6,9 @@ of one SAE (its activations at every position summed, as for prompts that are no
 SAE's error. Its effect is the change of the metric m when it is switched off (z_f → 0, ε → 0), estimated
   - by attribution patching (AtP): −Σ_p z[p, f] · (W_dec[f] · ∂m/∂x[p]), one forward and backward per prompt;
   - by integrated gradients (IG): the same with ∂m/∂x averaged along the straight path on which every node of that
-    SAE is switched off together (midpoints of `steps` equal segments), one batch of `steps` passes per SAE.
+    SAE is switched off together (midpoints of `steps` equal segments), one batch of `steps` passes per SAE. The
+    path ends at b_dec, which training puts near the activations' mean; toward the zero vector, where the norm
+    reading the stream is singular, a 10-step integral would not converge.
 The downstream model is the real one (no SAE spliced in), so a node's effect is that of removing its write at its
 hook. m averages over the prompts: a logit difference "A|B" at the last position, or a logit minus the mean logit.
 Position 0 (BOS, which the SAEs never saw) holds no node. Validation ablates the top nodes one at a time in the
