@@ -223,6 +223,31 @@ def cmd_eval(values: Values) -> int:
     return 0
 
 
+def cmd_sweep(values: Values) -> int:
+    from .evals.suite import run_suite
+    from .evals.sweep import ARCHITECTURES, check_sweep, sweep_saes
+    from .runner import train_run as run
+
+    with flag_names():
+        saes = sweep_saes(convert(values.get("architectures") or ",".join(ARCHITECTURES), list[str], "architectures"),
+                          convert(values.get("k", SaeConfig.k), list[Count], "k"),
+                          convert(values.get("d_sae", SaeConfig.d_sae), list[Count], "d_sae"))
+    spec = train_run({**values, "saes": [dataclasses.asdict(s) for s in saes], "eval": False}, "runs/sweep")
+    check_sweep(spec)  # one hook, one model: refused before any training
+    paths = run(spec)
+    run_suite(paths, spec.eval, config_from(SuiteConfig, {"suite": "all", **values}, seed=spec.harvest.seed),
+              device=spec.harvest.device)
+    print(f"\ncompare them:  saekit compare {spec.run.out}")
+    return 0
+
+
+def cmd_compare(values: Values) -> int:
+    from .evals.compare import compare
+
+    compare(values["dir"])
+    return 0
+
+
 def cmd_convert(values: Values) -> int:
     from .interop import convert, describe_converted
 
@@ -412,6 +437,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, EvalConfig, prefix="eval_")
     add_config_args(p, SuiteConfig)
 
+    p = sub.add_parser("sweep", help="train several SAEs (architectures × k × d_sae) from one activation stream of one "
+                                     "hook, then run the evaluation suite on each; compare them with saekit compare")
+    config_flag(p)
+    p.add_argument("--hook", help="the one hook every SAE reads (shorthand for --hooks)")
+    p.add_argument("--architectures", help="comma list of topk, batchtopk, matryoshka (default all three)")
+    p.add_argument("--k", help="comma list of k (default 32)")
+    p.add_argument("--d-sae", help="comma list of d_sae (default 4608)")
+    add_config_args(p, HarvestConfig)
+    add_config_args(p, TrainConfig, exclude=("saes", "seed", "device"))
+    add_config_args(p, EvalConfig, prefix="eval_")
+    add_config_args(p, RunConfig, exclude=("eval",), defaults={"out": "runs/sweep"})
+    add_config_args(p, SuiteConfig, exclude=("seed",), defaults={"suite": "all"})
+
+    p = sub.add_parser("compare", help="the SAEs evaluated under DIR side by side: L0 frontier plots with error bars "
+                                       "and a sortable table (DIR/compare.html, DIR/compare.md)")
+    p.add_argument("dir", help="a sweep's folder, or any folder holding evaluated SAEs (eval.json)")
+
     p = sub.add_parser("convert", help="convert an SAE or a transcoder set between saekit, SAELens, sparsify and "
                                        "circuit-tracer formats")
     p.add_argument("src", help="SAE directory: saekit/SAELens (cfg.json + sae_weights.safetensors) or sparsify "
@@ -526,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {"harvest": cmd_harvest, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo,
             "demo-circuits": cmd_demo_circuits, "convert": cmd_convert,
             "analyze": cmd_analyze, "export-neuronpedia": cmd_export_neuronpedia, "browse": cmd_browse,
-            "steer": cmd_steer, "steer-eval": cmd_steer_eval, "attribute": cmd_attribute, "flow": cmd_flow,
+            "steer": cmd_steer, "steer-eval": cmd_steer_eval, "sweep": cmd_sweep, "compare": cmd_compare, "attribute": cmd_attribute, "flow": cmd_flow,
             "explain": cmd_explain}
 
 

@@ -66,3 +66,49 @@ def test_first_letter_task_on_the_real_model(model):
     out = absorption(task, sae)
     assert out["probe_accuracy"] > 0.3  # 26-way: chance is ~0.06
     assert 0 <= out["mean_absorption_fraction"] <= 1 and 0 <= out["absorption_rate"] <= 1
+
+
+def test_sweep_trains_from_one_stream_then_compare_draws_the_frontier(world, tmp_path, capsys):
+    from saekit import cli
+    from saekit.evals.compare import compare
+
+    out = tmp_path / "sweep"
+    code = cli.main([str(a) for a in (
+        "sweep", "--model", world["model"], "--dataset", world["data"], "--hook", "blocks.1.hook_resid_pre",
+        "--context-size", 32, "--heldout-fraction", 0.1, "--tokens", 1500, "--batch-contexts", 8,
+        "--architectures", "topk,batchtopk", "--k", 4, "--d-sae", 64, "--epochs", 1, "--batch-size", 128,
+        "--eval-tokens", 150, "--eval-batch-contexts", 4, "--suite", "core,probing,tpp",
+        "--probe-dataset", world["labelled"], "--probe-k", "1,2", "--tpp-latents", 2, "--probe-context", 24,
+        "--device", "cpu", "--out", out)])
+    assert code == 0, capsys.readouterr().err
+    evals = sorted(out.rglob("eval.json"))
+    assert len(evals) == 2
+    got = compare(out)
+    rows = got["rows"]
+    assert {r["architecture"] for r in rows} == {"topk", "batchtopk"}
+    assert all(r["fvu_ci"] and r["probing_k1"] is not None and r["tpp"] is not None for r in rows)
+    # one best per compared metric; the other SAE is either significantly worse ('') or within its interval ('≈')
+    assert sum(v == "★" for k, v in got["marks"].items() if k.endswith(":fvu")) == 1
+    page = (out / "compare.html").read_text()
+    assert "L0 frontier" in page and "sortBy" in page and (out / "compare.md").is_file()
+
+
+def test_sweep_refuses_several_hooks_before_training(world, tmp_path, capsys):
+    from saekit import cli
+
+    out = tmp_path / "mixed"
+    code = cli.main([str(a) for a in ("sweep", "--model", world["model"], "--dataset", world["data"], "--hooks",
+                                      "blocks.0.hook_resid_pre,blocks.1.hook_resid_pre", "--device", "cpu", "--out", out)])
+    assert code == 2 and "one hook" in capsys.readouterr().err and not out.exists()
+
+
+def test_compare_marks_overlapping_intervals_not_significant():
+    from saekit.evals.compare import marks
+
+    rows = [{"fvu": 0.20, "fvu_ci": [0.19, 0.21]}, {"fvu": 0.205, "fvu_ci": [0.20, 0.215]},
+            {"fvu": 0.30, "fvu_ci": [0.29, 0.31]}]
+    for r in rows:
+        for col in ("l0", "ce_recovered", "kl", "probing_k1", "probing_k5", "absorption", "absorption_rate", "tpp"):
+            r[col], r[f"{col}_ci"] = None, None
+    m = marks(rows)
+    assert (m[(0, "fvu")], m[(1, "fvu")], m[(2, "fvu")]) == ("★", "≈", "")
