@@ -66,10 +66,9 @@ def prompts(tokenizer, words: list[tuple[int, str]], examples: int, seed: int = 
     out, pos = [], []
     for i, (tid, _) in enumerate(words):
         seq = [bos_id(tokenizer)]
-        for j in torch.randperm(len(words), generator=gen)[: examples + 1].tolist():
-            if j != i and len(seq) < 1 + examples * 16:
-                eid, ew = words[j]
-                seq += [eid] + suffix + answer[ew[0]] + newline
+        for j in [j for j in torch.randperm(len(words), generator=gen)[: examples + 1].tolist() if j != i][:examples]:
+            eid, ew = words[j]
+            seq += [eid] + suffix + answer[ew[0]] + newline
         pos.append(len(seq))
         out.append(seq + [tid] + suffix)
     return out, pos
