@@ -14,6 +14,7 @@ from pathlib import Path
 
 import streamlit as st
 from saekit.apps.common import PAGES, SLUG, get_labels, get_store, goto, store_path, sync_url
+from saekit.apps.explanations import explanations_page
 from saekit.apps.page_feature import feature_page
 from saekit.apps.page_graph import graph_page, graphs_root, remember_url
 from saekit.apps.page_overview import overview_page
@@ -100,7 +101,7 @@ def main() -> None:
         st.info(f"Type a feature id (0–{store.d_sae - 1}) in the sidebar.")
         return
     render_page = {"overview": overview_page, "feature": feature_page, "text": text_page, "search": search_page,
-                   "graph": graph_page}[page]
+                   "graph": graph_page, "explanations": explanations_page}[page]
     try:
         render_page(path, store, labels)
     except SaekitError as e:  # one page fails (a file damaged since the store opened, a model that won't load):

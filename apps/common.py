@@ -17,7 +17,8 @@ from saekit.apps.labels import Labels
 from saekit.errors import SaekitError
 from saekit.features import FeatureStore
 
-PAGES = {"overview": "Overview", "feature": "Feature", "text": "Your text", "search": "Search"}
+PAGES = {"overview": "Overview", "feature": "Feature", "text": "Your text", "search": "Search",
+         "explanations": "Explanations"}  # explanations: apps/explanations.py (saekit explain's results)
 SLUG = {v: k for k, v in PAGES.items()}
 
 

@@ -8,6 +8,7 @@ import pandas as pd
 import streamlit as st
 from saekit.apps import render
 from saekit.apps.common import _from_selection
+from saekit.apps.explanations import search_section
 from saekit.apps.labels import Labels
 
 from saekit.features import Example, FeatureStore
@@ -104,3 +105,4 @@ def search_page(path: str, store: FeatureStore, labels: Labels) -> None:
                  on_select=lambda: _from_selection("search_table", frame_key="search_frame"),
                  column_config={k: st.column_config.Column(help=h) for k, h in COLUMNS.items()}
                  | {"max act": st.column_config.NumberColumn(help=COLUMNS["max act"], format="%.3g")})
+    search_section(path, query)  # apps/explanations.py: features whose explanation holds the query

@@ -57,7 +57,9 @@ def parse_explanation(answer: str) -> str | None:
     if labels:
         text = text[labels[-1].end():]
     line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    line = line.replace(MARK_OPEN, "").replace(MARK_CLOSE, "").strip(" \"'`*.-:")
+    line = line.replace(MARK_OPEN, "").replace(MARK_CLOSE, "").strip(" *-:").rstrip(".").strip()
+    if len(line) > 1 and line[0] == line[-1] and line[0] in "\"'`":  # one pair of quotes around it all
+        line = line[1:-1].strip()
     if not line or not re.search(r"\w", line):
         return None
     return line[:MAX_EXPLANATION]
