@@ -10,6 +10,8 @@ import pandas as pd
 import streamlit as st
 from saekit.apps import render
 from saekit.apps.common import feature_label, get_live, goto, run_live
+from saekit.apps.explanations import explanation_section
+from saekit.apps.flow_section import flow_section
 from saekit.apps.labels import Conflict, Entry, Labels
 from saekit.apps.steering_panel import steering_panel
 
@@ -26,6 +28,7 @@ def feature_page(path: str, store: FeatureStore, labels: Labels) -> None:
         st.caption(f"A {store.dictionary} latent (`{store.hooks_text}`): it reads the MLP's input and writes into its "
                    "output. Activations are its encoder's, on the MLP input.")
     label_header(store, labels, fid, entry)
+    explanation_section(path, store, fid, entry.label)  # apps/explanations.py: only when `saekit explain` ran
     c = st.columns(4)
     c[0].metric("density", f"{f.density:.3%}", help=f"fires on {f.count:,} of {f.tokens:,} tokens")
     c[1].metric("fires", f"{f.count:,}")
@@ -76,6 +79,8 @@ def feature_page(path: str, store: FeatureStore, labels: Labels) -> None:
         for j, cos in f.neighbours:
             st.button(f"{feature_label(names, j)} · cos {cos:.2f} · {store.top_tokens_text(j)}", key=f"nb_{j}",
                       on_click=goto, args=("feature", j))
+
+    flow_section(store, fid)  # apps/flow_section.py: only when the SAE's set has a flow store
 
     # Steering panel: rendered by apps/steering_panel.py.
     steering_panel(store, fid, live=lambda: get_live(path))  # shares the page's model and SAE

@@ -8,6 +8,7 @@ import pandas as pd
 import streamlit as st
 from saekit.apps import render
 from saekit.apps.common import _from_selection, base_table, goto, map_figure
+from saekit.apps.flow_section import flow_overview
 from saekit.apps.labels import Labels
 
 from saekit.features import FeatureStore
@@ -69,6 +70,7 @@ def overview_page(path: str, store: FeatureStore, labels: Labels) -> None:
                  column_config={"density": st.column_config.NumberColumn(format="%.2e"),
                                 "max": st.column_config.NumberColumn(format="%.3g"),
                                 "mean": st.column_config.NumberColumn(format="%.3g")})
+    flow_overview(store)  # apps/flow_section.py: only when the SAE's set has a flow store
 
 
 def source_caption(store: FeatureStore) -> str:

@@ -241,6 +241,9 @@ def compute_flow(s: SaeSet, cfg: FlowConfig, load: Callable[[str], Any] | None =
         layers[str(layer)] = row = {
             "shares": {c: float((cls == i).float().mean()) for i, c in enumerate(CLASSES)},
             "mean_best_cos": {k: float(b.mean()) for k, b in best[cfg.variant].items()},
+            # SAEs started from one random init and trained briefly keep it: their top matches are the same index
+            "same_index_top1": {k: float((tensors[f"{cfg.variant}/{layer}/{k}/idx"][:, 0] == torch.arange(len(cls))
+                                          ).float().mean()) for k in best[cfg.variant]},
         }
         if cfg.compare:
             tensors[f"class_alt/{layer}"] = alt = classify(best[other], cfg.threshold)
@@ -545,6 +548,13 @@ def report(meta: dict[str, Any]) -> str:
                      + (f" {row['top1_resid_agreement']:.1%} | {row['class_agreement']:.1%} |" if cfg.get("compare", True) else ""))
     if not cfg.get("compare", True):
         lines += ["", f"({other} variant not matched: --no-compare.)"]
+    shared = {f"{layer} {k}": v for layer, row in summ["layers"].items() for k, v in row.get("same_index_top1", {}).items()
+              if v > 0.2}
+    if shared:
+        lines += ["", f"**Warning: the SAEs look like they share their random initialization** — the top match is the "
+                  f"feature with the same index for {max(shared.values()):.0%} of features ({', '.join(list(shared)[:4])}"
+                  f"{' …' if len(shared) > 4 else ''}; chance: 1/d_sae). Matches then reflect the common init, not "
+                  "the model: train each SAE from its own seed, or longer; the data check below says what holds."]
     lines += ["", "## Data check (held-out co-activation)", ""]
     if not check.get("ran"):
         lines.append(f"Not run — {check.get('why', 'no reason recorded')}.")

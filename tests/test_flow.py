@@ -235,3 +235,89 @@ def test_data_check_on_the_real_model(model, tmp_path, capsys):
     assert o["precision_persisting"] > o["precision_random"] + 0.2
     assert o["resid/corr_top"] > o["resid/corr_random"]
     assert "Precision of persisting links" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- the browser's Flow sections
+
+@pytest.fixture
+def flow_world(tiny_store, tmp_path) -> Path:
+    """A flow store over the tiny store's SAE (resid layer 1) and random SAEs at layer 0 whose resid features 0–9
+    copy the tiny SAE's: its features 0–9 persist from layer 0."""
+    sae = load_sae(tiny_store["sae"])
+    gen = torch.Generator().manual_seed(0)
+    root = tmp_path / "set"
+    sae.save(root / "blocks.1.hook_resid_pre")
+    for hook in ("blocks.0.hook_resid_pre", "blocks.0.hook_attn_out", "blocks.0.hook_mlp_out"):
+        W = torch.randn(64, 32, generator=gen)
+        if hook == "blocks.0.hook_resid_pre":
+            W[:10] = sae.W_dec.detach()[:10]
+        _save(root, hook, W, model=sae.info["model"], k=4)
+    s = read_set(dictionaries_in(root), root)
+    cfg = FlowConfig(threshold=0.9, check_tokens=0)
+    return save_flow(tmp_path / "flow", s, cfg, *compute_flow(s, cfg, progress=False), {"ran": False, "why": "test"})
+
+
+def test_flow_section_on_the_feature_page(flow_world, tiny_store, monkeypatch, app_test_guard):
+    from helpers import BROWSER_SCRIPT, ok
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("SAEKIT_STORE", str(tiny_store["store"]))
+    monkeypatch.setenv("SAEKIT_FLOW", str(flow_world))
+    at = AppTest.from_file(BROWSER_SCRIPT, default_timeout=120)
+    at.query_params["page"], at.query_params["feature"] = "feature", "5"
+    ok(at.run())
+    assert "Flow across layers" in [h.value for h in at.subheader]
+    assert any("Class: **persisting**" in c.value for c in at.caption)
+    pred = next(d.value for d in at.dataframe if list(d.value.columns) == ["feature", "cosine", "from", "class"])
+    assert pred.iloc[0]["feature"] == "blocks.0.hook_resid_pre:5" and pred.iloc[0]["cosine"] == pytest.approx(1.0)
+    assert set(pred["from"]) == {"resid", "attn", "mlp"}
+    charts = [c for c in at.get("plotly_chart") if "flow_graph_5" in str(c.proto.id)]
+    assert len(charts) == 1
+    assert pred.iloc[0]["class"] == "—"  # layer 0 is the set's first: no class
+    at = AppTest.from_file(BROWSER_SCRIPT, default_timeout=120)
+    at.query_params["page"] = "overview"
+    ok(at.run())
+    assert "Feature flow by layer" in [h.value for h in at.subheader]
+
+
+def test_no_flow_section_without_a_flow_store(tiny_store, monkeypatch, app_test_guard):
+    from helpers import BROWSER_SCRIPT, ok
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("SAEKIT_STORE", str(tiny_store["store"]))
+    monkeypatch.delenv("SAEKIT_FLOW", raising=False)
+    at = AppTest.from_file(BROWSER_SCRIPT, default_timeout=120)
+    at.query_params["page"], at.query_params["feature"] = "feature", "5"
+    ok(at.run())
+    assert "Flow across layers" not in [h.value for h in at.subheader]
+
+
+def test_flow_figure_places_layers_as_columns(tmp_path):
+    from saekit.apps.flow_section import flow_figure
+
+    planted_set(tmp_path / "set")
+    s = read_set(dictionaries_in(tmp_path / "set"), tmp_path / "set")
+    cfg = FlowConfig(check_tokens=0)
+    store = FlowStore(save_flow(tmp_path / "flow", s, cfg, *compute_flow(s, cfg, progress=False), {"ran": False}))
+    nodes, edges = store.graph("blocks.4.hook_resid_pre", 4)
+    fig = flow_figure(nodes, edges, ("blocks.4.hook_resid_pre", 4))
+    markers = next(t for t in fig.data if t.mode == "markers+text")
+    xs = dict(zip(markers.customdata, markers.x))
+    assert xs == {"blocks.4.hook_resid_pre:4": 4, "blocks.3.hook_resid_pre:11": 3, "blocks.3.hook_mlp_out:12": 3.8}
+
+
+def test_report_warns_when_the_saes_share_their_init(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    W = _random(gen)
+    for layer in (3, 4):
+        _save(tmp_path / "set", f"blocks.{layer}.hook_resid_pre", W + 0.05 * _random(gen))
+    s = read_set(dictionaries_in(tmp_path / "set"), tmp_path / "set")
+    cfg = FlowConfig(check_tokens=0)
+    tensors, summary = compute_flow(s, cfg, progress=False)
+    assert summary["layers"]["4"]["same_index_top1"]["resid"] == 1.0
+    out = save_flow(tmp_path / "flow", s, cfg, tensors, summary, {"ran": False})
+    assert "share their random initialization" in (out / "report.md").read_text()
+    planted_set(tmp_path / "planted")
+    p = read_set(dictionaries_in(tmp_path / "planted"), tmp_path / "planted")
+    out = save_flow(tmp_path / "flow2", p, cfg, *compute_flow(p, cfg, progress=False), {"ran": False})
+    assert "share their random initialization" not in (out / "report.md").read_text()
