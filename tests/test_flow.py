@@ -244,7 +244,7 @@ def flow_world(tiny_store, tmp_path) -> Path:
     """A flow store over the tiny store's SAE (resid layer 1) and random SAEs at layer 0 whose resid features 0–9
     copy the tiny SAE's: its features 0–9 persist from layer 0."""
     sae = load_sae(tiny_store["sae"])
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(1)  # not the tiny SAE's init seed (0): its rows would match one for one
     root = tmp_path / "set"
     sae.save(root / "blocks.1.hook_resid_pre")
     for hook in ("blocks.0.hook_resid_pre", "blocks.0.hook_attn_out", "blocks.0.hook_mlp_out"):
@@ -321,3 +321,96 @@ def test_report_warns_when_the_saes_share_their_init(tmp_path):
     p = read_set(dictionaries_in(tmp_path / "planted"), tmp_path / "planted")
     out = save_flow(tmp_path / "flow2", p, cfg, *compute_flow(p, cfg, progress=False), {"ran": False})
     assert "share their random initialization" not in (out / "report.md").read_text()
+
+
+# ----------------------------------------------------------------------------- steering along the flow
+
+@pytest.fixture(scope="module")
+def tiny_flow(tmp_path_factory):
+    """The tiny world's model, its SAE at resid layer 1 and a layer 0 set whose resid feature 9 is the layer 1
+    feature 5's direction: the flow path of 5 is [1:5, 0:9]."""
+    from helpers import build_world
+
+    from saekit.lm import load_model
+
+    root = tmp_path_factory.mktemp("tiny_flow")
+    world = build_world(root / "world")
+    sae1 = load_sae(world["sae"])
+    gen = torch.Generator().manual_seed(1)  # not the tiny SAE's init seed (0): its rows would match one for one
+    sae1.save(root / "set" / "blocks.1.hook_resid_pre")
+    for hook in ("blocks.0.hook_resid_pre", "blocks.0.hook_attn_out", "blocks.0.hook_mlp_out"):
+        W = torch.randn(64, 32, generator=gen)
+        if hook == "blocks.0.hook_resid_pre":
+            W[9] = sae1.W_dec.detach()[5]
+        _save(root / "set", hook, W, model=sae1.info["model"], k=4)
+    s = read_set(dictionaries_in(root / "set"), root / "set")
+    cfg = FlowConfig(threshold=0.9, check_tokens=0)
+    flow = FlowStore(save_flow(root / "flow", s, cfg, *compute_flow(s, cfg, progress=False), {"ran": False}))
+    saes = {m.hook: load_sae(m.path) for m in s.members}
+    model = load_model(str(world["model"]))
+    toks = torch.tensor([model.tokenizer("The bank said the striker won the final.")["input_ids"]])
+    return model, flow, saes, toks
+
+
+def test_flow_path_follows_top_residual_matches(tiny_flow):
+    from saekit.flow_steer import Step, flow_edits, flow_path
+
+    _, flow, _, _ = tiny_flow
+    path = flow_path(flow, "blocks.1.hook_resid_pre", 5)
+    assert [(s.hook, s.latent) for s in path] == [("blocks.1.hook_resid_pre", 5), ("blocks.0.hook_resid_pre", 9)]
+    assert path[1].cos == pytest.approx(1.0, abs=1e-5)
+    edits = flow_edits(path, "add", 8.0)
+    assert [(h, e.feature, e.value) for h, e in edits] == [("blocks.1.hook_resid_pre", 5, 4.0),
+                                                           ("blocks.0.hook_resid_pre", 9, 4.0)]
+    assert [e.value for _, e in flow_edits(path, "scale", 3.0)] == [3.0, 3.0]
+    assert flow_path(flow, "blocks.1.hook_resid_pre", 6) == [Step("blocks.1.hook_resid_pre", 6, 1.0)]  # no link
+    with pytest.raises(SaekitError, match="add, scale and clamp"):
+        flow_edits(path, "ablate", 0.0)
+
+
+def test_flow_steering_is_exact_and_restores(tiny_flow):
+    from saekit.flow_steer import flow_edits, flow_path, steer_flow
+
+    model, flow, saes, toks = tiny_flow
+    path = flow_path(flow, "blocks.1.hook_resid_pre", 5)
+    clean = model(toks)
+    n_hooks = sum(len(hp._forward_hooks) for hp in model.hook_dict.values())
+    for mode, identity in (("add", 0.0), ("scale", 1.0)):  # edits that change nothing are the identity, bit for bit
+        with steer_flow(model, saes, flow_edits(path, mode, identity)):
+            assert torch.equal(model(toks), clean)
+    # add 8 along the flow = 4·W_dec[9] at resid 0 and 4·W_dec[5] at resid 1, on every position but BOS
+    seen = {}
+
+    def grab(name):
+        def fn(act, hook):
+            seen[name] = act.detach().clone()
+        return fn
+
+    hooks = [(h, grab(h)) for h in ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre")]
+    with model.hooks(fwd_hooks=hooks):
+        model(toks)
+    x0 = dict(seen)
+    d0 = 4.0 * saes["blocks.0.hook_resid_pre"].W_dec[9].detach()
+    d1 = 4.0 * saes["blocks.1.hook_resid_pre"].W_dec[5].detach()
+
+    def by_hand(act, hook):
+        act[:, 1:] += d0 if hook.name == "blocks.0.hook_resid_pre" else d1
+        return act
+
+    with model.hooks(fwd_hooks=[(h, by_hand) for h, _ in hooks]):
+        want = model(toks)
+    with steer_flow(model, saes, flow_edits(path, "add", 8.0)) as steerings, model.hooks(fwd_hooks=hooks):
+        got = model(toks)
+    assert len(steerings) == 2 and all(s.calls == 1 for s in steerings)
+    torch.testing.assert_close(seen["blocks.0.hook_resid_pre"][:, 1:] - x0["blocks.0.hook_resid_pre"][:, 1:],
+                               d0.expand_as(x0["blocks.0.hook_resid_pre"][:, 1:]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(got, clean)
+    assert torch.equal(model(toks), clean)  # restored
+    with pytest.raises(RuntimeError), steer_flow(model, saes, flow_edits(path, "add", 8.0)):
+        raise RuntimeError("boom")
+    assert torch.equal(model(toks), clean)
+    assert sum(len(hp._forward_hooks) for hp in model.hook_dict.values()) == n_hooks
+    with pytest.raises(SaekitError, match="missing blocks.0.hook_resid_pre"):
+        with steer_flow(model, {"blocks.1.hook_resid_pre": saes["blocks.1.hook_resid_pre"]}, flow_edits(path, "add", 1.0)):
+            pass
