@@ -40,7 +40,7 @@ class KeywordClient:
         self.calls, self.fail_after, self.garble = 0, fail_after, garble
         self.lock = threading.Lock()
 
-    def chat(self, messages, max_tokens) -> Reply:
+    def chat(self, messages, max_tokens, logprobs=False) -> Reply:
         with self.lock:
             self.calls += 1
             if self.fail_after is not None and self.calls > self.fail_after:
@@ -61,7 +61,8 @@ class KeywordClient:
                 votes.append(int(any(m.strip() == word for m in re.findall(r"<<(.*?)>>", line))))
             else:
                 votes.append(int(re.search(rf"\b{re.escape(word)}\b", line) is not None))
-        return Reply(json.dumps(votes), 100, 8, 0.0)
+        p = (0.2 + 0.6 * votes[0]) if logprobs and len(votes) == 1 else None  # graded, as a real model's P(yes)
+        return Reply(json.dumps(votes), 100, 8, 0.0, p)
 
 
 # ----------------------------------------------------------------------------- prompts and parsing
@@ -77,6 +78,8 @@ def test_marked_windows_and_explain_prompt():
     assert "Excerpt 1: the goal was<< football football>> today\nExcerpt 2: x<< football>> y" in msgs[1]["content"]
     c = classify_prompt("detection", "sports words", ["one\ntwo", "three"])[1]["content"]
     assert c.startswith("Explanation: sports words") and "Excerpt 1: one two\nExcerpt 2: three" in c
+    one = classify_prompt("fuzzing", "sports words", ["a<< b>>"])
+    assert "single number" in one[0]["content"] and one[1]["content"].endswith("Answer (1 or 0):")
 
 
 @pytest.mark.parametrize("answer, expected", [
@@ -84,6 +87,8 @@ def test_marked_windows_and_explain_prompt():
     ("  Sure! Here it is.\nExplanation: sports teams.\n", "sports teams"),
     ('"mentions of <<money>>"', "mentions of money"),
     ("explanation - verbs of saying", "verbs of saying"),
+    ('The feature in one short phrase is: "Systems."', "Systems"),
+    ("Excerpt 3: cities and companies", "cities and companies"),
     ("", None), ("Explanation: ...", None), ("Explanation:\n\n", None),
 ])
 def test_parse_explanation(answer, expected):
@@ -97,6 +102,7 @@ def test_parse_explanation(answer, expected):
     ("1, 0, 0, 1", 4, [1, 0, 0, 1]),  # no brackets: exactly n votes in the text
     ("yes no yes", 3, [1, 0, 1]),
     ("[1, 0]", 3, None), ("I think 1 or 0 or 1 or 1", 3, None), ("no idea", 3, None),
+    ("1. Because it mentions 2 teams", 1, [1]), ("Yes", 1, [1]), ("It is 0 or 1", 1, None),
 ])
 def test_parse_votes(answer, n, expected):
     assert parse_votes(answer, n) == expected
@@ -121,6 +127,9 @@ def test_scorers_perfect_vs_wrong_explanation(kind):
     assert (bad.tp, bad.fn, bad.tn, bad.fp) == (0, 5, 5, 0)
     assert bad.balanced_accuracy == 0.5 and bad.f1 == 0.0
     assert good.calls == bad.calls == 2 and len(good.answers) == 2
+    one = score(kind, client, "the word 'football'", ex, batch_size=1)  # one excerpt per call
+    assert one.calls == 10 and one.balanced_accuracy == 1.0 and one.auroc == 1.0 and len(one.probs) == 10
+    assert good.auroc is None  # several excerpts per call: no logprobs asked
 
 
 def test_fuzzing_marks_negatives_where_positives_fire():

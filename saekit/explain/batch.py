@@ -25,9 +25,9 @@ from ..errors import SaekitError
 from ..features.store import FeatureStore
 from .client import LLMClient
 from .examples import FeatureExamples, WindowSource, feature_examples
-from .explainer import EXPLAIN_MAX_TOKENS, Explanation, explain_baseline, explain_llm
+from .explainer import Explanation, explain_baseline, explain_llm
 from .prompts import classify_prompt, explain_prompt
-from .scorers import SCORE_MAX_TOKENS, derangement, samples, score, score_record, shuffle_auc
+from .scorers import derangement, samples, score, score_record, shuffle_auc
 
 RESULTS = "explanations.sqlite"
 # config fields that change what is asked: a resumed run must match them, or its scores would mix two setups
@@ -40,7 +40,7 @@ CREATE TABLE IF NOT EXISTS explanations (
 CREATE TABLE IF NOT EXISTS scores (
     feature INTEGER, explainer TEXT, scorer TEXT, variant TEXT, source_feature INTEGER, explanation TEXT,
     n INTEGER, tp INTEGER, fp INTEGER, tn INTEGER, fn INTEGER, unparsed INTEGER, accuracy REAL,
-    balanced_accuracy REAL, f1 REAL, calls INTEGER, prompt_tokens INTEGER, completion_tokens INTEGER, seconds REAL,
+    balanced_accuracy REAL, f1 REAL, auroc REAL, calls INTEGER, prompt_tokens INTEGER, completion_tokens INTEGER, seconds REAL,
     answers TEXT, negatives_exact INTEGER, contamination REAL, llm TEXT, created_at REAL,
     PRIMARY KEY (feature, explainer, scorer, variant));
 CREATE TABLE IF NOT EXISTS skipped (feature INTEGER PRIMARY KEY, reason TEXT);
@@ -114,10 +114,10 @@ class Results:
 
     def save_score(self, feature: int, explainer: str, variant: str, source: int, explanation: str, rec: dict,
                    seconds: float, ex: FeatureExamples, llm: str) -> None:
-        self._write("INSERT OR REPLACE INTO scores VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        self._write("INSERT OR REPLACE INTO scores VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (feature, explainer, rec["scorer"], variant, source, explanation, rec["n"], rec["tp"], rec["fp"],
                      rec["tn"], rec["fn"], rec["unparsed"], rec["accuracy"], rec["balanced_accuracy"], rec["f1"],
-                     rec["calls"], rec["prompt_tokens"], rec["completion_tokens"], seconds, rec["answers"],
+                     rec["auroc"], rec["calls"], rec["prompt_tokens"], rec["completion_tokens"], seconds, rec["answers"],
                      int(ex.negatives_exact), ex.contamination, llm, time.time()))
 
     def skip(self, feature: int, reason: str) -> None:
@@ -153,7 +153,7 @@ class Results:
                     "SELECT * FROM explanations WHERE feature = ?", (feature,))},
                 "scores": [dict(r) for r in self.query(
                     "SELECT explainer, scorer, variant, source_feature, n, tp, fp, tn, fn, unparsed, accuracy, "
-                    "balanced_accuracy, f1, negatives_exact, contamination FROM scores WHERE feature = ? "
+                    "balanced_accuracy, f1, auroc, negatives_exact, contamination FROM scores WHERE feature = ? "
                     "ORDER BY explainer, scorer, variant", (feature,))]}
 
 
@@ -213,7 +213,6 @@ def dry_run(store: FeatureStore, cfg: ExplainConfig, features: list[int]) -> dic
     done = len(features) - skipped
     return {"features": done, "skipped": skipped, "calls": calls, "prompt_tokens_est": chars // 4,
             "prompt_tokens_per_feature_est": chars / 4 / max(done, 1),
-            "max_completion_tokens": EXPLAIN_MAX_TOKENS + SCORE_MAX_TOKENS * (calls - 1),
             "build_ms_per_feature": 1000 * seconds / max(len(features), 1)}
 
 
@@ -325,32 +324,36 @@ def _shuffled_phase(store: FeatureStore, res: Results, client: LLMClient, cfg: E
 
 
 def report(store_dir: str | Path, features: list[int] | None = None) -> dict[str, Any]:
-    """Per explainer × scorer: features scored, mean balanced accuracy on own and shuffled explanations, the
-    shuffle-AUC with its 95% bootstrap interval, unparsed votes; plus unparseable explanations and skips."""
+    """Per explainer × scorer: features scored, the mean score on own and on shuffled explanations, the
+    shuffle-AUC with its 95% bootstrap interval, unparsed votes; plus unparseable explanations and skips. The score
+    is the log-prob AUROC where every row has one (one excerpt per call, a backend with logprobs), else the
+    balanced accuracy of the votes."""
     res = Results(store_dir)
     keep = set(features) if features is not None else None
-    rows = [dict(r) for r in res.query("SELECT feature, explainer, scorer, variant, balanced_accuracy, unparsed, n, "
-                                       "calls, prompt_tokens, negatives_exact FROM scores")]
+    rows = [dict(r) for r in res.query("SELECT feature, explainer, scorer, variant, balanced_accuracy, auroc, "
+                                       "unparsed, n, calls, prompt_tokens, negatives_exact FROM scores")]
     rows = [r for r in rows if keep is None or r["feature"] in keep]
     table = []
     for name in sorted({r["explainer"] for r in rows}):
         for kind in sorted({r["scorer"] for r in rows}):
-            own = {r["feature"]: r for r in rows if (r["explainer"], r["scorer"], r["variant"]) == (name, kind, "own")}
-            shuf = {r["feature"]: r for r in rows if (r["explainer"], r["scorer"], r["variant"]) == (name, kind, "shuffled")}
+            sel = [r for r in rows if (r["explainer"], r["scorer"]) == (name, kind)]
+            own = {r["feature"]: r for r in sel if r["variant"] == "own"}
+            shuf = {r["feature"]: r for r in sel if r["variant"] == "shuffled"}
             if not own:
                 continue
-            both = [f for f in own if f in shuf and own[f]["balanced_accuracy"] is not None
-                    and shuf[f]["balanced_accuracy"] is not None]
-            vals = [own[f]["balanced_accuracy"] for f in own if own[f]["balanced_accuracy"] is not None]
-            entry = {"explainer": name, "scorer": kind, "features": len(own),
+            metric = "auroc" if all(r["auroc"] is not None for r in sel) else "balanced_accuracy"
+            both = [f for f in own if f in shuf and own[f][metric] is not None and shuf[f][metric] is not None]
+            vals = [r[metric] for r in own.values() if r[metric] is not None]
+            bal = [r["balanced_accuracy"] for r in own.values() if r["balanced_accuracy"] is not None]
+            entry = {"explainer": name, "scorer": kind, "features": len(own), "metric": metric,
                      "mean_own": sum(vals) / len(vals) if vals else None,
+                     "mean_balanced_accuracy": sum(bal) / len(bal) if bal else None,
                      "unparsed_votes": sum(r["unparsed"] for r in own.values()),
                      "votes": sum(r["unparsed"] + r["n"] for r in own.values()),
                      "exact_negatives": sum(r["negatives_exact"] for r in own.values())}
             if both:
-                entry["mean_shuffled"] = sum(shuf[f]["balanced_accuracy"] for f in both) / len(both)
-                entry["shuffle_auc"] = shuffle_auc([own[f]["balanced_accuracy"] for f in both],
-                                                   [shuf[f]["balanced_accuracy"] for f in both])
+                entry["mean_shuffled"] = sum(shuf[f][metric] for f in both) / len(both)
+                entry["shuffle_auc"] = shuffle_auc([own[f][metric] for f in both], [shuf[f][metric] for f in both])
             table.append(entry)
     exps = [dict(r) for r in res.query("SELECT feature, explainer, text, prompt_tokens FROM explanations")]
     exps = [e for e in exps if keep is None or e["feature"] in keep]
@@ -363,13 +366,14 @@ def format_report(rep: dict[str, Any]) -> str:
     def f(x, spec=".3f"):
         return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
-    lines = ["| explainer | scorer | features | bal. acc. own | bal. acc. shuffled | shuffle-AUC [95% CI] | unparsed votes |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| explainer | scorer | features | score | own | shuffled | shuffle-AUC [95% CI] | bal. acc. own | "
+             "unparsed votes |", "|---|---|---|---|---|---|---|---|---|"]
     for e in rep["table"]:
         a = e.get("shuffle_auc")
         auc = f"{f(a['auc'])} [{f(a['lo'])}, {f(a['hi'])}]" if a else "—"
-        lines.append(f"| {e['explainer']} | {e['scorer']} | {e['features']} | {f(e['mean_own'])} | "
-                     f"{f(e.get('mean_shuffled'))} | {auc} | {e['unparsed_votes']}/{e['votes']} |")
+        lines.append(f"| {e['explainer']} | {e['scorer']} | {e['features']} | {e['metric']} | {f(e['mean_own'])} | "
+                     f"{f(e.get('mean_shuffled'))} | {auc} | {f(e['mean_balanced_accuracy'])} | "
+                     f"{e['unparsed_votes']}/{e['votes']} |")
     lines.append(f"\n{rep['explanations']} explanations ({rep['unparseable_explanations']} unparseable, kept with "
                  f"their raw answers); {len(rep['skipped'])} features skipped"
                  + (f" (e.g. {rep['skipped'][0]['feature']}: {rep['skipped'][0]['reason']})" if rep["skipped"] else ""))

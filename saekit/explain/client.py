@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -25,13 +26,24 @@ class Reply:
     prompt_tokens: int
     completion_tokens: int
     seconds: float
+    p_yes: float | None = None  # with logprobs: P(1|yes|true) / P(1|yes|true or 0|no|false) at the first token
+
+
+YES, NO = {"1", "yes", "true"}, {"0", "no", "false"}
+
+
+def p_yes(candidates: list[tuple[str, float]]) -> float | None:
+    """From (token, probability) pairs of the first answer token: the probability of a yes-vote among the votes."""
+    py = sum(p for t, p in candidates if t.strip().lower() in YES)
+    pn = sum(p for t, p in candidates if t.strip().lower() in NO)
+    return py / (py + pn) if py + pn > 0 else None
 
 
 class LLMClient(Protocol):
     name: str  # backend and model, for records and reports
     parallel: bool  # whether several threads may call chat at once
 
-    def chat(self, messages: Messages, max_tokens: int) -> Reply: ...
+    def chat(self, messages: Messages, max_tokens: int, logprobs: bool = False) -> Reply: ...
 
 
 class HttpClient:
@@ -86,10 +98,12 @@ class HttpClient:
             self._next = start + self.min_interval
         time.sleep(max(0.0, start - now))
 
-    def chat(self, messages: Messages, max_tokens: int) -> Reply:
+    def chat(self, messages: Messages, max_tokens: int, logprobs: bool = False) -> Reply:
         import httpx
 
         body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0}
+        if logprobs:
+            body |= {"logprobs": True, "top_logprobs": 5}
         t0, last = time.perf_counter(), ""
         for attempt in range(self.retries + 1):
             if attempt:
@@ -112,8 +126,10 @@ class HttpClient:
                 raise SaekitError(f"{self.base_url}/chat/completions answered without choices[0].message.content: "
                                   f"{str(data)[:500]}") from None
             usage = data.get("usage") or {}
+            first = ((data["choices"][0].get("logprobs") or {}).get("content") or [{}])[0]
+            top = [(c.get("token", ""), math.exp(c.get("logprob", -math.inf))) for c in first.get("top_logprobs") or []]
             return Reply(text, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)),
-                         time.perf_counter() - t0)
+                         time.perf_counter() - t0, p_yes(top) if logprobs else None)
         raise SaekitError(f"{self.base_url}/chat/completions failed {self.retries + 1} times; last: {last}")
 
 
@@ -134,7 +150,7 @@ class LocalClient:
         self.device, self.name = device, f"{model_id} (in-process transformers)"
         self._lock = threading.Lock()
 
-    def chat(self, messages: Messages, max_tokens: int) -> Reply:
+    def chat(self, messages: Messages, max_tokens: int, logprobs: bool = False) -> Reply:
         import torch
 
         t0 = time.perf_counter()
@@ -142,10 +158,16 @@ class LocalClient:
                                                  return_dict=True)["input_ids"].to(self.device)
         with self._lock, torch.no_grad():
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                      do_sample=False, pad_token_id=self.tokenizer.eos_token_id)
-        new = out[0, ids.shape[1]:]
+                                      do_sample=False, pad_token_id=self.tokenizer.eos_token_id,
+                                      output_scores=logprobs, return_dict_in_generate=True)
+        new = out.sequences[0, ids.shape[1]:]
+        p = None
+        if logprobs:
+            probs = torch.softmax(out.scores[0][0].float(), -1)
+            top = torch.topk(probs, 20)
+            p = p_yes([(self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(top.values, top.indices)])
         return Reply(self.tokenizer.decode(new, skip_special_tokens=True), int(ids.shape[1]), int(len(new)),
-                     time.perf_counter() - t0)
+                     time.perf_counter() - t0, p)
 
 
 def make_client(llm: str, model: str | None = None, api_key_env: str = "OPENAI_API_KEY", timeout: float = 120.0,

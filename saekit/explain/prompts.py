@@ -36,13 +36,25 @@ def explain_prompt(windows: list[Window]) -> Messages:
     return [{"role": "system", "content": EXPLAIN_SYSTEM}, {"role": "user", "content": body + "\n\nExplanation:"}]
 
 
+DETECTION_ONE = (
+    "A feature of a language model has this explanation. You are shown one text excerpt. Answer 1 if the feature "
+    "is active somewhere in it, else 0. Answer with the single number.")
+
+FUZZING_ONE = (
+    f"A feature of a language model has this explanation. You are shown one text excerpt with some tokens wrapped "
+    f"in {MARK_OPEN} {MARK_CLOSE}. Answer 1 if the wrapped tokens are exactly where the feature, as explained, is "
+    "active, else 0. Answer with the single number.")
+
+
 def classify_prompt(kind: str, explanation: str, texts: list[str]) -> Messages:
-    """The detection (plain texts) or fuzzing (texts with marked tokens) prompt for one batch."""
-    system = {"detection": DETECTION_SYSTEM, "fuzzing": FUZZING_SYSTEM}[kind]
+    """The detection (plain texts) or fuzzing (texts with marked tokens) prompt for one batch (one excerpt: a
+    one-number answer, which small models follow far more often than a list)."""
+    system = ({"detection": DETECTION_ONE, "fuzzing": FUZZING_ONE} if len(texts) == 1
+              else {"detection": DETECTION_SYSTEM, "fuzzing": FUZZING_SYSTEM})[kind]
     body = "\n".join(f"Excerpt {i + 1}: {_one_line(t)}" for i, t in enumerate(texts))
     return [{"role": "system", "content": system},
             {"role": "user", "content": f"Explanation: {_one_line(explanation)}\n\n{body}\n\n"
-                                        f"Answer with {len(texts)} numbers:"}]
+                                        + ("Answer (1 or 0):" if len(texts) == 1 else f"Answer with {len(texts)} numbers:")}]
 
 
 _LABEL = re.compile(r"(?:explanation|answer|feature|description)\s*[:\-]\s*", re.I)
@@ -57,6 +69,9 @@ def parse_explanation(answer: str) -> str | None:
     if labels:
         text = text[labels[-1].end():]
     line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    if quoted := re.search(r'(?:^|:|\bis)\s*"([^"]+)"', line):  # 'The feature in one phrase is: "sport"'
+        line = quoted.group(1)
+    line = re.sub(r"^excerpt\s*\d+\s*:\s*", "", line, flags=re.I)  # a copied excerpt number
     line = line.replace(MARK_OPEN, "").replace(MARK_CLOSE, "").strip(" *-:").rstrip(".").strip()
     if len(line) > 1 and line[0] == line[-1] and line[0] in "\"'`":  # one pair of quotes around it all
         line = line[1:-1].strip()
@@ -71,10 +86,13 @@ _VOTE = re.compile(r"\b(1|0|true|false|yes|no)\b", re.I)
 
 def parse_votes(answer: str, n: int) -> list[int] | None:
     """n votes (1/0) from a classifier's answer: the first bracketed list holding exactly n of 1/0/true/false/
-    yes/no, else the first n such words in the answer when there are exactly n of them. None when unparseable."""
+    yes/no, else those words in the answer when there are exactly n of them (n = 1: also an answer that starts
+    with one). None when unparseable."""
     for m in re.finditer(r"\[([^\[\]]*)\]", answer):
         votes = [_WORDS[v.lower()] for v in _VOTE.findall(m.group(1))]
         if len(votes) == n:
             return votes
     votes = [_WORDS[v.lower()] for v in _VOTE.findall(answer)]
+    if n == 1 and votes and re.match(r"\W*(1|0|true|false|yes|no)\b", answer, re.I):
+        return votes[:1]  # one question: an answer that starts with its vote ("1. Because …")
     return votes if len(votes) == n else None

@@ -5,7 +5,8 @@
              where the feature is active: activating windows marked at their firing tokens (1), non-activating
              windows marked at the spans of a random activating window (0) — delphi's default fuzzing
 Each answers in batches of `batch_size` excerpts (one call per batch); the score is the balanced accuracy, with F1,
-accuracy and the counts. Votes that cannot be parsed are counted as `unparsed` and left out of the metrics.
+accuracy and the counts. With one excerpt per call the backend is asked for logprobs, and `auroc` ranks the excerpts
+by P(yes) (delphi's log-prob AUC). Votes that cannot be parsed are counted as `unparsed` and left out of the metrics.
 
 No embedding scorer: it needs a sentence-embedding model, and none is installed or cached on this machine
 (sentence-transformers is absent; no embedding weights in any package here), so it is left out rather than faked.
@@ -26,7 +27,11 @@ from .examples import FeatureExamples
 from .prompts import classify_prompt, parse_votes
 
 SCORERS = ("detection", "fuzzing")
-SCORE_MAX_TOKENS = 30
+
+
+def score_max_tokens(n: int) -> int:
+    """Completion budget of a scoring call: a list of n votes and a little slack (decoding dominates CPU time)."""
+    return 4 * n + 6
 
 
 @dataclass
@@ -41,6 +46,7 @@ class Score:
     completion_tokens: int = 0
     calls: int = 0
     answers: list[dict] = field(default_factory=list)  # per call: the raw answer and the labels asked
+    probs: list[tuple[int, float]] = field(default_factory=list)  # (label, P(yes)) where the backend gave logprobs
 
     @property
     def n(self) -> int:
@@ -61,6 +67,14 @@ class Score:
     def f1(self) -> float | None:
         d = 2 * self.tp + self.fp + self.fn
         return 2 * self.tp / d if d else None
+
+    @property
+    def auroc(self) -> float | None:
+        """AUC of P(yes) between activating and non-activating excerpts (delphi's log-prob AUC): graded where
+        the votes are not — a small model that always answers 1 can still rank the excerpts."""
+        pos = np.array([p for y, p in self.probs if y])
+        neg = np.array([p for y, p in self.probs if not y])
+        return auc(pos, neg) if len(pos) and len(neg) else None
 
     def add(self, labels: list[int], votes: list[int] | None) -> None:
         if votes is None:
@@ -97,19 +111,24 @@ def score(kind: str, client: LLMClient, explanation: str, ex: FeatureExamples, b
     for i in range(0, len(items), batch_size):
         batch = items[i: i + batch_size]
         labels = [y for _, y in batch]
-        reply = client.chat(classify_prompt(kind, explanation, [t for t, _ in batch]), SCORE_MAX_TOKENS)
+        one = len(batch) == 1  # one excerpt: ask for logprobs (P(yes) of the first answer token)
+        reply = client.chat(classify_prompt(kind, explanation, [t for t, _ in batch]), score_max_tokens(len(batch)),
+                            logprobs=one)
         votes = parse_votes(reply.text, len(batch))
+        if one and reply.p_yes is not None:
+            s.probs.append((labels[0], reply.p_yes))
         s.add(labels, votes)
         s.calls += 1
         s.prompt_tokens += reply.prompt_tokens
         s.completion_tokens += reply.completion_tokens
-        s.answers.append({"labels": labels, "answer": reply.text, "votes": votes})
+        s.answers.append({"labels": labels, "answer": reply.text, "votes": votes, "p_yes": reply.p_yes})
     return s
 
 
 def score_record(s: Score) -> dict:
     return {"n": s.n, "tp": s.tp, "fp": s.fp, "tn": s.tn, "fn": s.fn, "unparsed": s.unparsed,
-            "accuracy": s.accuracy, "balanced_accuracy": s.balanced_accuracy, "f1": s.f1, "calls": s.calls,
+            "accuracy": s.accuracy, "balanced_accuracy": s.balanced_accuracy, "f1": s.f1, "auroc": s.auroc,
+            "calls": s.calls,
             "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
             "answers": json.dumps(s.answers)}
 
