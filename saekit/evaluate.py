@@ -105,8 +105,7 @@ def core_statistic(dense_threshold: float):
             out["fvu_excl_massive"] = fvu_of(s, "_normal")
         if "active" in s:
             out["l0"] = s["active"] / s["n"]
-        if "fires" in s:
-            out["dead_fraction"] = (s["fires"] == 0).double().mean(-1)
+        if "fires" in s:  # no dead fraction: see NO_INTERVAL
             out["dense_fraction"] = (s["fires"] / s["n"][..., None] > dense_threshold).double().mean(-1)
         if "pred" in s:
             ce = {k: s[k] / s["pred"] for k in ("clean", "sae", "zero", "mean", "kl")}
@@ -117,6 +116,10 @@ def core_statistic(dense_threshold: float):
         return out
     return statistic
 
+
+NO_INTERVAL = {"dead_fraction": "a latent silent on the evaluated contexts is silent on every resample of them, so "
+                                 "a bootstrap can only raise the dead fraction: it has no honest bootstrap interval"}
+"""Metrics of eval.json that get no interval, and why (written into eval.json beside the intervals)."""
 
 FIRES_LIMIT = 1 << 24
 """Largest contexts × latents matrix of firing counts kept for the dead/dense intervals (128 MB in float64)."""
@@ -462,7 +465,7 @@ def evaluate(model, sae: SparseAutoencoder, contexts: torch.Tensor, cfg: EvalCon
             sums[name] += nll
             per_ctx[name][c0 + c] += nll
     out |= ce_metrics(sums, n_pred) | {"hook": hook, "eval_config": asdict(cfg)}
-    out |= intervals_of(per_ctx, core_statistic(cfg.dense_threshold))
+    out |= intervals_of(per_ctx, core_statistic(cfg.dense_threshold)) | {"no_interval": NO_INTERVAL}
     out["seconds"] = time.perf_counter() - start
     return out
 

@@ -59,7 +59,8 @@ def test_evaluate_writes_intervals_around_its_point_estimates(tmp_path):
     train, _ = load_contexts(model.tokenizer, str(world["data"]), 32, 0.0, 0)
     m = evaluate(model, sae, train.tokens, EvalConfig(tokens=600, batch_contexts=4), progress=False)
     assert m["contexts"] >= 600 // 31 and m["tokens"] == 600
-    for key in ("fvu", "fvu_excl_massive", "nmse", "l0", "dead_fraction", "dense_fraction", "ce_clean", "ce_sae",
+    assert "dead_fraction" not in m["intervals"] and "dead_fraction" in m["no_interval"]
+    for key in ("fvu", "fvu_excl_massive", "nmse", "l0", "dense_fraction", "ce_clean", "ce_sae",
                 "ce_recovered_zero", "ce_recovered_mean", "kl"):
         lo, hi = m["intervals"][key]
         assert lo <= m[key] + 1e-9 and m[key] <= hi + 1e-9, (key, lo, m[key], hi)
