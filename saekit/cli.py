@@ -291,6 +291,12 @@ def cmd_steer(values: Values) -> int:
     from .steer import generate, load_for_steering, make_edit, where
 
     cfg = config_from(SteerConfig, values)
+    if values.get("flow"):
+        from .flow_steer import steer_along_flow
+
+        print(steer_along_flow(values["flow"], values["sae"], values["feature"], cfg, values.get("model"),
+                               values.get("flow_depth") or 3))
+        return 0
     model, sae, store = load_for_steering(values["sae"], values.get("model"), values.get("store"))
     edit = make_edit(cfg.mode, values["feature"], cfg.strength or 0.0, cfg.positions)
     units = (f"typical activations (from the feature store {store.path})" if store is not None and cfg.mode == "add"
@@ -508,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="feature store (`saekit analyze`) whose typical activations scale add strengths; "
                                    "default SAE_DIR/../store when built from this SAE; 'none': raw strengths")
     p.add_argument("--model", help="override the model recorded in the SAE")
+    p.add_argument("--flow", help="a flow store (`saekit flow`): steer the feature and its matched residual "
+                                  "predecessors together (add: strength split equally over the path)")
+    p.add_argument("--flow-depth", type=int, default=3, help="predecessor steps followed with --flow (default 3)")
     add_config_args(p, SteerConfig)
 
     p = sub.add_parser("steer-eval", help="sweep steering strengths: hit rate, fluency, side effects vs a "

@@ -66,3 +66,48 @@ def steer_flow(model, saes: dict[str, SparseAutoencoder], edits: list[tuple[str,
         raise SaekitError(f"flow steering needs the SAE of every layer on the path; missing {', '.join(missing)}.")
     with ExitStack() as stack:
         yield [stack.enter_context(steer(model, saes[h], [e], hook=h, scale=(scales or {}).get(h))) for h, e in edits]
+
+
+def generate_flow(model, saes: dict[str, SparseAutoencoder], edits: list[tuple[str, Edit]], prompt: str,
+                  seed: int = 0, max_new_tokens: int = 40, temperature: float = 1.0,
+                  scales: dict[str, Scale] | None = None, use_cache: bool = True, threads: int | None = 1):
+    """Baseline and flow-steered continuations of `prompt` from one seed in one batch (steer.generate with one
+    Steering per layer of the path)."""
+    import torch
+
+    from .steer import stream_steerings
+
+    steerings = [Steering(saes[h], [e], h, (scales or {}).get(h), rows=torch.tensor([False, True])) for h, e in edits]
+    described = [e.describe(s.scale(e.feature) if s.scale and e.mode == "add" else None) + f" at {h}"
+                 for (h, e), s in zip(edits, steerings)]
+    return stream_steerings(model, steerings, prompt, described, seed, max_new_tokens, temperature, use_cache,
+                            threads).run()
+
+
+def steer_along_flow(flow_dir: str, sae_dir: str, feature: int, cfg, model_name: str | None = None, depth: int = 3
+                     ) -> str:
+    """`saekit steer --flow`: the side-by-side text of baseline and flow-steered generation (cfg: SteerConfig),
+    add strengths in typical activations when every SAE on the path has its feature store, else raw (said)."""
+    from .features import open_store
+    from .lm import load_model
+    from .sae import load_sae
+    from .steer import find_store
+
+    flow = FlowStore(flow_dir)
+    hook = load_sae(sae_dir).hook
+    if hook is None:
+        raise SaekitError(f"{sae_dir} records no hook; flow steering finds the feature's SAE in the set by its hook.")
+    flow.check_latent(hook, feature)
+    path = flow_path(flow, hook, feature, depth)
+    saes = {s.hook: load_sae(flow.set.by_hook(s.hook).path) for s in path}
+    model = load_model(model_name or saes[hook].info.get("model_arg") or "default")
+    stores = {h: find_store(flow.set.by_hook(h).path, sae) for h, sae in saes.items()}
+    typical = cfg.mode == "add" and all(stores.values())
+    scales = {h: open_store(p) for h, p in stores.items()} if typical else None
+    g = generate_flow(model, saes, flow_edits(path, cfg.mode, cfg.strength or 0.0, cfg.positions), cfg.prompt, cfg.seed,
+                      cfg.max_new_tokens, cfg.temperature, scales, cfg.kv_cache)
+    units = ("typical activations (each layer's feature store)" if typical else
+             "raw units" + (" (not every SAE on the path has a feature store)" if cfg.mode == "add" else ""))
+    steps = " ← ".join(f"{s.hook}:{s.latent}" + (f" (cos {s.cos:.2f})" if i else "") for i, s in enumerate(path))
+    return (f"flow path: {steps}\n" + "\n".join(g.edits) + f"\nstrength in {units}; seed {g.seed}, temperature "
+            f"{g.temperature:g}; {g.path}\n\n" + g.side_by_side(cfg.width))

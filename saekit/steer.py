@@ -609,13 +609,14 @@ def path_text(plain: bool, why: str, use_cache: bool, device) -> str:
 
 @torch.no_grad()
 def sampling(model, prompt: list[int], rows: int, max_new_tokens: int, seed: int = 0, temperature: float = 1.0,
-             steering: Steering | None = None, use_cache: bool = True, track: torch.Tensor | None = None,
-             stop_early: bool = True, threads: int | None = None, engine: Engine = "auto"
-             ) -> Generator[tuple[torch.Tensor, torch.Tensor], None, Sampled]:
+             steering: Steering | Sequence[Steering] | None = None, use_cache: bool = True,
+             track: torch.Tensor | None = None, stop_early: bool = True, threads: int | None = None,
+             engine: Engine = "auto") -> Generator[tuple[torch.Tensor, torch.Tensor], None, Sampled]:
     """`sample`, one step at a time: yields each step's (tokens [rows], their log-probs [rows]), on the model's device,
     as soon as they are sampled, and returns the Sampled (draining it, as `sample` does, never waits on the device).
     The hook and the thread count hold from the first `next` until the generator ends or is closed (a `for` loop
-    left early, `close()`), so consume it before running the model otherwise."""
+    left early, `close()`), so consume it before running the model otherwise. Several steerings (one per hook, as
+    flow steering uses) act together."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt] * rows, dtype=torch.long, device=device)
     P = ids.shape[1]
@@ -627,11 +628,12 @@ def sampling(model, prompt: list[int], rows: int, max_new_tokens: int, seed: int
     track = track.to(device) if track is not None else None
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
-    if steering is not None:
-        _check_fits(model, steering)
+    steerings = [] if steering is None else [steering] if isinstance(steering, Steering) else list(steering)
+    for st in steerings:
+        _check_fits(model, st)
     n = max_new_tokens
     with cpu_threads(threads, device), ExitStack() as stack:
-        hooks = steering.hooks() if steering is not None else []
+        hooks = [hk for st in steerings for hk in st.hooks()]
         plain, why = fast_path(model, [h for h, _ in hooks] or None, engine)  # (built once per model)
         path = path_text(plain is not None, why, use_cache, device)
         if plain is not None:
@@ -640,14 +642,14 @@ def sampling(model, prompt: list[int], rows: int, max_new_tokens: int, seed: int
                 stack.enter_context(plain.hooked(h, fn))
         else:
             forward = KVCache(model).forward if use_cache else model
-            if steering is not None:
-                stack.enter_context(steer(model, steering.sae, steering))
-        if steering is not None:
-            steering.prompt_len = P
+            for st in steerings:
+                stack.enter_context(steer(model, st.sae, st))
+        for st in steerings:
+            st.prompt_len = P
         try:
             for step in range(max_new_tokens):
-                if steering is not None:  # absolute position of the first token fed this step
-                    steering.offset = P + step - 1 if (use_cache and step > 0) else 0
+                for st in steerings:  # absolute position of the first token fed this step
+                    st.offset = P + step - 1 if (use_cache and step > 0) else 0
                 if use_cache:
                     logits = forward(ids if step == 0 else out[:, step - 1: step])
                 else:
@@ -667,8 +669,8 @@ def sampling(model, prompt: list[int], rows: int, max_new_tokens: int, seed: int
                     n = step + 1
                     break
         finally:
-            if steering is not None:
-                steering.offset = None  # back to inferred positions for any later use of this Steering
+            for st in steerings:
+                st.offset = None  # back to inferred positions for any later use of this Steering
     return Sampled(prompt, out[:, :n].cpu(), logprobs[:, :n].cpu(), lengths.cpu(),
                    tracked[:, :n].cpu() if tracked is not None else None, path)
 
@@ -829,8 +831,16 @@ def stream(model, sae: SparseAutoencoder, prompt: str, edits: Sequence[Edit] | E
     steering = Steering(sae, edits, hook, scale, rows=torch.tensor([False, True]))
     described = [e.describe(steering.scale(e.feature) if steering.scale and e.mode == "add" and e.direction is None
                             else None) for e in edits]
+    return stream_steerings(model, [steering], prompt, described, seed, max_new_tokens, temperature, use_cache, threads,
+                            engine)
+
+
+def stream_steerings(model, steerings: Sequence[Steering], prompt: str, described: list[str], seed: int = 0,
+                     max_new_tokens: int = 40, temperature: float = 1.0, use_cache: bool = True,
+                     threads: int | None = 1, engine: Engine = "auto") -> GenerationStream:
+    """`stream` for ready steerings (each limited to the steered row, rows=[False, True]), e.g. one per layer."""
     ids = prompt_tokens(model.tokenizer, prompt)
-    steps = sampling(model, ids, 2, max_new_tokens, seed, temperature, steering, use_cache, threads=threads,
+    steps = sampling(model, ids, 2, max_new_tokens, seed, temperature, list(steerings), use_cache, threads=threads,
                      engine=engine)
     return GenerationStream(_tokens(model.tokenizer, steps, prompt, described, seed, temperature, max_new_tokens))
 
