@@ -465,6 +465,8 @@ def data_check(s: SaeSet, tensors: dict[str, torch.Tensor], cfg: FlowConfig, act
             for name, t in (("corr_top", c_top), ("corr_random", c_rand)):
                 totals.setdefault(f"{kind}/{name}", []).append(t)
             if kind == "resid":
+                totals.setdefault("precision_top", []).append(p_top)
+                totals.setdefault("precision_top_random", []).append(p_rand)
                 persist = (cls == CLASSES.index("persisting")) | (cls == CLASSES.index("transformed"))
                 row["persisting_links"] = int(persist.sum())
                 if persist.any():
@@ -548,6 +550,9 @@ def report(meta: dict[str, Any]) -> str:
                      + (f" {row['top1_resid_agreement']:.1%} | {row['class_agreement']:.1%} |" if cfg.get("compare", True) else ""))
     if not cfg.get("compare", True):
         lines += ["", f"({other} variant not matched: --no-compare.)"]
+    best = [row["mean_best_cos"] for row in summ["layers"].values()]
+    lines += ["", "Mean best cosine per source: " + ", ".join(
+        f"{k} {sum(b[k] for b in best) / len(best):.3f}" for k in SOURCES if all(k in b for b in best)) + "."]
     shared = {f"{layer} {k}": v for layer, row in summ["layers"].items() for k, v in row.get("same_index_top1", {}).items()
               if v > 0.2}
     if shared:
@@ -568,6 +573,9 @@ def report(meta: dict[str, Any]) -> str:
         if f"{kind}/corr_top" in o:
             lines.append(f"| {kind} L−1 | {o[f'{kind}/corr_top_n']} | {o[f'{kind}/corr_top']:.3f} | "
                          f"{o[f'{kind}/corr_random']:.3f} |")
+    if "precision_top" in o:
+        lines += ["", f"Top residual match, every checked feature: it fires on {o['precision_top']:.1%} of the tokens "
+                  f"where the feature fires; a random same-density feature on {o['precision_top_random']:.1%}."]
     if "precision_persisting" in o:
         lines += ["", f"Precision of persisting links ({o['precision_persisting_n']} features classified persisting "
                   f"or transformed): the predecessor fires on {o['precision_persisting']:.1%} of the tokens where the "
