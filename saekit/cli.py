@@ -538,14 +538,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--saes", help="instead, residual SAEs (a run or folder of them): ranks their features and error "
                                   "nodes by attribution patching and integrated gradients (Marks et al. 2024)")
     p.add_argument("--prompt", help="the text (BOS is prepended)")
-    p.add_argument("--prompts", help="with --saes, a prompt set: JSON lines {prompt, target, contrast} or "
+    p.add_argument("--prompts", help="a prompt set for attribution patching: JSON lines {prompt, target, contrast} or "
                                      "'prompt<TAB>target[<TAB>contrast]'; the metric is averaged over it")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--target", help="a next token to explain (one token, e.g. ' Paris'), or a contrast 'A|B' "
-                                    "(logit difference); default: the likeliest tokens (with --saes: required)")
+                                    "(logit difference); default: the likeliest tokens (required for attribution patching)")
     p.add_argument("--validate", type=int, default=20, help="feature nodes to ablate (and, for a graph, double) in "
                                                             "the real model (0: skip; default 20)")
-    p.add_argument("--ig-steps", type=int, default=10, help="with --saes: integrated-gradient steps (0: AtP only)")
+    p.add_argument("--ig-steps", type=int, default=10, help="integrated-gradient steps of attribution patching (0: AtP "
+                                                               "only)")
     p.add_argument("--model", help="override the model recorded in the transcoders")
     p.add_argument("--device", help="cpu or cuda (default cpu)")
     overwrite_flag(p, "a graph in --out")
