@@ -380,7 +380,7 @@ class TrainConfig(Checked):
     wandb: bool = False
     """Also log to Weights & Biases (needs `pip install wandb`)."""
     seed: NonNegInt = 0
-    """Seed for SAE init and batch order."""
+    """Seed for SAE init and batch order (a run over several hooks seeds the j-th hook's dictionaries with seed + j)."""
     device: Device = "auto"
     """'auto', 'cpu' or 'cuda'."""
 

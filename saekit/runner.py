@@ -288,8 +288,11 @@ def _train(spec: TrainRun, tcfg: TrainConfig, comm: Comm, out: Path) -> list[Pat
         if tcfg.exclude_massive:
             acts = acts[~massive]
         d_in = cache.d_in(unit_hooks[0])
-        cfg = dataclasses.replace(tcfg, saes=[dataclasses.replace(c, d_in=d_in, d_out=cache.d_in(unit_hooks[-1])
-                                                                  if c.transcoder else None) for c in tcfg.saes])
+        # seed + j: each hook's dictionaries start from their own random weights (a shared start would make the
+        # SAEs of different layers look matched feature by feature, index for index)
+        cfg = dataclasses.replace(tcfg, seed=tcfg.seed + j,
+                                  saes=[dataclasses.replace(c, d_in=d_in, d_out=cache.d_in(unit_hooks[-1])
+                                                            if c.transcoder else None) for c in tcfg.saes])
         info = {**data_info, "hook": unit_hooks[0], "activations": str(cache.dir), "harvest_tokens": cache.tokens,
                 "massive_tokens_excluded": n_massive if cfg.exclude_massive else 0,
                 **_massive_info(cache, unit_hooks[-1], thresholds)}

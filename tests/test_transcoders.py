@@ -273,6 +273,10 @@ def test_a_transcoder_set_trains_evaluates_and_replaces_every_mlp(tiny_set):
     rep = json.loads((out / "replacement_eval.json").read_text())
     assert rep["layers"] == [0, 1] and rep["ce_zero_ablation"] > rep["ce_clean"] and rep["kl"] > 0
     assert rep["ce_sae"] >= rep["ce_clean"] - 0.05
+    # each layer's transcoder started from its own random weights (seed + layer index), not one shared start
+    a, b = (SparseAutoencoder.load(out / f"blocks.{L}.mlp" / "tc-k4-d64") for L in (0, 1))
+    assert (a.info["training"]["config"]["seed"], b.info["training"]["config"]["seed"]) == (0, 1)
+    assert torch.nn.functional.cosine_similarity(a.W_enc, b.W_enc, dim=0).mean() < 0.5
 
 
 def test_replace_all_refuses_a_set_with_a_missing_layer(tiny_set, tmp_path):
