@@ -92,7 +92,7 @@ def word_activations(model, hook: str, seqs: list[list[int]], pos: list[int], ba
         width = max(len(s) for s in part)
         toks = torch.tensor([s + [s[0]] * (width - len(s)) for s in part], device=device)
         store = {}
-        model.run_with_hooks(toks, stop_at_layer=stop, fwd_hooks=[(hook, lambda a, hook: store.setdefault("a", a.detach()))])
+        model.run_with_hooks(toks, stop_at_layer=stop, fwd_hooks=[(hook, lambda a, hook, store=store: store.setdefault("a", a.detach()))])
         out.append(store["a"][torch.arange(len(part)), torch.tensor(pos[lo: lo + batch])].float().cpu())
     return torch.cat(out)
 

@@ -97,7 +97,6 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def frontier(rows: list[dict[str, Any]]):
     """A plotly figure: L0 against each FRONTIER metric, one point per SAE with x and y error bars."""
-    import plotly.graph_objects as go
     from plotly.colors import qualitative
     from plotly.subplots import make_subplots
 
@@ -110,7 +109,7 @@ def frontier(rows: list[dict[str, Any]]):
             if not pts:
                 continue
 
-            def bars(key):
+            def bars(key, pts=pts):
                 return {"type": "data", "symmetric": False,
                         "array": [(r[f"{key}_ci"] or [0, r[key]])[1] - r[key] for r in pts],
                         "arrayminus": [r[key] - (r[f"{key}_ci"] or [r[key], 0])[0] for r in pts]}

@@ -167,7 +167,7 @@ def document_activations(model, hook: str, data: Labelled, context: int = 128, b
         width = int(mask[rows].sum(1).max()) + 1
         store = {}
         model.run_with_hooks(tokens[rows, :width].to(device), stop_at_layer=stop,
-                             fwd_hooks=[(hook, lambda a, hook: store.setdefault("a", a.detach()))])
+                             fwd_hooks=[(hook, lambda a, hook, store=store: store.setdefault("a", a.detach()))])
         a = store["a"][:, 1:].to("cpu", torch.float16)  # causal: right padding leaves the real tokens untouched
         if acts is None:
             acts = torch.zeros(len(ids), T, a.shape[-1], dtype=torch.float16)
