@@ -307,3 +307,12 @@ def test_http_client(server, monkeypatch):
         HttpClient(server, model="gpt-9")
     with pytest.raises(SaekitError, match=r"http://127.0.0.1:9/v1 is unreachable"):
         HttpClient("http://127.0.0.1:9/v1", retries=0)
+
+
+def test_local_backend_needs_a_chat_model(tiny_store):
+    from saekit.explain import make_client
+
+    with pytest.raises(SaekitError, match="no chat template; use an instruction-tuned model"):
+        make_client(f"local:{tiny_store['model']}")
+    with pytest.raises(SaekitError, match="give an OpenAI-compatible base URL"):
+        make_client("127.0.0.1:8080")
