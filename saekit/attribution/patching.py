@@ -86,7 +86,8 @@ def residual_sae_set(path: str | Path) -> dict[str, SparseAutoencoder]:
     by_hook: dict[str, SparseAutoencoder] = {}
     for p, s in zip(dirs, saes):
         if s.hook in by_hook:
-            raise SaekitError(f"{path} holds two SAEs for {s.hook}; keep one per hook in the folder you point at.")
+            raise SaekitError(f"{path} holds two SAEs for {s.hook} (one of them {p}); keep one per hook in the folder "
+                              "you point at.")
         by_hook[s.hook] = s
     return dict(sorted(by_hook.items(), key=lambda kv: (hook_layer(kv[0]) or 0, kv[0])))
 
