@@ -313,8 +313,14 @@ def cmd_steer_eval(values: Values) -> int:
     from .steer_eval import SteerEvalConfig, claim_report, run_and_report
 
     cfg = config_from(SteerEvalConfig, values)
-    out = Path(values.get("out") or Path(values["sae"]) / "steer-eval")
+    out = Path(values.get("out") or Path(values["sae"]) / ("steer-eval-flow" if values.get("flow") else "steer-eval"))
     claim_report(out, cfg, bool(values.get("overwrite")))
+    if values.get("flow"):
+        from .flow_eval import run_and_report as run_flow_eval
+
+        run_flow_eval(values["flow"], values["sae"], cfg, out, values.get("flow_depth") or 3,
+                      values.get("flow_min_cos"), values.get("model"))
+        return 0
     model, sae, store = load_for_steering(values["sae"], values.get("model"), values.get("store"))
     run_and_report(model, sae, cfg, Path(values["sae"]), store, out)
     return 0
@@ -527,6 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="feature store whose typical activations to use (default SAE_DIR/../store when "
                                    "built from this SAE; 'none': measure them on the reference tokens)")
     p.add_argument("--model", help="override the model recorded in the SAE")
+    p.add_argument("--flow", help="a flow store (`saekit flow`): sweep single-layer and along-the-flow steering of "
+                                  "--features side by side, compared at equal perplexity (default out "
+                                  "SAE_DIR/steer-eval-flow)")
+    p.add_argument("--flow-depth", type=int, default=3, help="predecessor steps followed with --flow (default 3)")
+    p.add_argument("--flow-min-cos", type=float, help="cosine a predecessor needs with --flow (default the flow's "
+                                                      "threshold)")
     add_config_args(p, SteerEvalConfig)
 
     from .attribution import AttributionConfig

@@ -47,11 +47,16 @@ def flow_path(flow: FlowStore, hook: str, feature: int, depth: int = 3, min_cos:
     return path
 
 
-def flow_edits(path: list[Step], mode: str, strength: float, positions: str = "all") -> list[tuple[str, Edit]]:
-    """(hook, edit) per step, the strength shared as the module docstring says."""
+def shared_strength(mode: str, strength: float, n: int) -> float:
+    """Each layer's value when a path of n layers is steered with `strength` (the module docstring's rule)."""
     if mode not in ("add", "scale", "clamp"):
         raise SaekitError(f"flow steering supports add, scale and clamp, not {mode!r}.")
-    value = strength / len(path) if mode == "add" else strength
+    return strength / n if mode == "add" else strength
+
+
+def flow_edits(path: list[Step], mode: str, strength: float, positions: str = "all") -> list[tuple[str, Edit]]:
+    """(hook, edit) per step, the strength shared as the module docstring says."""
+    value = shared_strength(mode, strength, len(path))
     return [(s.hook, make_edit(mode, s.latent, value, positions)) for s in path]
 
 

@@ -13,6 +13,9 @@ Gumbel noise per step, so every row differs from the unsteered one only through 
   kl     KL(unsteered ‖ steered) of next-token distributions on neutral prompts (side effects).
 Baseline: a difference-of-means vector (mean activation on the feature's top-activating tokens minus the
 mean on random tokens), normalised and added at the same norm as the SAE edit — same strength, same norm.
+Flow rows (`flow`, from `saekit steer-eval --flow`): the same edit applied along the feature's flow, to the feature
+and its matched predecessors at earlier layers, each at its own SAE's hook with the strength shared as flow_steer.py
+says; the hit rate is still read at the feature's own hook.
 
 A transcoder is steered where it writes (the MLP output; steer.py), so its reference tokens are read at both its
 hooks: the latents from the MLP input (the activations that define "fires"), the baseline's difference of means
@@ -22,6 +25,7 @@ from the MLP output, where that vector is added.
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -51,6 +55,16 @@ class FeatureRef:
     top_tokens: torch.Tensor  # ids of its top logit tokens
     top_strings: list[str]
     dom: torch.Tensor | None = None  # unit difference-of-means direction
+
+
+@dataclass
+class Companion:
+    """A predecessor the flow rows steer together with the feature: latent `feature` of `sae`, at the SAE's hook,
+    with its own typical activation (add and clamp values are in it)."""
+
+    sae: SparseAutoencoder
+    feature: int
+    typical: float
 
 
 def default_prompts(path: str | None = None) -> dict[str, list[str]]:
@@ -222,28 +236,38 @@ def _rows(strengths: list[float], methods: list[str]) -> list[tuple[str, float]]
     return [("none", 0.0)] + [(m, s) for m in methods for s in nz]
 
 
-def _steering(sae: SparseAutoencoder, ref: FeatureRef, rows: list[tuple[str, float]], mode: str,
-              positions: str) -> steer.Steering:
+def _steerings(sae: SparseAutoencoder, ref: FeatureRef, rows: list[tuple[str, float]], mode: str,
+               positions: str, flow: list[Companion]) -> list[steer.Steering]:
+    """One Steering per hook: the feature's own (sae and flow rows, and the baseline's), then each companion's."""
+    from .flow_steer import shared_strength
+
     nan = float("nan")
-    raw = lambda s: s if mode == "scale" else s * ref.typical  # noqa: E731
-    sae_vals = torch.tensor([raw(s) if m == "sae" else nan for m, s in rows])
+    raw = lambda s, typical: s if mode == "scale" else s * typical  # noqa: E731
+    n = len(flow) + 1
+    sae_vals = torch.tensor([raw(s, ref.typical) if m == "sae" else
+                             raw(shared_strength(mode, s, n), ref.typical) if m == "flow" else nan for m, s in rows])
     edits = [steer.Edit(ref.feature, mode, sae_vals, positions)]  # type: ignore[arg-type]
     if ref.dom is not None and any(m == "dom" for m, _ in rows):
         dom_vals = torch.tensor([s * ref.typical if m == "dom" else nan for m, s in rows])
         edits.append(steer.add_vector(ref.dom, dom_vals, positions))  # type: ignore[arg-type]
-    return steer.Steering(sae, edits)
+    out = [steer.Steering(sae, edits)]
+    for c in flow:
+        vals = torch.tensor([raw(shared_strength(mode, s, n), c.typical) if m == "flow" else nan for m, s in rows])
+        out.append(steer.Steering(c.sae, [steer.Edit(c.feature, mode, vals, positions)]))  # type: ignore[arg-type]
+    return out
 
 
 @torch.no_grad()
 def sweep_feature(model, sae: SparseAutoencoder, ref: FeatureRef, strengths: list[float], prompts: list[str],
                   neutral: list[str], mode: str = "add", positions: str = "all", max_new_tokens: int = 24,
-                  temperature: float = 1.0, seed: int = 0, kv_cache: bool = True, progress: bool = True
-                  ) -> list[dict[str, Any]]:
-    """One row of metrics per (method, strength) for one feature (see the module doc)."""
-    methods = ["sae"] + (["dom"] if ref.dom is not None and mode != "scale" else [])
+                  temperature: float = 1.0, seed: int = 0, kv_cache: bool = True, progress: bool = True,
+                  flow: list[Companion] | None = None) -> list[dict[str, Any]]:
+    """One row of metrics per (method, strength) for one feature (see the module doc); `flow`: the predecessors
+    steered with it in the flow rows (none: no flow rows)."""
+    methods = ["sae"] + (["flow"] if flow else []) + (["dom"] if ref.dom is not None and mode != "scale" else [])
     rows = _rows(strengths, methods)
     B = len(rows)
-    steering = _steering(sae, ref, rows, mode, positions)
+    steerings = _steerings(sae, ref, rows, mode, positions, flow or [])
     acc = {k: torch.zeros(B, dtype=torch.float64) for k in ("nll", "tok", "act", "fire", "any", "ptop", "kl", "klpos")}
     device = next(model.parameters()).device
     bar = tqdm(total=len(prompts) * max_new_tokens + len(neutral), desc=f"steer-eval f{ref.feature}",
@@ -251,7 +275,7 @@ def sweep_feature(model, sae: SparseAutoencoder, ref: FeatureRef, strengths: lis
     start = time.perf_counter()
     for i, text in enumerate(prompts):
         ids = steer.prompt_tokens(model.tokenizer, text)
-        s = steer.sample(model, ids, B, max_new_tokens, seed + i, temperature, steering, kv_cache,
+        s = steer.sample(model, ids, B, max_new_tokens, seed + i, temperature, steerings, kv_cache,
                      track=ref.top_tokens, stop_early=False)
         sc = _score(model, sae, ids, s, ref.feature)
         valid = sc["valid"]
@@ -265,8 +289,10 @@ def sweep_feature(model, sae: SparseAutoencoder, ref: FeatureRef, strengths: lis
     for text in neutral:
         toks = torch.tensor([steer.prompt_tokens(model.tokenizer, text)], device=device)
         # side effects of the edit wherever it would act: "generated" edits act on every position here
-        steering.offset, steering.prompt_len = 0, (1 if positions == "generated" else toks.shape[1])
-        with steer.steer(model, sae, steering):
+        with ExitStack() as stack:
+            for st in steerings:
+                st.offset, st.prompt_len = 0, (1 if positions == "generated" else toks.shape[1])
+                stack.enter_context(steer.steer(model, st.sae, st))
             steered = torch.log_softmax(model(toks.expand(B, -1))[:, 1:].float(), -1)  # after steered positions
         # Row 0 carries no edit: it is the clean model, from the same batched forward (a separate batch-1
         # forward differs in the last bits, which would give the unsteered row a KL of ~1e-8).
@@ -286,7 +312,7 @@ def sweep_feature(model, sae: SparseAutoencoder, ref: FeatureRef, strengths: lis
             "act": float(acc["act"][r] / tok[r]), "p_top": float(acc["ptop"][r] / tok[r]),
             "ppl": float(ppl[r]), "ppl_ratio": float(ppl[r] / ppl[0]),
             "kl": float(acc["kl"][r] / max(float(acc["klpos"][r]), 1.0)), "tokens": int(acc["tok"][r]),
-            "typical": ref.typical, "frequency": ref.frequency,
+            "typical": ref.typical, "frequency": ref.frequency, "path": 1 + len(flow or []) if method == "flow" else 1,
         })
     out[0]["seconds"] = time.perf_counter() - start
     return out
@@ -298,7 +324,7 @@ def verdict(rows: list[dict[str, Any]], ppl_limit: float = PPL_LIMIT) -> list[di
     out = []
     for f in dict.fromkeys(r["feature"] for r in rows):
         base = next(r for r in rows if r["feature"] == f and r["method"] == "none")
-        for m in ("sae", "dom"):
+        for m in ("sae", "flow", "dom"):
             cand = [r for r in rows if r["feature"] == f and r["method"] == m and r["ppl_ratio"] <= ppl_limit]
             if not any(r["feature"] == f and r["method"] == m for r in rows):
                 continue
@@ -317,7 +343,7 @@ TABLE = [("feature", "feature", 7, "{}"), ("method", "method", 9, "{}"), ("stren
 
 
 def method_name(r: dict[str, Any]) -> str:
-    return {"none": "unsteered", "dom": "diff-mean"}.get(r["method"], f"sae-{r['mode']}")
+    return {"none": "unsteered", "dom": "diff-mean", "flow": f"flow-{r['mode']}"}.get(r["method"], f"sae-{r['mode']}")
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -341,11 +367,12 @@ def figure(rows: list[dict[str, Any]], path: str | Path, title: str = "steering 
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"]
     for k, f in enumerate(dict.fromkeys(r["feature"] for r in rows)):
         base = next(r for r in rows if r["feature"] == f and r["method"] == "none")
-        for m, dash, sym in (("sae", "solid", "circle"), ("dom", "dot", "diamond")):
+        for m, dash, sym in (("sae", "solid", "circle"), ("flow", "dash", "square"), ("dom", "dot", "diamond")):
             pts = [base] + sorted((r for r in rows if r["feature"] == f and r["method"] == m), key=lambda r: r["strength"])
             if len(pts) == 1:
                 continue
-            name = f"f{f} {'SAE ' + pts[1]['mode'] if m == 'sae' else 'diff-of-means'}"
+            name = f"f{f} " + {"sae": f"SAE {pts[1]['mode']}", "flow": f"flow {pts[1]['mode']} ({pts[1]['path']} layers)",
+                               "dom": "diff-of-means"}[m]
             text = [f"{r['strength']:g}" for r in pts]
             hover = "strength %{text}<br>hit %{y:.3f}<br>%{x:.3f}<extra>" + name + "</extra>"
             for col, key in ((1, "ppl_ratio"), (2, "kl")):
@@ -364,9 +391,11 @@ def figure(rows: list[dict[str, Any]], path: str | Path, title: str = "steering 
 
 
 def run(model, sae: SparseAutoencoder, cfg: SteerEvalConfig, x: torch.Tensor | None = None, store=None,
-        progress: bool = True, y: torch.Tensor | None = None) -> dict[str, Any]:
+        progress: bool = True, y: torch.Tensor | None = None, flows: dict[int, list[Companion]] | None = None
+        ) -> dict[str, Any]:
     """The whole evaluation: reference activations → features → sweeps. Returns rows, verdicts and meta.
-    `x` (and a transcoder's `y`): reference activations as `reference_activations` gives them (read when None)."""
+    `x` (and a transcoder's `y`): reference activations as `reference_activations` gives them (read when None).
+    `flows`: per feature, the predecessors its flow rows steer too (flow_eval.py)."""
     prompts = default_prompts(cfg.prompts or None)
     steer_p, neutral = prompts["steer"][: cfg.n_prompts], prompts["neutral"][: cfg.n_neutral]
     start = time.perf_counter()
@@ -380,7 +409,8 @@ def run(model, sae: SparseAutoencoder, cfg: SteerEvalConfig, x: torch.Tensor | N
     rows: list[dict[str, Any]] = []
     for ref in refs:
         rows += sweep_feature(model, sae, ref, strengths, steer_p, neutral, cfg.mode, cfg.positions,
-                              cfg.max_new_tokens, cfg.temperature, cfg.seed, cfg.kv_cache, progress)
+                              cfg.max_new_tokens, cfg.temperature, cfg.seed, cfg.kv_cache, progress,
+                              (flows or {}).get(ref.feature))
     return {"rows": rows, "verdict": verdict(rows), "config": asdict(cfg), "features": [
         {"feature": r.feature, "typical": r.typical, "frequency": r.frequency, "top_tokens": r.top_strings,
          "baseline": r.dom is not None} for r in refs],

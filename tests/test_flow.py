@@ -4,6 +4,7 @@ check on constructed co-activations, and the command end to end on the tiny worl
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -29,13 +30,14 @@ D_IN, D_SAE = 256, 64
 PLANTED = {0: "persisting", 1: "mlp", 2: "attention", 3: "new", 4: "transformed"}
 
 
-def _save(root: Path, hook: str, W: torch.Tensor, model: str = "test/model", k: int = 3) -> Path:
+def _save(root: Path, hook: str, W: torch.Tensor, model: str = "test/model", k: int = 3, info: dict | None = None
+          ) -> Path:
     sae = SparseAutoencoder(SaeConfig(d_in=W.shape[1], d_sae=W.shape[0], k=k))
     W = W / W.norm(dim=1, keepdim=True)
     with torch.no_grad():
         sae.W_dec.copy_(W)
         sae.W_enc.copy_(W.t())
-    sae.info = {"hook": hook, "model": model}
+    sae.info = {**(info or {}), "hook": hook, "model": model}
     return sae.save(root / hook)
 
 
@@ -342,7 +344,7 @@ def tiny_flow(tmp_path_factory):
         W = torch.randn(64, 32, generator=gen)
         if hook == "blocks.0.hook_resid_pre":
             W[9] = sae1.W_dec.detach()[5]
-        _save(root / "set", hook, W, model=sae1.info["model"], k=4)
+        _save(root / "set", hook, W, model=sae1.info["model"], k=4, info=sae1.info)  # its dataset: reference tokens
     s = read_set(dictionaries_in(root / "set"), root / "set")
     cfg = FlowConfig(threshold=0.9, check_tokens=0)
     flow = FlowStore(save_flow(root / "flow", s, cfg, *compute_flow(s, cfg, progress=False), {"ran": False}))
@@ -447,3 +449,59 @@ def test_steer_cli_along_the_flow(tiny_flow, capsys):
     assert "add feature 9 4 at blocks.0.hook_resid_pre" in out and "strength in raw units" in out
     assert main(argv[:6] + ["70"] + argv[7:]) == 2
     assert "feature 70 does not exist in blocks.1.hook_resid_pre (its SAE has d_sae 64" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- steer-eval along the flow
+
+def test_flow_rows_share_the_sweep(tiny_flow):
+    """Flow rows sit in the same batch as the single-layer rows: with the predecessor's typical activation set to 0
+    its edit vanishes, and the flow add of 2s (split over 2 layers) equals the single-layer add of s."""
+    from saekit.steer_eval import Companion, FeatureRef, sweep_feature
+
+    model, _, saes, _ = tiny_flow
+    sae = saes["blocks.1.hook_resid_pre"]
+    ref = FeatureRef(5, 1.0, 0.1, torch.tensor([3, 4]), ["a", "b"])
+    kw = dict(prompts=["The bank said"], neutral=["The striker won."], max_new_tokens=4, progress=False)
+    idle = sweep_feature(model, sae, ref, [0, 4, 8], flow=[Companion(saes["blocks.0.hook_resid_pre"], 9, 0.0)], **kw)
+    by = {(r["method"], r["strength"]): r for r in idle}
+    assert [r["method"] for r in idle] == ["none", "sae", "sae", "flow", "flow"] and by[("flow", 8.0)]["path"] == 2
+    for key in ("hit", "ppl", "kl", "p_top"):
+        assert by[("flow", 8.0)][key] == pytest.approx(by[("sae", 4.0)][key], rel=1e-4, abs=1e-7)
+    live = sweep_feature(model, sae, ref, [0, 8], flow=[Companion(saes["blocks.0.hook_resid_pre"], 9, 1.0)], **kw)
+    assert live[0]["kl"] == 0.0 and live[2]["kl"] != pytest.approx(by[("flow", 8.0)]["kl"], rel=1e-3)
+
+
+def test_equal_perplexity_comparison_interpolates_inside_the_range():
+    from saekit.flow_eval import at_equal_perplexity, hit_at
+
+    def row(m, s, ppl, hit):
+        return {"feature": 1, "method": m, "strength": s, "ppl_ratio": ppl, "hit": hit}
+
+    rows = [row("none", 0, 1.0, 0.0), row("sae", 4, 2.0, 0.2), row("sae", 8, 4.0, 0.4),
+            row("flow", 4, 1.5, 0.3), row("flow", 8, 3.0, 0.5)]
+    assert hit_at([(1.0, 0.0, 0), (2.0, 0.2, 4)], 1.5) == pytest.approx(0.1) and hit_at([(1.0, 0.0, 0)], 2.0) is None
+    c = at_equal_perplexity(rows)
+    pts = {(p["method"], p["strength"]): p for p in c["points"]}
+    assert pts[("flow", 4)]["other_hit"] == pytest.approx(0.1) and pts[("flow", 4)]["delta"] == pytest.approx(0.2)
+    assert pts[("sae", 4)]["other_hit"] == pytest.approx(0.3 + 0.2 / 3) and pts[("sae", 4)]["delta"] == pytest.approx(0.1 + 0.2 / 3)
+    assert pts[("sae", 8)]["other_hit"] is None and pts[("sae", 8)]["delta"] is None  # beyond flow's ppl× 3
+    assert c["matched"] == 3 and c["flow_better"] == 1 and c["mean_delta"] > 0
+
+
+def test_steer_eval_cli_along_the_flow(tiny_flow, tmp_path, capsys):
+    from saekit.cli import main
+
+    _, flow, _, _ = tiny_flow
+    sae_dir = flow.set.by_hook("blocks.1.hook_resid_pre").path
+    argv = ["steer-eval", "--flow", str(flow.path), "--sae", sae_dir, "--features", "5", "--strengths", "4,16",
+            "--n-prompts", "1", "--n-neutral", "1", "--max-new-tokens", "3", "--no-baseline", "--reference-tokens",
+            "400", "--out", str(tmp_path / "ev")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "flow path: blocks.1.hook_resid_pre:5 ← blocks.0.hook_resid_pre:9 (cos 1.00)" in out
+    assert "flow-add" in out and "sae-add" in out and "at equal perplexity increase" in out
+    res = json.loads((tmp_path / "ev" / "steer_eval.json").read_text())
+    assert {r["method"] for r in res["rows"]} == {"none", "sae", "flow"} and "mean_delta" in res["comparison"]
+    assert (tmp_path / "ev" / "steer_eval.html").is_file()
+    assert main(argv[:6] + ["6"] + argv[7:-1] + [str(tmp_path / "ev6")]) == 2
+    assert "feature 6 of blocks.1.hook_resid_pre has no residual predecessor with cosine ≥ 0.9" in capsys.readouterr().err
