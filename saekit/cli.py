@@ -372,7 +372,7 @@ def cmd_flow(values: Values) -> int:
 def cmd_explain(values: Values) -> int:
     import json
 
-    from .explain import dry_run, format_report, make_client, parse_features, run
+    from .explain import dry_run, format_report, make_client, needs_llm, parse_features, run
     from .features.store import open_store
 
     cfg = config_from(ExplainConfig, values)
@@ -381,8 +381,10 @@ def cmd_explain(values: Values) -> int:
         d = dry_run(store, cfg, parse_features(cfg.features, store.d_sae))
         print(json.dumps(d, indent=1))
         return 0
-    client = make_client(cfg.llm, cfg.model, cfg.api_key_env, cfg.timeout, cfg.retries, cfg.rate_limit)
-    print(f"saekit explain: LLM {client.name}; results in {store.path}/explanations.sqlite")
+    client = None  # the lexical scorer on stored explanations asks no LLM: none is loaded
+    if needs_llm(store, cfg, parse_features(cfg.features, store.d_sae), keep_done=not values.get("overwrite")):
+        client = make_client(cfg.llm, cfg.model, cfg.api_key_env, cfg.timeout, cfg.retries, cfg.rate_limit)
+    print(f"saekit explain: LLM {client.name if client else 'none needed'}; results in {store.path}/explanations.sqlite")
     rep = run(store, client, cfg, resume=bool(values.get("resume")), overwrite=bool(values.get("overwrite")))
     print(format_report(rep))
     return 0

@@ -686,8 +686,8 @@ class ExplainConfig(Checked):
     """Latents to explain: all, or ids and ranges like 0-499,1000."""
     explainers: list[Literal["llm", "baseline"]] = field(default_factory=lambda: ["llm", "baseline"])
     """llm: the LLM's explanation; baseline: the token profile ("fires on 'x', 'y'"), scored the same way."""
-    scorers: list[Literal["detection", "fuzzing"]] = field(default_factory=lambda: ["detection", "fuzzing"])
-    """Scorers run on every explanation."""
+    scorers: list[Literal["detection", "fuzzing", "lexical"]] = field(default_factory=lambda: ["detection", "fuzzing"])
+    """Scorers run on every explanation (lexical: no LLM, the word overlap of excerpt and explanation)."""
     shuffled: bool = True
     """Also score each latent with another latent's explanation (the shuffle-AUC check; doubles the scoring calls)."""
     n_explain: Count = 10
