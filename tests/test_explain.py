@@ -316,3 +316,47 @@ def test_local_backend_needs_a_chat_model(tiny_store):
         make_client(f"local:{tiny_store['model']}")
     with pytest.raises(SaekitError, match="give an OpenAI-compatible base URL"):
         make_client("127.0.0.1:8080")
+
+
+# ----------------------------------------------------------------------------- the lexical scorer (no LLM)
+
+def test_lexical_scorer_matching_beats_wrong_explanation():
+    from saekit.explain.scorers import explanation_words, lexical_score
+
+    assert explanation_words("fires on 'of', 'Matches'") == {"fire", "of", "match"}  # quoted: stopwords kept
+    assert explanation_words("the stories of today's football matches") == {"story", "today", "football", "match"}
+    ex = football_examples()
+    good = lexical_score("football games", ex)
+    bad = lexical_score("stock markets", ex)
+    assert good.auroc == 1.0 and (good.tp, good.fn, good.tn, good.fp) == (5, 0, 5, 0) and good.calls == 0
+    assert bad.auroc < 0.5 and bad.fp == 1  # 'market' is in a negative excerpt only
+    assert score("lexical", None, "football games", ex).auroc == 1.0  # selectable like the LLM scorers
+    with pytest.raises(ValueError, match="needs an LLM"):
+        score("detection", None, "football", ex)
+    # matching explanations beat shuffled ones over features: each feature fires on its own word
+    words = ["football", "election", "market", "film", "phone"]
+    feats = [FeatureExamples(i, [], [win(f"the {w} today", hot=w) for _ in range(3)],
+                             [win(f"the {o} today") for o in words if o != w], True, 0.0)
+             for i, w in enumerate(words)]
+    perm = derangement(len(words), seed=1)
+    own = [lexical_score(f"about {w}", f).auroc for w, f in zip(words, feats)]
+    shuf = [lexical_score(f"about {words[perm[i]]}", f).auroc for i, f in enumerate(feats)]
+    assert shuffle_auc(own, shuf)["auc"] == 1.0
+
+
+def test_lexical_batch_reruns_stored_explanations_without_an_llm(store_copy, capsys):
+    from saekit.cli import main
+
+    cfg = ExplainConfig(**CFG | {"features": "0-5", "scorers": ["detection"]})
+    client = KeywordClient()
+    run(store_copy, client, cfg, progress=False)
+    lex = ExplainConfig(**CFG | {"features": "0-5", "scorers": ["lexical"]})
+    rep = run(store_copy, None, lex, resume=True, progress=False)  # explanations stored: no LLM asked
+    rows = {(t["explainer"], t["scorer"]): t for t in rep["table"]}
+    assert rows[("baseline", "lexical")]["metric"] == "auroc" and "shuffle_auc" in rows[("llm", "lexical")]
+    assert dry_run(store_copy, ExplainConfig(**CFG | {"scorers": ["lexical"], "explainers": ["baseline"]}), list(range(6)))["calls"] == 0
+    args = ["explain", str(store_copy.path), "--features", "0-5", "--scorers", "lexical", "--n-explain", "3",
+            "--n-activating", "2", "--n-random", "2", "--n-hard", "1", "--batch-size", "3", "--resume"]
+    assert main(args) == 0 and "none needed" in capsys.readouterr().out  # the CLI loads no model
+    with pytest.raises(SaekitError, match="needs an LLM"):
+        run(store_copy, None, ExplainConfig(**CFG | {"features": "6-7", "scorers": ["lexical"]}), progress=False)

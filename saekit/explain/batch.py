@@ -27,7 +27,7 @@ from .client import LLMClient
 from .examples import FeatureExamples, WindowSource, feature_examples
 from .explainer import Explanation, explain_baseline, explain_llm
 from .prompts import classify_prompt, explain_prompt
-from .scorers import derangement, samples, score, score_record, shuffle_auc
+from .scorers import LLM_SCORERS, derangement, samples, score, score_record, shuffle_auc
 
 RESULTS = "explanations.sqlite"
 # config fields that change what is asked: a resumed run must match them, or its scores would mix two setups
@@ -203,7 +203,7 @@ def dry_run(store: FeatureStore, cfg: ExplainConfig, features: list[int]) -> dic
         if "llm" in cfg.explainers:
             calls += 1
             chars += sum(len(m["content"]) for m in explain_prompt(ex.explain))
-        for kind in cfg.scorers:
+        for kind in (k for k in cfg.scorers if k in LLM_SCORERS):
             items = samples(kind, ex, random.Random(0))
             for i in range(0, len(items), cfg.batch_size):
                 msg = classify_prompt(kind, stand_in, [t for t, _ in items[i: i + cfg.batch_size]])
@@ -228,19 +228,33 @@ class _Tally:
             self.completion += completion
 
 
+def needs_llm(store: FeatureStore, cfg: ExplainConfig, features: list[int], keep_done: bool = True) -> bool:
+    """Whether a run asks an LLM anything: an LLM scorer, or an LLM explanation not yet in the results (with
+    keep_done; --overwrite starts them again) — so the lexical scorer reruns on stored explanations without one."""
+    if any(k in LLM_SCORERS for k in cfg.scorers):
+        return True
+    if "llm" not in cfg.explainers:
+        return False
+    res = Results(store.path, create=False)
+    if not keep_done or not res.exists:
+        return True
+    done, skipped = res.done_explanations(), {r[0] for r in res.query("SELECT feature FROM skipped")}
+    return any((f, "llm") not in done for f in features if f not in skipped)
+
+
 def run(store: FeatureStore, client: LLMClient | None, cfg: ExplainConfig, resume: bool = False,
         overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Explain and score cfg.features of the store; returns the report (see `report`) and the run's throughput."""
     from tqdm.auto import tqdm
 
     features = parse_features(cfg.features, store.d_sae)
-    needs_llm = "llm" in cfg.explainers or bool(cfg.scorers)
-    if needs_llm and client is None:
-        raise SaekitError("this run needs an LLM (--llm).")
     res = Results(store.path)
     _check_resume(res, features, cfg, resume, overwrite, store)
+    if client is None and needs_llm(store, cfg, features):
+        raise SaekitError("this run needs an LLM (--llm): an LLM scorer, or LLM explanations not yet made.")
     llm = client.name if client is not None else ""
-    res.set_meta("llm", llm)
+    if client is not None:
+        res.set_meta("llm", llm)
     done_ex, done_sc = res.done_explanations(), res.done_scores()
     skipped = {r[0] for r in res.query("SELECT feature FROM skipped")}
     tally = _Tally()
@@ -290,7 +304,8 @@ def _score_and_save(res: Results, client: LLMClient, kind: str, text: str, ex: F
     t = time.perf_counter()
     s = score(kind, client, text, ex, cfg.batch_size, cfg.seed)
     rec = score_record(s) | {"scorer": kind}
-    res.save_score(f, name, variant, source, text, rec, time.perf_counter() - t, ex, llm)
+    res.save_score(f, name, variant, source, text, rec, time.perf_counter() - t, ex,
+                   llm if kind in LLM_SCORERS else "none (lexical)")
     tally.add(s.calls, s.prompt_tokens, s.completion_tokens)
 
 

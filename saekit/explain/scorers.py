@@ -8,6 +8,13 @@ Each answers in batches of `batch_size` excerpts (one call per batch); the score
 accuracy and the counts. With one excerpt per call the backend is asked for logprobs, and `auroc` ranks the excerpts
 by P(yes) (delphi's log-prob AUC). Votes that cannot be parsed are counted as `unparsed` and left out of the metrics.
 
+  lexical    no LLM: each detection excerpt scores by the share of its words that are content words of the
+             explanation (quoted words count as written, stopwords included; unquoted ones without English
+             stopwords), and the score is the AUROC of that share between activating and non-activating excerpts
+             (vote 1: any word shared). A judge that reads literally and never answers constant votes: on it the
+             shuffle check tests the pipeline's plumbing (each feature's excerpts paired with its own explanation)
+             and how lexical an explanation is, not whether a paraphrase ("sports news") is right.
+
 No embedding scorer: it needs a sentence-embedding model, and none is installed or cached on this machine
 (sentence-transformers is absent; no embedding weights in any package here), so it is left out rather than faked.
 
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,7 +34,8 @@ from .client import LLMClient
 from .examples import FeatureExamples
 from .prompts import classify_prompt, parse_votes
 
-SCORERS = ("detection", "fuzzing")
+SCORERS = ("detection", "fuzzing", "lexical")
+LLM_SCORERS = ("detection", "fuzzing")
 
 
 def score_max_tokens(n: int) -> int:
@@ -103,8 +112,50 @@ def samples(kind: str, ex: FeatureExamples, rng: random.Random) -> list[tuple[st
     return out
 
 
-def score(kind: str, client: LLMClient, explanation: str, ex: FeatureExamples, batch_size: int = 5,
+_WORD = re.compile(r"\w+")
+_QUOTED = re.compile(r"(?<!\w)['\"`‘“]([^'\"`’”]+)['\"`’”](?!\w)")  # not an apostrophe: "today's"
+
+
+def _norm(word: str) -> str:
+    """Lower case, English plural endings off (matches → match, stories → story), so plurals match singulars."""
+    w = word.lower()
+    if len(w) <= 3 or not w.endswith("s") or w.endswith("ss"):
+        return w
+    if w.endswith(("ches", "shes", "xes", "sses")):
+        return w[:-2]
+    return w[:-3] + "y" if w.endswith("ies") else w[:-1]
+
+
+def explanation_words(explanation: str) -> set[str]:
+    """The words an excerpt is matched against: quoted words as written, other words without English stopwords."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    quoted = {_norm(w) for q in _QUOTED.findall(explanation) for w in _WORD.findall(q)}
+    rest = _QUOTED.sub(" ", explanation)
+    return quoted | {_norm(w) for w in _WORD.findall(rest) if len(w) > 1 and w.lower() not in ENGLISH_STOP_WORDS}
+
+
+def lexical_score(explanation: str, ex: FeatureExamples, seed: int = 0) -> Score:
+    """The lexical detection scorer (module docstring): graded by word overlap, so `auroc` is its score."""
+    rng = random.Random(f"lexical:{ex.feature}:{seed}")
+    words = explanation_words(explanation)
+    s = Score("lexical")
+    for text, label in samples("detection", ex, rng):
+        toks = [_norm(w) for w in _WORD.findall(text)]
+        hits = sorted({t for t in toks if t in words})
+        share = sum(t in words for t in toks) / max(len(toks), 1)
+        s.add([label], [int(bool(hits))])
+        s.probs.append((label, share))
+        s.answers.append({"labels": [label], "answer": " ".join(hits), "votes": [int(bool(hits))], "p_yes": share})
+    return s
+
+
+def score(kind: str, client: LLMClient | None, explanation: str, ex: FeatureExamples, batch_size: int = 5,
           seed: int = 0) -> Score:
+    if kind == "lexical":
+        return lexical_score(explanation, ex, seed)
+    if client is None:
+        raise ValueError(f"the {kind} scorer needs an LLM client")
     rng = random.Random(f"{kind}:{ex.feature}:{seed}")  # the same excerpts and order for every explanation
     items = samples(kind, ex, rng)
     s = Score(kind)
