@@ -371,7 +371,7 @@ def figure(rows: list[dict[str, Any]], path: str | Path, title: str = "steering 
             pts = [base] + sorted((r for r in rows if r["feature"] == f and r["method"] == m), key=lambda r: r["strength"])
             if len(pts) == 1:
                 continue
-            name = f"f{f} " + {"sae": f"SAE {pts[1]['mode']}", "flow": f"flow {pts[1]['mode']} ({pts[1]['path']} layers)",
+            name = f"f{f} " + {"sae": f"SAE {pts[1]['mode']}", "flow": f"flow {pts[1]['mode']} ({pts[1].get('path')} layers)",
                                "dom": "diff-of-means"}[m]
             text = [f"{r['strength']:g}" for r in pts]
             hover = "strength %{text}<br>hit %{y:.3f}<br>%{x:.3f}<extra>" + name + "</extra>"

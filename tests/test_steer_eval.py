@@ -71,7 +71,7 @@ def test_rows_share_one_unsteered_row():
     ref = E.FeatureRef(5, 2.0, 0.01, torch.arange(3), ["a", "b", "c"], dom=torch.ones(576) / 24)
     rows = E._rows([0, 1, 3], ["sae", "dom"])
     assert rows == [("none", 0.0), ("sae", 1.0), ("sae", 3.0), ("dom", 1.0), ("dom", 3.0)]
-    st = E._steering(sae, ref, rows, "add", "all")
+    (st,) = E._steerings(sae, ref, rows, "add", "all", [])  # no flow companions: one Steering
     x = torch.randn(5, 3, 576)
     y = st(x.clone())
     assert torch.equal(y[0], x[0])
