@@ -76,8 +76,9 @@ def to_record(d, ex, explanation: str):
     return rec
 
 
-def delphi_score(scorer, rec) -> dict:
-    out = asyncio.run(scorer(rec)).score
+def delphi_score(make_scorer, rec) -> dict:
+    # a fresh client per event loop: delphi's httpx.AsyncClient is bound to the loop it first ran in
+    out = asyncio.run(make_scorer()(rec)).score
     votes = [(o.activating, o.prediction) for o in out if o.prediction is not None]
     pos = [p for a, p in votes if a]
     neg = [p for a, p in votes if not a]
@@ -159,9 +160,15 @@ def main() -> None:
         proc, url = start_server(a.port)
     try:
         ours = HttpClient(url, a.model, timeout=300.0)
-        dc = d.OpenRouter(a.model, api_key="none", base_url=url.rstrip("/") + "/chat/completions", max_tokens=8)
-        det = d.DetectionScorer(dc, n_examples_shown=1, temperature=0.0)
-        fuz = d.FuzzingScorer(dc, n_examples_shown=1, temperature=0.0)
+
+        def client():
+            return d.OpenRouter(a.model, api_key="none", base_url=url.rstrip("/") + "/chat/completions", max_tokens=8)
+
+        def det():
+            return d.DetectionScorer(client(), n_examples_shown=1, temperature=0.0)
+
+        def fuz():
+            return d.FuzzingScorer(client(), n_examples_shown=1, temperature=0.0)
         rows, t0 = [], time.perf_counter()
         for f in features:
             ex = _examples(store, f, cfg)
