@@ -60,6 +60,10 @@ $(PEERS_STAMP): pyproject.toml Makefile
 	test -x $(PEERS_PY) || python3 -m venv $(PEERS)
 	$(PEERS_PY) -c "import torch" 2>/dev/null || $(PEERS_PIP) install -q torch==2.13.0
 	$(PEERS_PIP) install -q 'sae-lens>=6' 'eai-sparsify>=1.3'
+	@# delphi's scorers for benchmarks/explain_delphi.py: --no-deps (it requires vllm, i.e. CUDA wheels), plus
+	@# only what its scorer and client modules import
+	$(PEERS_PIP) install -q --no-deps 'eai-delphi==0.1.3'
+	$(PEERS_PIP) install -q orjson blobfile lxml pycryptodomex
 	$(PEERS_PIP) install -q --no-deps -e .
 	touch $(PEERS_STAMP)
 
