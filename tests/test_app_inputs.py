@@ -60,7 +60,7 @@ def test_after_a_bad_id_the_sidebar_box_opens_a_feature(app):
 
 def test_an_unknown_page_is_an_error_that_lists_the_pages(app):
     at = open_url(app, page="foo", feature="3")
-    assert [e.value for e in at.error] == ["There is no page 'foo' — pages: overview, feature, text, search."]
+    assert [e.value for e in at.error] == ["There is no page 'foo' — pages: overview, feature, text, search, explanations."]
     assert not [t for t in at.title if t.value == "Features"]  # not the overview passed off as "foo"
     assert param(at, "page") == "foo"
     at.button(key="url_open_search").click().run()
