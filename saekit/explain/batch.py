@@ -20,6 +20,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from ..config import ExplainConfig
 from ..errors import SaekitError
 from ..features.store import FeatureStore
@@ -245,8 +247,6 @@ def needs_llm(store: FeatureStore, cfg: ExplainConfig, features: list[int], keep
 def run(store: FeatureStore, client: LLMClient | None, cfg: ExplainConfig, resume: bool = False,
         overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Explain and score cfg.features of the store; returns the report (see `report`) and the run's throughput."""
-    from tqdm.auto import tqdm
-
     features = parse_features(cfg.features, store.d_sae)
     res = Results(store.path)
     _check_resume(res, features, cfg, resume, overwrite, store)
@@ -282,12 +282,7 @@ def run(store: FeatureStore, client: LLMClient | None, cfg: ExplainConfig, resum
                     _score_and_save(res, client, kind, text, ex, f, name, "own", f, cfg, llm, tally)
 
     todo = [f for f in features if f not in skipped]
-    with tqdm(total=len(todo), unit="feature", disable=not progress, desc="explain") as bar, \
-            ThreadPoolExecutor(workers) as pool:
-        for fut in as_completed([pool.submit(one, f) for f in todo]):
-            fut.result()
-            bar.set_postfix(calls=tally.calls, tok_in=tally.prompt, tok_out=tally.completion, refresh=False)
-            bar.update()
+    _in_pool(one, todo, workers, tally, progress, "explain", "feature")
 
     if cfg.shuffled and cfg.scorers:
         _shuffled_phase(store, res, client, cfg, features, llm, tally, workers, progress)
@@ -297,6 +292,16 @@ def run(store: FeatureStore, client: LLMClient | None, cfg: ExplainConfig, resum
                   "prompt_tokens": tally.prompt, "completion_tokens": tally.completion, "llm": llm,
                   "workers": workers}
     return out
+
+
+def _in_pool(fn, items: list, workers: int, tally, progress: bool, desc: str, unit: str) -> None:
+    """fn over items on `workers` threads (the LLM calls wait on the network), with a progress bar that shows the
+    calls and tokens so far."""
+    with tqdm(total=len(items), unit=unit, disable=not progress, desc=desc) as bar, ThreadPoolExecutor(workers) as pool:
+        for fut in as_completed([pool.submit(fn, x) for x in items]):
+            fut.result()
+            bar.set_postfix(calls=tally.calls, tok_in=tally.prompt, tok_out=tally.completion, refresh=False)
+            bar.update()
 
 
 def _score_and_save(res: Results, client: LLMClient, kind: str, text: str, ex: FeatureExamples, f: int, name: str,
@@ -311,8 +316,6 @@ def _score_and_save(res: Results, client: LLMClient, kind: str, text: str, ex: F
 
 def _shuffled_phase(store: FeatureStore, res: Results, client: LLMClient, cfg: ExplainConfig, features: list[int],
                     llm: str, tally: _Tally, workers: int, progress: bool) -> None:
-    from tqdm.auto import tqdm
-
     done_ex, done_sc = res.done_explanations(), res.done_scores()
     jobs = []
     for name in cfg.explainers:
@@ -330,12 +333,7 @@ def _shuffled_phase(store: FeatureStore, res: Results, client: LLMClient, cfg: E
         f, name, kind, src, text = job
         _score_and_save(res, client, kind, text, _examples(store, f, cfg), f, name, "shuffled", src, cfg, llm, tally)
 
-    with tqdm(total=len(jobs), unit="score", disable=not progress, desc="shuffled") as bar, \
-            ThreadPoolExecutor(workers) as pool:
-        for fut in as_completed([pool.submit(one, j) for j in jobs]):
-            fut.result()
-            bar.set_postfix(calls=tally.calls, tok_in=tally.prompt, tok_out=tally.completion, refresh=False)
-            bar.update()
+    _in_pool(one, jobs, workers, tally, progress, "shuffled", "score")
 
 
 def report(store_dir: str | Path, features: list[int] | None = None) -> dict[str, Any]:
