@@ -4,7 +4,8 @@ Pages (one module each): Overview (density histogram, feature map, feature table
 page), Your text (run the model live), Search (by token string, by label/notes), and Graph (attribution graphs)
 when `--graphs DIR` is given. The page and feature id live in the URL (?page=feature&feature=12; the graph's name:
 ?page=graph&graph=NAME). The store comes from $SAEKIT_STORE or `-- --store PATH`, the graphs from $SAEKIT_GRAPHS
-or `-- --graphs DIR`.
+or `-- --graphs DIR`. The store may be a set of stores (one per SAE of a set): a sidebar picker chooses the SAE,
+and the URL carries it (?sae=HOOK&page=feature&feature=12), see apps/set_picker.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from saekit.apps.page_graph import graph_page, graphs_root, remember_url
 from saekit.apps.page_overview import overview_page
 from saekit.apps.page_search import search_page
 from saekit.apps.page_text import text_page
+from saekit.apps.set_picker import pick_store, url_of_pick
 
 from saekit.errors import SaekitError
 from saekit.features import FeatureStore
@@ -61,7 +63,7 @@ def main() -> None:
     graphs = graphs_root()
     list_graph_page(graphs is not None)
     st.set_option("client.toolbarMode", "minimal")  # a local tool: no Deploy button (serve.py passes it too)
-    path = str(store_path().resolve())
+    path = str(pick_store(store_path()).resolve())  # a set of stores: the sidebar's SAE picker chooses one
     try:  # FeatureStore checks every file's header: a missing or damaged store is reported here, once
         store = get_store(path)
     except SaekitError as e:
@@ -94,7 +96,8 @@ def main() -> None:
         url_problem_page(problem, store)
         return
     fid = st.session_state.get("feature_id")
-    st.query_params.from_dict({"page": page, **({"feature": str(fid)} if page == "feature" and fid is not None else {}),
+    st.query_params.from_dict({**url_of_pick(), "page": page,
+                               **({"feature": str(fid)} if page == "feature" and fid is not None else {}),
                                **({"graph": st.session_state["graph_pick"]}
                                   if page == "graph" and st.session_state.get("graph_pick") else {})})
     if page == "feature" and fid is None:

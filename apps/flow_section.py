@@ -1,10 +1,11 @@
 """The Flow section of the feature page and the per-layer flow plot of the overview, for a store whose SAE belongs
 to a set with a computed flow (`saekit flow SET`). The flow store is $SAEKIT_FLOW, else SET/flow beside the
-store's SAE (the default of `saekit flow`); without one the sections say how to make it.
+store's SAE or one folder up (SET/HOOK/SAE: the default of `saekit flow`); without one the sections say how to make it.
 
 A store with no flow store shows neither section.
 Nodes in other layers belong to other SAEs of the set, each with its own store: they are named `hook:latent`
-(with the command that browses them); nodes of this store's SAE open its feature page."""
+(with the command that browses them); nodes of this store's SAE open its feature page, and so do nodes whose SAE
+has a store in the browsed set (`saekit browse SET`: the picker switches to it)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import streamlit as st
 from saekit.apps.common import goto
+from saekit.apps.set_picker import browsed_set, goto_node
 
 from saekit.errors import SaekitError
 from saekit.features import FeatureStore
@@ -32,8 +34,9 @@ def flow_path(store: FeatureStore) -> Path | None:
     if env := os.environ.get("SAEKIT_FLOW"):
         return Path(env)
     sae_dir = store.manifest.get("sae_dir")
-    if sae_dir and (Path(sae_dir).parent / "flow" / FLOW_FILE).is_file():
-        return Path(sae_dir).parent / "flow"
+    for root in (Path(sae_dir).parents[:2] if sae_dir else ()):  # SET/SAE or SET/HOOK/SAE
+        if (root / "flow" / FLOW_FILE).is_file():
+            return root / "flow"
     return None
 
 
@@ -138,9 +141,15 @@ def flow_section(store: FeatureStore, fid: int) -> None:
     same = sorted({n["latent"] for n in nodes if n["hook"] == hook and n["latent"] != fid})
     for j in same:
         st.button(f"open feature {j}", key=f"flow_open_{j}", on_click=goto, args=("feature", j))
-    if len(nodes) > 1:
-        st.caption("Other nodes belong to other SAEs of the set: browse one with `saekit analyze SAE_DIR --out "
-                   "STORE` then `saekit browse STORE` (the node names its hook and latent).")
+    stores = browsed_set()
+    others = sorted({(n["hook"], n["latent"]) for n in nodes if n["hook"] != hook},
+                    key=lambda n: ([m.hook for m in flow.set.members].index(n[0]), n[1]))
+    for h, j in [(h, j) for h, j in others if h in stores]:  # open in its own store: the picker switches
+        st.button(f"open {h}:{j}", key=f"flow_open_{h}_{j}", on_click=goto_node, args=(stores, h, j))
+    if lacking := sorted({h for h, _ in others if h not in stores}, key=[m.hook for m in flow.set.members].index):
+        st.caption(f"Nodes on {', '.join(lacking)} belong to SAEs without a store in this browser: build one with "
+                   "`saekit analyze SAE_DIR` (it lands in SAE_DIR/../store), then `saekit browse SET` browses the "
+                   "set's stores together (the node names its hook and latent).")
 
 
 def flow_overview(store: FeatureStore) -> None:

@@ -1,4 +1,5 @@
-"""`saekit browse STORE [--port P] [--graphs DIR]`: serve the Streamlit feature browser on 127.0.0.1."""
+"""`saekit browse STORE [--port P] [--graphs DIR]`: serve the Streamlit feature browser on 127.0.0.1 (STORE may be a
+set folder holding one store per SAE: apps/set_stores.py)."""
 
 from __future__ import annotations
 
@@ -37,15 +38,17 @@ def check_port(port) -> int:
 
 
 def browse(store: str | Path, port: int = 8501, graphs: str | Path | None = None) -> NoReturn:
-    """Serve the browser for `store` (and the attribution graphs in `graphs`: a graph folder, or a folder of them,
-    on a Graph page). Everything that can be checked is checked before streamlit starts: the port, the store (its
-    manifest and every tensor file's header, FeatureStore.check) and that `graphs` holds graphs, so a missing,
+    """Serve the browser for `store` (a store, or a set folder of stores, one per hook), and the attribution graphs
+    in `graphs` (a graph folder, or a folder of them) on a Graph page. Everything that can be checked is checked before streamlit starts: the port, the store (or each
+    store of the set: its manifest and every tensor file's header, FeatureStore.check) and that `graphs` holds graphs, so a missing,
     foreign or damaged store or graph folder is a SaekitError saying what to do, and no server starts."""
     from saekit.apps.graph_live import graph_dirs
+    from saekit.apps.set_stores import is_store, open_set
 
     port = check_port(port)
     store = Path(store).expanduser().resolve()
-    FeatureStore(store)  # a missing, foreign or damaged store fails here, with what to do, not inside the app
+    for one in [store] if is_store(store) else open_set(store).values():  # a set without stores says which SAEs
+        FeatureStore(one)  # lack one; a missing, foreign or damaged store fails here, with what to do, not in the app
     if graphs is not None:
         graphs = Path(graphs).expanduser().resolve()
         graph_dirs(graphs)

@@ -510,8 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="override the model recorded in the store (for the logit histograms)")
     add_config_args(p, NeuronpediaConfig)
 
-    p = sub.add_parser("browse", help="serve the feature browser for a store on 127.0.0.1")
-    p.add_argument("store", help="a directory written by `saekit analyze`")
+    p = sub.add_parser("browse", help="serve the feature browser for a store (or a set of stores) on 127.0.0.1")
+    p.add_argument("store", help="a directory written by `saekit analyze`, or a set folder holding one per SAE "
+                                 "(SET/HOOK/store, where `saekit analyze SET/HOOK/SAE` writes): a sidebar picks the SAE")
     p.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1 (default 8501)")
     p.add_argument("--graphs", help="attribution graphs for the Graph page: a folder written by `saekit attribute "
                                     "--out`, or a folder of them (e.g. runs/graphs)")
