@@ -111,5 +111,6 @@ def test_a_set_without_stores_names_the_saes_and_the_command(tiny_store, tmp_pat
     monkeypatch.setenv("SAEKIT_STORE", str(tmp_path / "set"))
     at = AppTest.from_file(BROWSER_SCRIPT, default_timeout=60).run()
     assert any("holds no feature store" in e.value and "saekit analyze" in e.value for e in at.error)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(SaekitError, match="neither a feature store nor an SAE"):
-        browse((tmp_path / "empty").resolve(), port=8599) if (tmp_path / "empty").mkdir() is None else None
+        browse(tmp_path / "empty", port=8599)
