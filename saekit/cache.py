@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -21,8 +21,19 @@ from .errors import FileFormatError, NonFiniteError, ShapeError
 from .files import describe, read_json, read_tensors, replacing, write_json, write_tensors
 
 if TYPE_CHECKING:
-    from .dist import Comm
     from .harvest import Harvest
+
+
+class Comm(Protocol):
+    """What writing a cache from several processes needs of dist.Comm (named here so the cache, below dist in the
+    import order, does not import it)."""
+
+    rank: int
+    world: int
+
+    def barrier(self, what: str) -> None: ...
+
+    def all_gather_object(self, obj: Any, what: str) -> list[Any]: ...
 
 MANIFEST = "manifest.json"
 KIND = "saekit-activations"

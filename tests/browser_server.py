@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -38,34 +39,50 @@ def free_port() -> int:
 
 
 @contextmanager
-def browse_server(store: str | Path, timeout_s: float = 60) -> Iterator[str]:
-    """`saekit browse STORE` on a free port until the block ends: its URL (the test skips without chromium)."""
+def serving(cmd: list[str], health_url: str, what: str, timeout_s: float = 60) -> Iterator[None]:
+    """Run `cmd` until the block ends, entered once `health_url` answers 200 (the test fails, with the process's
+    output, if it exits first or does not answer within timeout_s); the process is stopped on the way out."""
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
+
+        def output() -> str:
+            out.seek(0)
+            return out.read()[-3000:]
+
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"{what} exited early:\n{output()}")
+                try:
+                    if urllib.request.urlopen(health_url, timeout=2).status == 200:
+                        break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{what} did not answer at {health_url} within {timeout_s:.0f} s:\n{output()}")
+                time.sleep(0.3)
+            yield
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@contextmanager
+def browse_server(store: str | Path, *args: str, timeout_s: float = 60) -> Iterator[str]:
+    """`saekit browse STORE [ARGS]` on a free port until the block ends: its URL (the test skips without
+    chromium)."""
     if reason := skip_reason():
         pytest.skip(reason)
     port = free_port()
     saekit = shutil.which("saekit", path=str(Path(sys.executable).parent)) or "saekit"
-    proc = subprocess.Popen([saekit, "browse", str(store), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"saekit browse exited early:\n{proc.stdout.read()}")
-            try:
-                if urllib.request.urlopen(url + "/_stcore/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                if time.time() > deadline:
-                    pytest.fail(f"saekit browse did not answer within {timeout_s:.0f} s")
-                time.sleep(0.3)
+    with serving([saekit, "browse", str(store), "--port", str(port), *args], url + "/_stcore/health",
+                 "saekit browse", timeout_s):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @contextmanager

@@ -5,14 +5,11 @@ explained and scored through HTTP, resumed, and the server is stopped. Skipped, 
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
-from browser_server import free_port
+from browser_server import free_port, serving
 
 from saekit.config import ExplainConfig
 from saekit.explain import HttpClient, Results, format_report, run
@@ -28,30 +25,11 @@ def llama_server(tmp_path_factory):
     from saekit.lm import default_gguf_path
 
     port = free_port()
-    log = tmp_path_factory.mktemp("llama") / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([str(LLAMA_PY), "-m", "llama_cpp.server", "--model", str(default_gguf_path()),
-                                 "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
-                                 "--model_alias", "smollm2"], stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"llama.cpp's server did not come up on {url}: {log.read_text()[-2000:]}")
-            time.sleep(0.5)
+    with serving([str(LLAMA_PY), "-m", "llama_cpp.server", "--model", str(default_gguf_path()),
+                  "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--model_alias", "smollm2"],
+                 f"{url}/models", "llama.cpp's server", timeout_s=180):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_explain_and_score_over_http(llama_server, tiny_store, tmp_path):

@@ -7,17 +7,12 @@ when the store is of its layer, an intervention shows the logits edit_features g
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("streamlit")
-from browser_server import chromium_page, free_port, skip_reason  # noqa: E402
+from browser_server import browse_server, chromium_page  # noqa: E402
 from helpers import (  # noqa: E402
     BROWSER_SCRIPT,
     build_world,
@@ -174,23 +169,7 @@ def test_bad_graphs_and_graph_names_say_what_exists(app, graph_world, monkeypatc
 def test_the_graph_page_in_a_real_browser(graph_world, tmp_path):
     from playwright.sync_api import expect
 
-    if reason := skip_reason():
-        pytest.skip(reason)
-    port = free_port()
-    saekit = shutil.which("saekit", path=str(Path(sys.executable).parent)) or "saekit"
-    proc = subprocess.Popen([saekit, "browse", str(graph_world["store"]), "--port", str(port), "--graphs",
-                             str(graph_world["graphs"])], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if urllib.request.urlopen(url + "/_stcore/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                assert time.time() < deadline, "saekit browse did not answer within 60 s"
-                time.sleep(0.3)
+    with browse_server(graph_world["store"], "--graphs", str(graph_world["graphs"])) as url:
         with chromium_page() as page:
             t0 = time.perf_counter()
             page.goto(url + "/?page=graph&graph=cat")
@@ -201,10 +180,4 @@ def test_the_graph_page_in_a_real_browser(graph_world, tmp_path):
             errors = page.locator('[data-testid="stException"], [data-testid="stAlertContentError"]')
             assert errors.count() == 0, [e.inner_text()[:300] for e in errors.all()]
             assert "graph=cat" in page.url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     assert (tmp_path / "graph.png").stat().st_size > 10_000

@@ -194,8 +194,10 @@ def _grads(model, hooks: list[str], tokens: torch.Tensor, target: int, contrast:
 def _codes(sae: SparseAutoencoder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents [n, d_sae] and error [n, d] of positions ≥ 1 (position 0 zeroed: it holds no node)."""
     with torch.no_grad():
-        z = sae.dense_codes(x.to(sae.W_enc.dtype)).float()
-        err = x - sae(x.to(sae.W_enc.dtype)).float()
+        xs = x.to(sae.W_enc.dtype)
+        values, indices = sae.encode(xs)  # once, for both the dense codes and the reconstruction
+        z = torch.zeros(len(x), sae.cfg.d_sae).scatter_(1, indices, values.float())
+        err = x - sae.decode(values, indices, xs).float()
     z[0], err[0] = 0, 0
     return z, err
 
