@@ -98,19 +98,17 @@ class HttpClient:
             self._next = start + self.min_interval
         time.sleep(max(0.0, start - now))
 
-    def chat(self, messages: Messages, max_tokens: int, logprobs: bool = False) -> Reply:
+    def post(self, path: str, body: dict) -> dict:
+        """POST body to base_url + path (JSON answer), with the retries, backoff and rate limit."""
         import httpx
 
-        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0}
-        if logprobs:
-            body |= {"logprobs": True, "top_logprobs": 5}
-        t0, last = time.perf_counter(), ""
+        last = ""
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(min(30.0, 0.5 * 2 ** (attempt - 1)))  # backoff: 0.5, 1, 2, … s
             self._wait_turn()
             try:
-                r = self._http.post("/chat/completions", json=body)
+                r = self._http.post(path, json=body)
             except httpx.HTTPError as e:
                 last = f"{type(e).__name__}: {e}"
                 continue
@@ -118,19 +116,26 @@ class HttpClient:
                 last = f"HTTP {r.status_code}: {r.text[:300]}"
                 continue
             if r.status_code != 200:
-                raise SaekitError(f"{self.base_url}/chat/completions answered HTTP {r.status_code}: {r.text[:500]}")
-            data = r.json()
-            try:
-                text = data["choices"][0]["message"]["content"] or ""
-            except (KeyError, IndexError, TypeError):
-                raise SaekitError(f"{self.base_url}/chat/completions answered without choices[0].message.content: "
-                                  f"{str(data)[:500]}") from None
-            usage = data.get("usage") or {}
-            first = ((data["choices"][0].get("logprobs") or {}).get("content") or [{}])[0]
-            top = [(c.get("token", ""), math.exp(c.get("logprob", -math.inf))) for c in first.get("top_logprobs") or []]
-            return Reply(text, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)),
-                         time.perf_counter() - t0, p_yes(top) if logprobs else None)
-        raise SaekitError(f"{self.base_url}/chat/completions failed {self.retries + 1} times; last: {last}")
+                raise SaekitError(f"{self.base_url}{path} answered HTTP {r.status_code}: {r.text[:500]}")
+            return r.json()
+        raise SaekitError(f"{self.base_url}{path} failed {self.retries + 1} times; last: {last}")
+
+    def chat(self, messages: Messages, max_tokens: int, logprobs: bool = False) -> Reply:
+        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0}
+        if logprobs:
+            body |= {"logprobs": True, "top_logprobs": 5}
+        t0 = time.perf_counter()
+        data = self.post("/chat/completions", body)
+        try:
+            text = data["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            raise SaekitError(f"{self.base_url}/chat/completions answered without choices[0].message.content: "
+                              f"{str(data)[:500]}") from None
+        usage = data.get("usage") or {}
+        first = ((data["choices"][0].get("logprobs") or {}).get("content") or [{}])[0]
+        top = [(c.get("token", ""), math.exp(c.get("logprob", -math.inf))) for c in first.get("top_logprobs") or []]
+        return Reply(text, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)),
+                     time.perf_counter() - t0, p_yes(top) if logprobs else None)
 
 
 class LocalClient:
