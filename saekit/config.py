@@ -686,8 +686,10 @@ class ExplainConfig(Checked):
     """Latents to explain: all, or ids and ranges like 0-499,1000."""
     explainers: list[Literal["llm", "baseline"]] = field(default_factory=lambda: ["llm", "baseline"])
     """llm: the LLM's explanation; baseline: the token profile ("fires on 'x', 'y'"), scored the same way."""
-    scorers: list[Literal["detection", "fuzzing", "lexical"]] = field(default_factory=lambda: ["detection", "fuzzing"])
-    """Scorers run on every explanation (lexical: no LLM, the word overlap of excerpt and explanation)."""
+    scorers: list[Literal["detection", "fuzzing", "lexical", "likelihood"]] = field(
+        default_factory=lambda: ["detection", "fuzzing"])
+    """Scorers run on every explanation (lexical: no LLM, the word overlap of excerpt and explanation; likelihood:
+    how much the explanation raises the LLM's log-probability of activating over non-activating excerpts)."""
     shuffled: bool = True
     """Also score each latent with another latent's explanation (the shuffle-AUC check; doubles the scoring calls)."""
     n_explain: Count = 10
@@ -708,6 +710,9 @@ class ExplainConfig(Checked):
     """Retries of a failed HTTP request (connection error, 429, 5xx), with exponential backoff."""
     rate_limit: NonNegative = 0.0
     """Requests per second at most (0: no limit)."""
+    likelihood_prefix: str = ""
+    """Text put before every likelihood prompt sent over HTTP: llama.cpp's server (llama-cpp-python) needs the
+    model's BOS token here (SmolLM2: '<|im_start|>'), or its prompt log-probabilities are shifted (checked)."""
     seed: NonNegInt = 0
     """Seed of the random windows, the excerpt order and the shuffle."""
 
