@@ -28,7 +28,7 @@ from ..features.store import FeatureStore
 from .client import LLMClient
 from .examples import FeatureExamples, WindowSource, feature_examples
 from .explainer import Explanation, explain_baseline, explain_llm
-from .prompts import classify_prompt, explain_prompt
+from .prompts import classify_prompt, explain_prompt, likelihood_context
 from .scorers import LLM_SCORERS, derangement, samples, score, score_record, shuffle_auc
 
 RESULTS = "explanations.sqlite"
@@ -206,6 +206,12 @@ def dry_run(store: FeatureStore, cfg: ExplainConfig, features: list[int]) -> dic
             calls += 1
             chars += sum(len(m["content"]) for m in explain_prompt(ex.explain))
         for kind in (k for k in cfg.scorers if k in LLM_SCORERS):
+            if kind == "likelihood":  # one sequence per excerpt with the explanation, one neutral (reused)
+                texts = [t for t, _ in samples("detection", ex, random.Random(0))]
+                calls += len(texts) * (len(cfg.explainers) * variants + 1)
+                chars += sum(len(cfg.likelihood_prefix + likelihood_context(stand_in) + t) for t in texts) * (
+                    len(cfg.explainers) * variants + 1)
+                continue
             items = samples(kind, ex, random.Random(0))
             for i in range(0, len(items), cfg.batch_size):
                 msg = classify_prompt(kind, stand_in, [t for t, _ in items[i: i + cfg.batch_size]])
@@ -307,7 +313,7 @@ def _in_pool(fn, items: list, workers: int, tally, progress: bool, desc: str, un
 def _score_and_save(res: Results, client: LLMClient, kind: str, text: str, ex: FeatureExamples, f: int, name: str,
                     variant: str, source: int, cfg: ExplainConfig, llm: str, tally: _Tally) -> None:
     t = time.perf_counter()
-    s = score(kind, client, text, ex, cfg.batch_size, cfg.seed)
+    s = score(kind, client, text, ex, cfg.batch_size, cfg.seed, cfg.likelihood_prefix)
     rec = score_record(s) | {"scorer": kind}
     res.save_score(f, name, variant, source, text, rec, time.perf_counter() - t, ex,
                    llm if kind in LLM_SCORERS else "none (lexical)")

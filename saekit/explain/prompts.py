@@ -96,3 +96,12 @@ def parse_votes(answer: str, n: int) -> list[int] | None:
     if n == 1 and votes and re.match(r"\W*(1|0|true|false|yes|no)\b", answer, re.I):
         return votes[:1]  # one question: an answer that starts with its vote ("1. Because …")
     return votes if len(votes) == n else None
+
+
+# The likelihood scorer's context (not a chat: the judge reads it as plain text before the excerpt). The neutral
+# context is the same template with no explanation, so their difference is what the explanation adds.
+LIKELIHOOD_CONTEXT = "Topic: {explanation}\nText:\n"
+
+
+def likelihood_context(explanation: str | None) -> str:
+    return LIKELIHOOD_CONTEXT.format(explanation=_one_line(explanation or "")).replace(": \n", ":\n")

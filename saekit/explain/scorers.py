@@ -14,6 +14,9 @@ by P(yes) (delphi's log-prob AUC). Votes that cannot be parsed are counted as `u
              (vote 1: any word shared). A judge that reads literally and never answers constant votes: on it the
              shuffle check tests the pipeline's plumbing (each feature's excerpts paired with its own explanation)
              and how lexical an explanation is, not whether a paraphrase ("sports news") is right.
+  likelihood the LLM's log-probability of each detection excerpt after a context stating the explanation, minus
+             after the same context without it; the AUROC of that gain (likelihood.py). Needs no answer format,
+             so a small model can judge.
 
 No embedding scorer: it needs a sentence-embedding model, and none is installed or cached on this machine
 (sentence-transformers is absent; no embedding weights in any package here), so it is left out rather than faked.
@@ -34,8 +37,8 @@ from .client import LLMClient
 from .examples import FeatureExamples
 from .prompts import classify_prompt, parse_votes
 
-SCORERS = ("detection", "fuzzing", "lexical")
-LLM_SCORERS = ("detection", "fuzzing")
+SCORERS = ("detection", "fuzzing", "lexical", "likelihood")
+LLM_SCORERS = ("detection", "fuzzing", "likelihood")  # likelihood: the judge's log-probabilities (likelihood.py)
 
 
 def score_max_tokens(n: int) -> int:
@@ -151,11 +154,15 @@ def lexical_score(explanation: str, ex: FeatureExamples, seed: int = 0) -> Score
 
 
 def score(kind: str, client: LLMClient | None, explanation: str, ex: FeatureExamples, batch_size: int = 5,
-          seed: int = 0) -> Score:
+          seed: int = 0, prefix: str = "") -> Score:
     if kind == "lexical":
         return lexical_score(explanation, ex, seed)
     if client is None:
         raise ValueError(f"the {kind} scorer needs an LLM client")
+    if kind == "likelihood":
+        from .likelihood import likelihood_score
+
+        return likelihood_score(client, explanation, ex, seed, prefix)
     rng = random.Random(f"{kind}:{ex.feature}:{seed}")  # the same excerpts and order for every explanation
     items = samples(kind, ex, rng)
     s = Score(kind)
