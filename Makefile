@@ -126,6 +126,33 @@ $(DASH_STAMP): Makefile
 bench-dashboard: setup $(DASH_STAMP)  # after `make demo` (its SAE); DASH_ARGS="--contexts N --batches A,B"
 	$(PY) benchmarks/saedashboard.py --dash-python $(DASH_PY) --json runs/bench/saedashboard.json $(DASH_ARGS)
 
+# SAEBench (sae-bench 0.6.0) lives in its own venv: it pins numpy < 2, datasets < 4 and sae-lens < 7 and pulls
+# sae-probes and openai. torch first (the CPU wheel on disk), named again beside sae-bench so the
+# resolver keeps it. Not a prerequisite of `make test`: only benchmarks/evals_saebench.py uses it.
+BENCH       ?= .venv-bench
+BENCH_PY    := $(BENCH)/bin/python
+BENCH_PIP   := $(BENCH_PY) -m pip --disable-pip-version-check
+BENCH_STAMP := $(BENCH)/.saekit-bench
+
+.PHONY: peers-bench bench-saebench
+peers-bench: $(BENCH_STAMP)
+
+$(BENCH_STAMP): Makefile
+	test -x $(BENCH_PY) || python3 -m venv $(BENCH)
+	$(BENCH_PY) -c "import torch" 2>/dev/null || $(BENCH_PIP) install -q torch==2.13.0
+	$(BENCH_PIP) install -q sae-bench==0.6.0 torch==2.13.0
+	@# torchvision's wheel does not match the CPU torch (torchvision::nms fails to register, which breaks `import
+	@# transformers`), and none of sae-bench's modules imports it; nvidia-nccl-cu12 (470 MB) comes with sae-probes'
+	@# xgboost, which loads it only for multi-GPU training
+	$(BENCH_PIP) uninstall -q -y torchvision nvidia-nccl-cu12
+	@# -P: not the checkout on sys.path (its kernels/ and benchmarks/kernels.py shadow transformers' `kernels`)
+	$(BENCH_PY) -P -c "import sae_bench.evals.sparse_probing.probe_training, sae_bench.evals.absorption.feature_absorption_calculator"
+	! $(BENCH_PIP) list 2>/dev/null | grep -i nvidia
+	touch $(BENCH_STAMP)
+
+bench-saebench: setup $(BENCH_STAMP)  # after `make demo`: saekit's probing and absorption beside SAEBench's own code
+	$(PY) benchmarks/evals_saebench.py --bench-python $(BENCH_PY) --json runs/bench/evals_saebench.json
+
 browse: setup
 	$(VENV)/bin/saekit browse runs/demo/store
 
