@@ -303,51 +303,78 @@ def _nll(splice: _Splicer, rows: torch.Tensor, targets: torch.Tensor) -> torch.T
                                  reduction="none") for i in range(0, len(rows), ROWS)])
 
 
-def _pair_rows(splice: _Splicer, clean: torch.Tensor, spliced: torch.Tensor, targets: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row [n] (float64): NLL clean, NLL spliced, KL(p_clean ‖ p_spliced), of rows [n, ·] of splice.outputs
-    at the same predictions; each clean log-softmax is made once and serves the KL right away."""
+def _pair_rows(splice: _Splicer, clean: torch.Tensor, spliced: list[torch.Tensor], targets: torch.Tensor
+               ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Per row [n] (float64): NLL clean, and for each variant in `spliced` its NLL and KL(p_clean ‖ p_variant), of
+    rows [n, ·] of splice.outputs at the same predictions; each clean log-softmax is made once and serves every
+    variant's KL right away."""
     parts = []
     for i in range(0, len(clean), ROWS):
         t = targets[i: i + ROWS]
         logp = F.log_softmax(splice.logits_of(clean[i: i + ROWS]), dim=-1)
-        logq = F.log_softmax(splice.logits_of(spliced[i: i + ROWS]), dim=-1)
-        parts.append(torch.stack([F.nll_loss(logp, t, reduction="none"), F.nll_loss(logq, t, reduction="none"),
-                                  F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1)]).double())
-    rows = torch.cat(parts, 1) if parts else torch.zeros(3, 0, dtype=torch.float64)
-    return rows[0], rows[1], rows[2]
+        rows = [F.nll_loss(logp, t, reduction="none")]
+        for variant in spliced:
+            logq = F.log_softmax(splice.logits_of(variant[i: i + ROWS]), dim=-1)
+            rows += [F.nll_loss(logq, t, reduction="none"), F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1)]
+        parts.append(torch.stack(rows).double())
+    rows = torch.cat(parts, 1) if parts else torch.zeros(1 + 2 * len(spliced), 0, dtype=torch.float64)
+    return rows[0], list(rows[1::2]), list(rows[2::2])
 
 
 def _pair_sums(splice: _Splicer, clean: torch.Tensor, spliced: torch.Tensor, targets: torch.Tensor
                ) -> tuple[float, float, float]:
     """(Σ NLL clean, Σ NLL spliced, Σ KL(p_clean ‖ p_spliced)) over the rows of `_pair_rows`."""
-    nll_clean, nll_spliced, kl = _pair_rows(splice, clean, spliced, targets)
+    nll_clean, (nll_spliced,), (kl,) = _pair_rows(splice, clean, [spliced], targets)
     return nll_clean.sum().item(), nll_spliced.sum().item(), kl.sum().item()
 
 
-@torch.no_grad()
 def evaluate(model, sae: SparseAutoencoder, contexts: torch.Tensor, cfg: EvalConfig | None = None,
              hook: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """All metrics of the SAE spliced into `model` at its hook on held-out `contexts` [n, T].
+    """All metrics of the SAE spliced into `model` at its hook on held-out `contexts` [n, T] (see
+    `evaluate_many`)."""
+    return evaluate_many(model, [sae], contexts, cfg, hook, progress)[0]
 
-    Work: the model up to the hook once per context (pass 1); from the hook on (pass 2), the clean and the
-    x̂-spliced contexts of a batch in one forward, and the zero- and mean-ablated ones once per distinct input —
-    for a residual-stream hook every context whose only unspliced position is 0 has the same ablated input (the
-    BOS residual, then the fill), so its log-probabilities are made once for the whole evaluation. CE and KL come
-    from log-probabilities at the predicting positions only, `ROWS` at a time."""
-    from .tokens import special_ids
 
-    cfg = cfg or EvalConfig()
+def _hooks_of(model, saes: list[SparseAutoencoder], hook: str | None) -> tuple[str, str | None]:
+    """(the hook every dictionary splices, the hook a transcoder reads or None); dictionaries of another hook,
+    kind or width are refused, since they could not share the passes."""
+    keys = {(hook or s.hook, s.hook_out if s.is_transcoder else None, s.cfg.d_in, s.cfg.out_dim) for s in saes}
+    if len(keys) > 1:
+        raise HookError(f"evaluated together, dictionaries must share hook, kind and width; got {len(keys)} kinds "
+                        f"({', '.join(sorted(str(k[0]) for k in keys))}). Evaluate them one group at a time.")
+    sae = saes[0]
     hook = hook or sae.hook
     if hook is None:
         raise HookError("the SAE records no hook; pass hook='blocks.L.hook_resid_pre'.")
-    read = None
-    if sae.is_transcoder:  # read the MLP's input, splice its output
-        from .lm import check_pair
+    if not sae.is_transcoder:
+        return hook, None
+    from .lm import check_pair
 
-        if sae.hook_out is None:
-            raise HookError("the transcoder records no output hook (saekit.hook_out in its cfg.json).")
-        read, hook = check_pair(model, hook, sae.hook_out)
+    if sae.hook_out is None:
+        raise HookError("the transcoder records no output hook (saekit.hook_out in its cfg.json).")
+    read, out = check_pair(model, hook, sae.hook_out)  # read the MLP's input, splice its output
+    return out, read
+
+
+@torch.no_grad()
+def evaluate_many(model, saes: list[SparseAutoencoder], contexts: torch.Tensor, cfg: EvalConfig | None = None,
+                  hook: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """All metrics of each dictionary of `saes` (one hook) spliced into `model` on held-out `contexts` [n, T].
+
+    Work: the model up to the hook once per context (pass 1); from the hook on (pass 2), per batch the clean
+    contexts and each dictionary's x̂-spliced ones in shared forwards, and the zero- and mean-ablated ones once per
+    distinct input — for a residual-stream hook every context whose only unspliced position is 0 has the same
+    ablated input (the BOS residual, then the fill), so its log-probabilities are made once for the whole
+    evaluation. Pass 1, the clean and the ablated passes are the same for every dictionary, so n dictionaries cost
+    one pass 1, one clean and ablated pass 2 and n spliced ones. CE and KL come from log-probabilities at the
+    predicting positions only, `ROWS` at a time; each clean log-softmax serves every dictionary's KL."""
+    from .tokens import special_ids
+
+    cfg = cfg or EvalConfig()
+    if not saes:
+        return []
+    hook, read = _hooks_of(model, saes, hook)
+    first = saes[0]
     splice = _Splicer(model, hook, read)
     special = special_ids(model.tokenizer)
     device = next(model.parameters()).device
@@ -365,12 +392,12 @@ def evaluate(model, sae: SparseAutoencoder, contexts: torch.Tensor, cfg: EvalCon
             continue
         toks, keep = toks[rows], keep[rows]
         act, entry, src = splice.prefix(toks)
-        if src.shape[-1] != sae.cfg.d_in or act.shape[-1] != sae.cfg.out_dim:
+        if src.shape[-1] != first.cfg.d_in or act.shape[-1] != first.cfg.out_dim:
             from .errors import ShapeError
 
             if not read:
-                raise ShapeError(f"the SAE has d_in {sae.cfg.d_in} but {hook} has width {act.shape[-1]}.")
-            raise ShapeError(f"the transcoder has d_in {sae.cfg.d_in} and d_out {sae.cfg.out_dim}, but {read} has "
+                raise ShapeError(f"the SAE has d_in {first.cfg.d_in} but {hook} has width {act.shape[-1]}.")
+            raise ShapeError(f"the transcoder has d_in {first.cfg.d_in} and d_out {first.cfg.out_dim}, but {read} has "
                              f"width {src.shape[-1]} and {hook} {act.shape[-1]}.")
         batches.append((toks, keep, act, entry, src[keep].float()))
         have += int(keep.sum())
@@ -388,46 +415,59 @@ def evaluate(model, sae: SparseAutoencoder, contexts: torch.Tensor, cfg: EvalCon
         starts.append(starts[-1] + len(toks))
     n_ctx = starts[-1]
     groups = torch.cat([k.nonzero()[:, 0] + lo for (_, k, _, _), lo in zip(batches, starts)])
-    recorded = sae.info.get("massive_threshold") if cfg.massive_multiple is None else None
     multiple = MASSIVE_MULTIPLE if cfg.massive_multiple is None else cfg.massive_multiple
-    out, x_hat, per_ctx = _reconstruction(sae, src, multiple, cfg.dense_threshold, 4096, recorded,
-                                          x if read else None, groups, n_ctx)
-    out |= {"kind": sae.kind, "architecture": sae.cfg.architecture} | ({"hook_in": read} if read else {})
-    out["massive_threshold_from"] = ("the harvest (recorded in the SAE)" if recorded is not None else
-                                     f"{multiple:g}× the evaluated tokens' median norm")
+    outs, x_hats, per_sae = [], [], []
+    for sae in saes:
+        recorded = sae.info.get("massive_threshold") if cfg.massive_multiple is None else None
+        out, x_hat, per_ctx = _reconstruction(sae, src, multiple, cfg.dense_threshold, 4096, recorded,
+                                              x if read else None, groups, n_ctx)
+        out |= {"kind": sae.kind, "architecture": sae.cfg.architecture} | ({"hook_in": read} if read else {})
+        out["massive_threshold_from"] = ("the harvest (recorded in the SAE)" if recorded is not None else
+                                         f"{multiple:g}× the evaluated tokens' median norm")
+        outs.append(out)
+        x_hats.append(x_hat)
+        per_sae.append(per_ctx | {k: torch.zeros(n_ctx, dtype=torch.float64, device=device) for k in ("sae", "kl")})
     fills = {"zero": torch.zeros_like(x[0]), "mean": x.mean(0)}
 
-    # Pass 2: CE and KL with the SAE, zero and mean splices (unkept positions keep their activation).
-    sums = dict.fromkeys(("clean", "sae", "zero", "mean", "kl"), 0.0)
-    per_ctx |= {k: torch.zeros(n_ctx, dtype=torch.float64, device=device) for k in (*sums, "pred")}
+    # Pass 2: CE and KL with each dictionary's, the zero and the mean splice (unkept positions keep their activation).
+    base = {k: torch.zeros(n_ctx, dtype=torch.float64, device=device) for k in ("clean", "zero", "mean", "pred")}
     shared: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # ablation → (position-0 input, log-probabilities)
-    n_pred, done = 0, 0
+    done = 0
     toks0, _, act0, entry0 = batches[0]
     splice.check(toks0, entry0, act0)
     # contexts per forward: the shortcut holds hidden states only, the plain path full logits
     per_forward = 2 * cfg.batch_contexts if splice.fast else cfg.batch_contexts
+    variants = len(saes) + 1
     for b, (toks, keep, act, entry) in enumerate(tqdm(batches, desc="eval", disable=not progress, dynamic_ncols=True)):
         pred = keep[:, :-1]  # next-token predictions made at spliced positions
         targets = toks[:, 1:]
-        n_pred += int(pred.sum())
         c0 = starts[b]
-        per_ctx["pred"][c0: c0 + len(toks)] = pred.sum(1).double()
-        spliced = act.clone()
-        spliced[keep] = x_hat[done: done + int(keep.sum())].to(act.dtype)
-        done += int(keep.sum())
+        base["pred"][c0: c0 + len(toks)] = pred.sum(1).double()
+        n_keep = int(keep.sum())
+        spliced = []
+        for x_hat in x_hats:
+            a = act.clone()
+            a[keep] = x_hat[done: done + n_keep].to(act.dtype)
+            spliced.append(a)
+        done += n_keep
 
-        # clean and x̂ side by side
-        half = max(1, per_forward // 2)
-        for lo in range(0, len(toks), half):
-            s = slice(lo, lo + half)
+        # clean and every x̂ side by side, `per_forward` contexts a forward; the plain path holds every variant's
+        # full logits until the log-softmax, so it takes fewer contexts at once
+        step = max(1, per_forward // (2 if splice.fast else variants))
+        for lo in range(0, len(toks), step):
+            s = slice(lo, lo + step)
             n = len(toks[s])
-            o = splice.outputs(toks[s].repeat(2, 1), entry[s].repeat(2, 1, 1), torch.cat([act[s], spliced[s]]))
-            clean, spl = o[:n, :-1][pred[s]], o[n:, :-1][pred[s]]
-            del o
+            outs_s = [splice.outputs(toks[s].repeat(len(part), 1), entry[s].repeat(len(part), 1, 1), torch.cat(part))
+                      for part in _chunks([act[s]] + [v[s] for v in spliced], max(1, per_forward // max(n, 1)))]
+            o = torch.cat(outs_s)
+            rows_of = [o[i * n: (i + 1) * n, :-1][pred[s]] for i in range(variants)]
+            del o, outs_s
             ctx_of_row = pred[s].nonzero()[:, 0] + c0 + lo
-            for name, rows in zip(("clean", "sae", "kl"), _pair_rows(splice, clean, spl, targets[s][pred[s]])):
-                sums[name] += rows.sum().item()
-                per_ctx[name].index_add_(0, ctx_of_row, rows.to(device))
+            nll_clean, nll_sae, kl = _pair_rows(splice, rows_of[0], rows_of[1:], targets[s][pred[s]])
+            base["clean"].index_add_(0, ctx_of_row, nll_clean.to(device))
+            for sums_i, nll_i, kl_i in zip(per_sae, nll_sae, kl):
+                sums_i["sae"].index_add_(0, ctx_of_row, nll_i.to(device))
+                sums_i["kl"].index_add_(0, ctx_of_row, kl_i.to(device))
 
         # ablations: a context whose ablated input equals an earlier one's (resid_pre hook, only position 0
         # unspliced) reuses that one's log-probabilities; the others run in forwards
@@ -437,12 +477,12 @@ def evaluate(model, sae: SparseAutoencoder, contexts: torch.Tensor, cfg: EvalCon
             ablated = torch.where(keep[..., None], fill.to(act.dtype), act)
             for c in range(len(toks)):
                 if splice.direct and only_bos[c]:
-                    first = shared[name][0] if name in shared else next(
+                    first_input = shared[name][0] if name in shared else next(
                         (a[0] for j, _, a, kept in jobs if kept and j == name), None)
-                    if first is None:  # the first such context: its log-probabilities are kept for the others
+                    if first_input is None:  # the first such context: its log-probabilities are kept for the others
                         jobs.append((name, c, ablated[c], True))
                         continue
-                    if torch.equal(ablated[c, 0], first):
+                    if torch.equal(ablated[c, 0], first_input):
                         reuse.append((name, c))
                         continue
                 jobs.append((name, c, ablated[c], False))
@@ -455,19 +495,27 @@ def evaluate(model, sae: SparseAutoencoder, contexts: torch.Tensor, cfg: EvalCon
             nll = _nll(splice, at_pred, targets[idx][pred[idx]])
             counts = pred[idx].sum(1).tolist()
             for (name, c, a, kept), job_rows, job_nll in zip(part, at_pred.split(counts), nll.split(counts)):
-                sums[name] += job_nll.sum().item()
-                per_ctx[name][c0 + c] += job_nll.double().sum()
+                base[name][c0 + c] += job_nll.double().sum()
                 if kept:
                     shared[name] = (a[0].clone(), torch.cat([F.log_softmax(splice.logits_of(r), dim=-1)
                                                              for r in job_rows.split(ROWS)]))
         for name, c in reuse:
-            nll = F.nll_loss(shared[name][1], targets[c][pred[c]], reduction="sum").item()
-            sums[name] += nll
-            per_ctx[name][c0 + c] += nll
-    out |= ce_metrics(sums, n_pred) | {"hook": hook, "eval_config": asdict(cfg)}
-    out |= intervals_of(per_ctx, core_statistic(cfg.dense_threshold)) | {"no_interval": NO_INTERVAL}
-    out["seconds"] = time.perf_counter() - start
-    return out
+            base[name][c0 + c] += F.nll_loss(shared[name][1], targets[c][pred[c]], reduction="sum").item()
+    n_pred = int(base["pred"].sum())
+    seconds = time.perf_counter() - start
+    for out, per_ctx in zip(outs, per_sae):
+        per_ctx |= base
+        sums = {k: per_ctx[k].sum().item() for k in ("clean", "sae", "zero", "mean", "kl")}
+        out |= ce_metrics(sums, n_pred) | {"hook": hook, "eval_config": asdict(cfg)}
+        out |= intervals_of(per_ctx, core_statistic(cfg.dense_threshold)) | {"no_interval": NO_INTERVAL}
+        out["seconds"] = seconds
+        if len(saes) > 1:
+            out["evaluated_with"] = f"{len(saes)} dictionaries in one pass (the seconds are the shared pass's)"
+    return outs
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i: i + size] for i in range(0, len(items), size)]
 
 
 def intervals_of(per_unit: dict[str, torch.Tensor], statistic, unit: str = "contexts") -> dict[str, Any]:

@@ -259,3 +259,39 @@ def test_evaluate_falls_back_to_full_forwards_when_the_shortcut_differs(model, s
     with pytest.warns(UserWarning, match="does not reproduce a full forward"):
         m = evaluate(model, short_sae, ctx, EvalConfig(tokens=tokens, batch_contexts=2), hook=HOOK, progress=False)
     assert_same_metrics(m, reference_evaluate(model, short_sae, ctx, tokens, HOOK))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_evaluating_together_equals_evaluating_each_alone(model, short_contexts, short_sae, fast, monkeypatch):
+    """evaluate_many shares pass 1, the clean and the ablated passes: every SAE's metrics and intervals must be
+    those of its own evaluate call, on the shortcut and on the plain path."""
+    import warnings
+
+    import saekit.evaluate as ev
+
+    ctx, tokens = short_contexts
+    if not fast:
+        monkeypatch.setattr(ev, "SUFFIX_TOLERANCE", -1.0)
+    other = SparseAutoencoder.initialized(SaeConfig(d_in=576, d_sae=128, k=4), seed=2)
+    third = SparseAutoencoder.initialized(SaeConfig(d_in=576, d_sae=256, k=16, architecture="batchtopk"), seed=3)
+    cfg = EvalConfig(tokens=tokens, batch_contexts=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        together = ev.evaluate_many(model, [short_sae, other, third], ctx, cfg, hook=HOOK, progress=False)
+        alone = [evaluate(model, s, ctx, cfg, hook=HOOK, progress=False) for s in (short_sae, other, third)]
+    assert len({m["ce_sae"] for m in together}) == 3  # three different SAEs, three different CEs
+    for m, ref in zip(together, alone):
+        for key in ("fvu", "nmse", "l0", "dead_fraction", "ce_clean", "ce_sae", "ce_zero_ablation",
+                    "ce_mean_ablation", "kl", "ce_recovered_zero", "tokens", "ce_tokens"):
+            assert m[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-6), key
+        for key, (lo, hi) in ref["intervals"].items():
+            assert m["intervals"][key] == pytest.approx([lo, hi], rel=1e-5, abs=1e-6), key
+
+
+def test_dictionaries_of_different_hooks_are_not_evaluated_together(model, short_sae):
+    from saekit.evaluate import evaluate_many
+
+    one, other = (SparseAutoencoder.initialized(SaeConfig(d_in=576, d_sae=128, k=4), seed=s) for s in (1, 2))
+    one.info["hook"], other.info["hook"] = HOOK, "blocks.3.hook_resid_pre"
+    with pytest.raises(HookError, match="must share hook"):
+        evaluate_many(model, [one, other], torch.zeros(1, 8, dtype=torch.long))

@@ -138,17 +138,31 @@ def word_absorption(P: float, f: torch.Tensor, cos: torch.Tensor, main: list[int
     return fraction, full
 
 
-def absorption_scores(acts: torch.Tensor, letters: torch.Tensor, sae, train: torch.Tensor, test: torch.Tensor,
-                      names: list[str], seed: int = 0) -> dict[str, Any]:
-    """eval.json's "absorption" part from word activations [n, d] and first-letter ids [n]."""
+@dataclass
+class LetterProbe:
+    """The first-letter probe on the hook's activations: it does not depend on the SAE, so it is fit once per task."""
+
+    classes: list[int]
+    directions: torch.Tensor  # [letters, d] unit probe directions
+    predicted: torch.Tensor  # [test words] the probe's letter for each held-out word
+
+
+def letter_probe(acts: torch.Tensor, letters: torch.Tensor, train: torch.Tensor, test: torch.Tensor) -> LetterProbe:
     from sklearn.linear_model import LogisticRegression
 
     scale = acts[train].norm(dim=1).mean().clamp_min(1e-12)  # one number: the probe directions do not change
     probe = LogisticRegression(max_iter=3000, C=PROBE_C).fit((acts[train] / scale).double().numpy(), letters[train].numpy())
-    classes = [int(c) for c in probe.classes_]
     directions = torch.from_numpy(probe.coef_).float()
-    directions = directions / directions.norm(dim=1, keepdim=True)
-    predicted = torch.from_numpy(np.asarray(probe.predict((acts[test] / scale).double().numpy())))
+    return LetterProbe([int(c) for c in probe.classes_], directions / directions.norm(dim=1, keepdim=True),
+                       torch.from_numpy(np.asarray(probe.predict((acts[test] / scale).double().numpy()))))
+
+
+def absorption_scores(acts: torch.Tensor, letters: torch.Tensor, sae, train: torch.Tensor, test: torch.Tensor,
+                      names: list[str], seed: int = 0, probe: LetterProbe | None = None) -> dict[str, Any]:
+    """eval.json's "absorption" part from word activations [n, d] and first-letter ids [n] (`probe`: the letter
+    probe of these activations, when already fit)."""
+    probe = probe or letter_probe(acts, letters, train, test)
+    classes, directions, predicted = probe.classes, probe.directions, probe.predicted
     with torch.no_grad():
         lat = torch.cat([sae.dense_codes(acts[i: i + 1024]).float() for i in range(0, len(acts), 1024)])
     W_dec = sae.W_dec.detach().float().cpu()
@@ -196,6 +210,7 @@ class WordActivations:
     words: int
     examples: int
     seconds: float
+    probe: LetterProbe | None = None
 
 
 def word_task(model, hook: str, n_words: int = 1500, examples: int = 4, test_fraction: float = 0.2, seed: int = 0,
@@ -215,7 +230,10 @@ def word_task(model, hook: str, n_words: int = 1500, examples: int = 4, test_fra
 def absorption(task: WordActivations, sae, seed: int = 0) -> dict[str, Any]:
     """eval.json's "absorption" part for `sae` on a prepared first-letter task."""
     start = time.perf_counter()
-    out = absorption_scores(task.acts, task.letters, sae, task.train, task.test, list(string.ascii_lowercase), seed)
+    if task.probe is None:
+        task.probe = letter_probe(task.acts, task.letters, task.train, task.test)
+    out = absorption_scores(task.acts, task.letters, sae, task.train, task.test, list(string.ascii_lowercase), seed,
+                            task.probe)
     return out | {"words": task.words, "examples": task.examples, "forward_seconds": task.seconds,
                   "prompt": "{word} has the first letter: {L} lines (examples), then {word} has the first letter:",
                   "seconds": time.perf_counter() - start}

@@ -6,7 +6,7 @@ activations of every token but BOS are kept (float16) so that any number of SAEs
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -104,6 +104,8 @@ class DocumentActivations:
     hook: str
     model: str
     seconds: float
+    raw_probes: dict = field(default_factory=dict, repr=False)
+    """Probe results on the raw activations, which every SAE's probing shares (keyed by split, k and seed)."""
 
     def mean_pooled(self) -> torch.Tensor:
         """[n, d] float32: the mean over each document's tokens (SAEBench pools its probes' inputs this way)."""

@@ -112,8 +112,13 @@ def sparse_probing(docs, sae, train: torch.Tensor, test: torch.Tensor, ks: list[
     for k in ks:
         per_unit[f"sae_k{k}"] = sets.correct(lat[train], lat[test], top(k))
         per_unit[f"sae_last_token_k{k}"] = sets.correct(lat_last[train], lat_last[test], top(k))
-        per_unit[f"raw_k{k}"] = sets.correct(raw[train], raw[test], top(k))
-    per_unit["raw_all"] = sets.correct(raw[train], raw[test])
+    # the raw-activation probes do not depend on the SAE: made once per documents, split and k list
+    memo = docs.raw_probes
+    key = (tuple(train.tolist()), tuple(test.tolist()), tuple(ks), seed)
+    if key not in memo:
+        memo[key] = {f"raw_k{k}": sets.correct(raw[train], raw[test], top(k)) for k in ks}
+        memo[key]["raw_all"] = sets.correct(raw[train], raw[test])
+    per_unit |= memo[key]
     out = with_intervals(per_unit, seed)
     return out | {"k": list(ks), "classes": docs.names, "train_documents": len(train), "test_documents": len(test),
                   "pooling": "mean over each document's tokens (as SAEBench); sae_last_token_*: the last token's latents",

@@ -73,9 +73,34 @@ def check_model(sae, model, path: Path) -> None:
                           "evaluate it with its own model (--model) or pick SAEs of this model.")
 
 
-def suite_of(sae, path: Path, inputs: SuiteInputs, data: DataConfig, cfg: EvalConfig, suite: SuiteConfig
-             ) -> dict[str, Any]:
-    """Every requested part for one SAE; core metrics stay at the top level of eval.json, as before."""
+def core_of_all(saes: list, paths: list[Path], datas: list[DataConfig], inputs: SuiteInputs, cfg: EvalConfig
+                ) -> dict[int, dict[str, Any]]:
+    """Core metrics of every SAE, those of one hook, kind, width and held-out data evaluated together (they share
+    the model passes; see evaluate_many), keyed by position in `saes`."""
+    from ..evaluate import evaluate_many
+
+    groups: dict[tuple, list[int]] = {}
+    for i, (sae, d) in enumerate(zip(saes, datas)):
+        check_model(sae, inputs.model, paths[i])
+        key = (sae.hook, sae.hook_out if sae.is_transcoder else None, sae.cfg.d_in, sae.cfg.out_dim,
+               d.dataset, d.context_size, d.heldout_fraction, d.seed, d.text_column)
+        groups.setdefault(key, []).append(i)
+    device = next(inputs.model.parameters()).device
+    out = {}
+    for members in groups.values():
+        start = time.perf_counter()
+        group = [saes[i].to(device) for i in members]
+        results = evaluate_many(inputs.model, group, inputs.heldout(datas[members[0]]), cfg, progress=inputs.progress)
+        for i, m in zip(members, results):
+            saes[i].to("cpu")
+            out[i] = m | {"core_seconds_shared": time.perf_counter() - start, "core_evaluated_together": len(members)}
+    return out
+
+
+def suite_of(sae, path: Path, inputs: SuiteInputs, data: DataConfig, cfg: EvalConfig, suite: SuiteConfig,
+             core: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every requested part for one SAE; core metrics stay at the top level of eval.json, as before (`core`: the
+    SAE's core metrics when they were evaluated together with others', see core_of_all)."""
     from .probing import sparse_probing
     from .tpp import targeted_probe_perturbation
 
@@ -85,7 +110,10 @@ def suite_of(sae, path: Path, inputs: SuiteInputs, data: DataConfig, cfg: EvalCo
     seconds: dict[str, float] = {}
     hook = sae.hook
     device = next(inputs.model.parameters()).device
-    if "core" in parts:
+    if core is not None:
+        out |= core
+        seconds["core"] = core["core_seconds_shared"] / core["core_evaluated_together"]
+    elif "core" in parts:
         start = time.perf_counter()
         out |= evaluate(inputs.model, sae.to(device), inputs.heldout(data), cfg, progress=inputs.progress)
         seconds["core"] = time.perf_counter() - start
@@ -138,9 +166,10 @@ def run_suite(paths: list[Path], cfg: EvalConfig, suite: SuiteConfig, model_arg:
     print(f"saekit: loading model {data.model!r}", flush=True)
     model = load_model(data.model, device=("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     inputs = SuiteInputs(model, data, suite, progress)
+    cores = core_of_all(saes, paths, datas, inputs, cfg) if "core" in suite.parts() else {}
     results = []
-    for path, sae, d in zip(paths, saes, datas):
-        metrics = suite_of(sae, path, inputs, d, cfg, suite)
+    for i, (path, sae, d) in enumerate(zip(paths, saes, datas)):
+        metrics = suite_of(sae, path, inputs, d, cfg, suite, cores.get(i))
         metrics |= {"sae": str(path), "weights_sha256": sae.weights_hash(), "architecture": sae.cfg.architecture,
                     "k": sae.cfg.k, "d_sae": sae.cfg.d_sae}
         write_json(Path(path) / "eval.json", metrics)
