@@ -48,9 +48,9 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def excerpt_logprobs(client, pairs: list[tuple[str, str]], prefix: str = "") -> tuple[list[tuple[float, int]], int]:
-    """For each (context, excerpt): the sum of the excerpt's token log-probabilities given the context, and its
-    token count; plus the prompt tokens processed. A client other than the two backends may bring its own
+def excerpt_logprobs(client, pairs: list[tuple[str, str]], prefix: str = "") -> tuple[list[list[float]], int]:
+    """For each (context, excerpt): the log-probabilities of the excerpt's tokens given the context; plus the
+    prompt tokens processed. A client other than the two backends may bring its own
     `excerpt_logprobs(pairs)` (tests do)."""
     if isinstance(client, LocalClient):
         return _local(client.model, client.tokenizer, pairs, client.device, client._lock)
@@ -63,7 +63,7 @@ def excerpt_logprobs(client, pairs: list[tuple[str, str]], prefix: str = "") -> 
                       f"{getattr(client, 'name', type(client).__name__)} does not.")
 
 
-def _local(model, tokenizer, pairs, device="cpu", lock=None) -> tuple[list[tuple[float, int]], int]:
+def _local(model, tokenizer, pairs, device="cpu", lock=None) -> tuple[list[list[float]], int]:
     """Excerpt tokens = the tokens of context + excerpt that start inside the excerpt (as the server sees it)."""
     import torch
 
@@ -85,7 +85,7 @@ def _local(model, tokenizer, pairs, device="cpu", lock=None) -> tuple[list[tuple
         lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
         for j, r in enumerate(chunk):
             s = starts[i + j]
-            out.append((float(lp[j, s - 1: len(r) - 1].sum()), len(r) - s))
+            out.append(lp[j, s - 1: len(r) - 1].tolist())
     return out, tokens
 
 
@@ -104,19 +104,19 @@ def _completion(client: HttpClient, prompt: str) -> tuple[list[str], list[float 
     return tokens, values, int((data.get("usage") or {}).get("prompt_tokens", 0))
 
 
-def _tail(tokens: list[str], values: list[float | None], text: str) -> tuple[float, int] | None:
-    """Sum and count of the log-probabilities of the tokens that lie inside the last occurrence of `text` in the
+def _tail(tokens: list[str], values: list[float | None], text: str) -> list[float] | None:
+    """The log-probabilities of the tokens that lie inside the last occurrence of `text` in the
     echoed tokens (token strings, not offsets: servers count offsets from different origins)."""
     joined = "".join(tokens)
     at = joined.rfind(text)
     if at < 0:
         return None
-    total, n, pos = 0.0, 0, 0
+    out, pos = [], 0
     for t, v in zip(tokens, values):
         if pos >= at and pos + len(t) <= at + len(text) and v is not None:
-            total, n = total + v, n + 1
+            out.append(float(v))
         pos += len(t)
-    return (total, n) if n else None
+    return out or None
 
 
 def check_alignment(client: HttpClient, prefix: str) -> None:
@@ -126,7 +126,7 @@ def check_alignment(client: HttpClient, prefix: str) -> None:
         return
     tokens, values, _ = _completion(client, prefix + COUNTING)
     tail = _tail(tokens, values, COUNTING[-24:])
-    nats = -tail[0] / tail[1] if tail else float("inf")
+    nats = -sum(tail) / len(tail) if tail else float("inf")
     if nats > ALIGNED_BELOW:
         raise SaekitError(
             f"{client.base_url}/completions echoes prompt log-probabilities shifted by one token ({nats:.1f} nats "
@@ -137,7 +137,7 @@ def check_alignment(client: HttpClient, prefix: str) -> None:
         checked.add(prefix)
 
 
-def _http(client: HttpClient, pairs, prefix: str) -> tuple[list[tuple[float, int]], int]:
+def _http(client: HttpClient, pairs, prefix: str) -> tuple[list[list[float]], int]:
     check_alignment(client, prefix)
     out, processed = [], 0
     for context, excerpt in pairs:
@@ -167,10 +167,13 @@ def likelihood_score(client, explanation: str, ex: FeatureExamples, seed: int = 
             memo[(prefix, t)] = v
         base = [memo[(prefix, t)] for t, _ in items]
     s = Score("likelihood", calls=len(pairs), prompt_tokens=processed)
-    for (t, y), (lp, n), (lp0, n0) in zip(items, got, base):
-        gain = lp / max(n, 1) - lp0 / max(n0, 1)
+    for (t, y), told_lp, neutral_lp in zip(items, got, base):
+        gain = sum(told_lp) / max(len(told_lp), 1) - sum(neutral_lp) / max(len(neutral_lp), 1)
         s.add([y], [int(gain > 0)])
         s.probs.append((y, gain))
-        s.answers.append({"labels": [y], "gain": round(gain, 4), "logprob": round(lp, 3),
-                          "neutral_logprob": round(lp0, 3), "tokens": n})
+        per_token = ([round(a - b, 3) for a, b in zip(told_lp, neutral_lp)]  # kept to study other aggregations
+                     if len(told_lp) == len(neutral_lp) else None)
+        s.answers.append({"labels": [y], "gain": round(gain, 4), "logprob": round(sum(told_lp), 3),
+                          "neutral_logprob": round(sum(neutral_lp), 3), "tokens": len(told_lp),
+                          "token_gains": per_token})
     return s
