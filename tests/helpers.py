@@ -159,3 +159,20 @@ def random_transcoders(n_layers: int, d: int, d_sae: int = 64, k: int = 6, skip_
         t.info = {"hook": f"blocks.{L}.mlp.hook_in", "hook_out": f"blocks.{L}.hook_mlp_out"}
         tcs[L] = t
     return tcs
+
+
+# ----------------------------------------------------------------------------- small HTTP test servers
+
+class JsonHandler:
+    """Mixin for a BaseHTTPRequestHandler that answers JSON and logs nothing (the fake OpenAI-style servers)."""
+
+    def log_message(self, *a):
+        pass
+
+    def _send(self, code: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
