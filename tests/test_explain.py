@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from helpers import JsonHandler
 
 from saekit.config import ExplainConfig
 from saekit.errors import SaekitError
@@ -250,20 +251,9 @@ def test_cli_dry_run(tiny_store, capsys):
 
 # ----------------------------------------------------------------------------- the HTTP client
 
-class _Server(BaseHTTPRequestHandler):
+class _Server(JsonHandler, BaseHTTPRequestHandler):
     fail_next = 0
     seen_auth: list[str] = []
-
-    def log_message(self, *a):
-        pass
-
-    def _send(self, code: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self):
         if self.path == "/v1/models":

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import JsonHandler
 
 from saekit.config import ExplainConfig
 from saekit.errors import SaekitError
@@ -128,24 +129,13 @@ def test_tail_picks_the_excerpt_tokens():
 BOS = "<s>"
 
 
-class _Completions(BaseHTTPRequestHandler):
+class _Completions(JsonHandler, BaseHTTPRequestHandler):
     """Echoed prompt log-probabilities as llama-cpp-python gives them: tokens are words; a word is likely (−0.05)
     when it is a number, a comma or seen before, else −6 — and shifted (every value −12) unless the prompt
     starts with BOS, which it drops from the echo, as llama.cpp does."""
 
     requests: list[dict] = []
     echo = True
-
-    def log_message(self, *a):
-        pass
-
-    def _send(self, code: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self):
         self._send(200, {"data": [{"id": "tiny"}]})

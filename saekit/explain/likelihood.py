@@ -167,7 +167,7 @@ def likelihood_score(client, explanation: str, ex: FeatureExamples, seed: int = 
             memo[(prefix, t)] = v
         base = [memo[(prefix, t)] for t, _ in items]
     s = Score("likelihood", calls=len(pairs), prompt_tokens=processed)
-    for (t, y), told_lp, neutral_lp in zip(items, got, base):
+    for (_, y), told_lp, neutral_lp in zip(items, got, base):
         gain = sum(told_lp) / max(len(told_lp), 1) - sum(neutral_lp) / max(len(neutral_lp), 1)
         s.add([y], [int(gain > 0)])
         s.probs.append((y, gain))
