@@ -103,12 +103,12 @@ def test_sweep_refuses_several_hooks_before_training(world, tmp_path, capsys):
 
 
 def test_compare_marks_overlapping_intervals_not_significant():
-    from saekit.evals.compare import marks
+    from saekit.evals.compare import METRICS, marks
 
     rows = [{"fvu": 0.20, "fvu_ci": [0.19, 0.21]}, {"fvu": 0.205, "fvu_ci": [0.20, 0.215]},
             {"fvu": 0.30, "fvu_ci": [0.29, 0.31]}]
     for r in rows:
-        for col in ("l0", "ce_recovered", "kl", "probing_k1", "probing_k5", "absorption", "absorption_rate", "tpp"):
+        for col in (c for c, *_ in METRICS if c != "fvu"):
             r[col], r[f"{col}_ci"] = None, None
     m = marks(rows)
     assert (m[(0, "fvu")], m[(1, "fvu")], m[(2, "fvu")]) == ("★", "≈", "")
