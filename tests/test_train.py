@@ -145,6 +145,26 @@ def test_dead_latent_counting(synthetic, tmp_path):
     assert stats["dead_fraction"] >= 10 / 128
 
 
+def test_auxk_trains_the_encoder_only_when_asked(synthetic, tmp_path):
+    """By default AuxK moves only the dead latents' decoder rows (as sparsify); auxk_trains_encoder=True lets its
+    gradient into their encoder columns too. One first step from the same state with AuxK off, on (default) and on
+    through the encoder."""
+    after = {}
+    for name, kw in {"off": dict(auxk_coef=0.0), "decoder": {}, "encoder": dict(auxk_trains_encoder=True)}.items():
+        trainer = Trainer(config(dead_tokens=256, grad_clip=0.0, **kw), synthetic.acts, tmp_path / name)
+        trainer.since_fired[0][64:] = 256  # latents 64+ are dead: AuxK picks among them
+        stats = trainer.train_step(trainer.data.batch(0))[0]
+        assert stats["dead_fraction"] == 0.5
+        after[name] = weights_of(trainer)
+    off, dec, enc = after["off"], after["decoder"], after["encoder"]
+    assert not torch.allclose(dec["W_dec"][64:], off["W_dec"][64:])  # AuxK fits the dead rows either way
+    torch.testing.assert_close(dec["W_dec"], enc["W_dec"])
+    torch.testing.assert_close(dec["W_enc"], off["W_enc"])  # the default leaves the encoder to the main loss
+    torch.testing.assert_close(dec["b_enc"], off["b_enc"])
+    assert not torch.allclose(enc["W_enc"][:, 64:], dec["W_enc"][:, 64:])
+    torch.testing.assert_close(enc["W_enc"][:, :64], dec["W_enc"][:, :64])
+
+
 def test_default_dead_window_scales_with_short_runs(synthetic, tmp_path):
     trainer = Trainer(config(epochs=2.0), synthetic.acts, tmp_path)
     assert trainer.dead_tokens == max(256, 2 * 8192 // 256 * 256 // 50)
