@@ -41,14 +41,18 @@ from pathlib import Path
 
 def prepare(sae_dir: Path, work: Path, progress: bool) -> dict:
     """The suite's inputs for the SAE's hook, saved for SAEBench, and saekit's scores on them."""
-    import torch
     from safetensors.torch import save_file
 
     from saekit.config import DataConfig, SuiteConfig
-    from saekit.files import atomic_write, write_json
     from saekit.evals.absorption import MIN_WORDS, absorption, vocabulary_words, word_task
-    from saekit.evals.documents import balanced_subset, document_activations, labelled_documents, split_examples
+    from saekit.evals.documents import (
+        balanced_subset,
+        document_activations,
+        labelled_documents,
+        split_examples,
+    )
     from saekit.evals.probing import sparse_probing
+    from saekit.files import atomic_write, write_json
     from saekit.interop import convert
     from saekit.lm import load_model
     from saekit.sae import load_sae
@@ -131,10 +135,9 @@ def bench_probing(t, meta, sae, seeds: int) -> dict:
     """SAEBench's sparse probing (`run_eval_single_dataset`'s calls, in its order) on our documents and split."""
     import random
 
-    import torch
-
     import sae_bench.evals.sparse_probing.probe_training as probe_training
     import sae_bench.sae_bench_utils.activation_collection as activation_collection
+    import torch
     from sae_bench.evals.sparse_probing.eval_config import SparseProbingEvalConfig
 
     cfg = SparseProbingEvalConfig()
@@ -213,11 +216,10 @@ def bench_absorption(t, meta, sae, work: Path) -> dict:
     import random
 
     import pandas as pd
-    import torch
-
     import sae_bench.evals.absorption.feature_absorption as fa
     import sae_bench.evals.absorption.k_sparse_probing as ksp
     import sae_bench.evals.absorption.main as absorption_main
+    import torch
     from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
     from sae_bench.evals.absorption.feature_absorption_calculator import FeatureAbsorptionCalculator
     from sae_bench.evals.absorption.probing import train_linear_probe_for_task
@@ -388,7 +390,7 @@ def table(ours: dict, bench: dict) -> tuple[str, dict]:
 
     p, bp = ours["probing"], bench["probing"]["runs"]
     ci = p["intervals"]
-    rows, out = [], {"probing": {}, "absorption": {}}
+    out = {"probing": {}, "absorption": {}}
 
     def spread(key):
         v = [r[key] for r in bp]
@@ -425,7 +427,7 @@ def table(ours: dict, bench: dict) -> tuple[str, dict]:
     bench_tp = sum(v["true_positives"] for v in ba["per_letter"].values())
     lines.append(f"{'letter probe accuracy (held out)':<38}{a['probe_accuracy']:<26.3f}{ba['probe_accuracy']:.3f}")
     lines.append(f"{'true positives (held-out words)':<38}{ours_tp:<26}{bench_tp}")
-    lines.append(f"{'letters scored':<38}{sum(1 for v in a['letters'].values() if v['true_positives']):<26}"
+    lines.append(f"{'letters scored':<38}{a['letters_scored']:<26}"
                  f"{len(ba['letters_passing_f1'])} with probe F1 > {ba['min_GT_probe_f1']} (of {len(ba['letters'])}; "
                  f"its main() {'would refuse: <' if ba['would_refuse'] else 'needs ≥'} {ba['min_feats_for_eval']})")
     lines.append(f"{'main latents per letter':<38}{a['mean_split_latents']:<26.2f}"

@@ -2,9 +2,10 @@
 
 Task: single-token words from the tokenizer's vocabulary in an in-context first-letter prompt
 ("{word} has the first letter: {L}" lines, then "{word} has the first letter:"); the activation is read at the
-word's token. A logistic probe for the first letter is trained on those activations (train words); each letter's
-main latents are the top latents by class-mean difference, k growing while a k-sparse probe's F1 rises by more
-than `F1_JUMP` (SAEBench's feature splits). On each held-out word whose letter the probe gets right (a true
+word's token. A logistic probe for the first letter is trained on those activations (train words). Each letter's
+main latents follow SAEBench's feature splits: latents ranked by the weights of an L1-penalised one-vs-rest probe
+on the SAE's latents (train words), then k-sparse probes on the top k (k = 1 … 10), k kept while the probe's F1 on
+the held-out words rises by more than `F1_JUMP`. On each held-out word whose letter the probe gets right (a true
 positive), with p̂ the letter's unit probe direction, cos_j = cos(W_dec[j], p̂), proj_j = f_j · cos_j and
 P = x · p̂ (SAEBench's `FeatureAbsorptionCalculator`):
 - absorption fraction: 0 if Σ_main proj ≥ P or the top-3 other latents with cos ≥ 0.1 and proj > 0 project less
@@ -12,10 +13,12 @@ P = x · p̂ (SAEBench's `FeatureAbsorptionCalculator`):
 - full absorption: every main latent is off, the top-projecting latent has cos ≥ 0.025, P ≥ 0, and that latent
   projects at least 0.4 P.
 Per letter: mean absorption fraction = Σ fraction / true positives, absorption rate = full absorptions / true
-positives; the scores are their means over letters, with a bootstrap interval over held-out words."""
+positives; the scores are their means over the letters whose probe F1 on the held-out words exceeds
+`MIN_PROBE_F1` (SAEBench's filter), with a bootstrap interval over held-out words."""
 
 from __future__ import annotations
 
+import math
 import string
 import time
 from dataclasses import dataclass
@@ -28,7 +31,6 @@ from tqdm.auto import tqdm
 from ..errors import DataError
 from ..evaluate import DRAWS, LEVEL, bootstrap
 from .documents import split_examples
-from .probing import logistic_probe, top_by_mean_difference
 
 F1_JUMP = 0.03
 MAX_SPLIT = 10
@@ -36,9 +38,10 @@ FULL_COS = 0.025
 FRACTION_COS = 0.1
 PROJECTION_SHARE = 0.4
 MAX_ABSORBERS = 3
-PROBE_C = 10.0
-"""Inverse L2 strength of the letter probe on activations scaled to unit mean norm. On the demo SAE's hook
-(1,188 train / 297 held-out words) C = 1 underfits (held-out accuracy 0.59); C = 10 gives 0.82, C = 100 0.84."""
+MIN_PROBE_F1 = 0.6
+"""Letters whose probe F1 on the held-out words is at most this are reported but left out of the means (SAEBench)."""
+L1_DECAY = 0.01
+"""L1 strength of the probe that ranks a letter's candidate latents (SAEBench's k-sparse probing)."""
 MIN_WORDS = 10
 """Letters with fewer single-token words than this are left out (their probe and F1 would be noise)."""
 
@@ -102,18 +105,53 @@ def f1(pred: np.ndarray, truth: np.ndarray) -> float:
     return 2 * tp / max(float(pred.sum() + truth.sum()), 1.0)
 
 
-def main_latents(lat: torch.Tensor, positive: torch.Tensor) -> list[int]:
-    """A letter's main latents: top by class-mean difference, k grown while the k-sparse probe's F1 (on the
-    training words) rises by more than F1_JUMP."""
-    top = top_by_mean_difference(lat, positive, MAX_SPLIT)
-    truth = positive.numpy()
-    scores = []
+def one_vs_rest_probe(x: torch.Tensor, letters: torch.Tensor, classes: list[int], batch: int, weight_decay: float,
+                      l1: float = 0.0, epochs: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W [classes, d], b [classes]) of SAEBench's linear multi-probe: one-vs-rest BCE with positive weights
+    (+ l1 · mean over classes of Σ|w|), Adam from lr 1e-2 decayed exponentially to 1e-5 over `epochs` shuffled
+    passes. SAEBench trains its letter probe with it (batches of 64, L2 1e-4) and ranks latents with it (on the
+    latents, batches of 4,096, L2 1e-6, L1 0.01); absorption moves with the probe (benchmarks/RESULTS.md, issue
+    18: a better-fit sklearn probe gives the demo SAE 0.52 where this one gives 0.75), so saekit uses the same."""
+    n, d = x.shape
+    y = (letters[:, None] == torch.tensor(classes)[None]).float()
+    gen = torch.Generator().manual_seed(seed)
+    # Zero init, where SAEBench keeps nn.Linear's ±1/√d: Adam moves a weight ~0.08 in 50 epochs, so at 4,608
+    # latents (±0.015) the init hardly matters, but at small widths it outranks what the data says.
+    W = torch.zeros(len(classes), d, requires_grad=True)
+    b = torch.zeros(len(classes), requires_grad=True)
+    bce = torch.nn.BCEWithLogitsLoss(pos_weight=(n - y.sum(0)) / y.sum(0).clamp_min(1))
+    opt = torch.optim.Adam([W, b], lr=1e-2, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=math.exp(math.log(1e-5 / 1e-2) / epochs))
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for rows in torch.randperm(n, generator=gen).split(batch):
+                opt.zero_grad()
+                loss = bce(x[rows] @ W.t() + b, y[rows])
+                if l1:
+                    loss = loss + l1 * W.abs().sum(-1).mean()
+                loss.backward()
+                opt.step()
+            sched.step()
+    return W.detach(), b.detach()
+
+
+def main_latents(weights: torch.Tensor, lat_train: torch.Tensor, positive_train: torch.Tensor,
+                 lat_test: torch.Tensor, positive_test: torch.Tensor) -> list[int]:
+    """A letter's main latents (SAEBench's feature split): its top latents by ranking weight, k grown while the
+    k-sparse probe's F1 on the held-out words rises by more than F1_JUMP."""
+    from sklearn.linear_model import LogisticRegression
+
+    top = weights.topk(min(MAX_SPLIT, len(weights))).indices
+    best, kept = -np.inf, top[:1]
     for k in range(1, len(top) + 1):
-        x = lat[:, top[:k]]
-        scores.append(f1(np.asarray(logistic_probe(x, positive).predict(x.double().numpy())).astype(bool), truth))
-        if k > 1 and scores[-1] - scores[-2] <= F1_JUMP:
-            return top[: k - 1].tolist()
-    return top.tolist()
+        cols = top[:k]
+        probe = LogisticRegression(max_iter=500, class_weight="balanced")
+        probe.fit(lat_train[:, cols].double().numpy(), positive_train.numpy())
+        score = f1(probe.decision_function(lat_test[:, cols].double().numpy()) > 0, positive_test.numpy())
+        if score <= best + F1_JUMP:
+            break
+        best, kept = score, cols
+    return kept.tolist()
 
 
 def word_absorption(P: float, f: torch.Tensor, cos: torch.Tensor, main: list[int]) -> tuple[float, bool]:
@@ -147,14 +185,12 @@ class LetterProbe:
     predicted: torch.Tensor  # [test words] the probe's letter for each held-out word
 
 
-def letter_probe(acts: torch.Tensor, letters: torch.Tensor, train: torch.Tensor, test: torch.Tensor) -> LetterProbe:
-    from sklearn.linear_model import LogisticRegression
-
-    scale = acts[train].norm(dim=1).mean().clamp_min(1e-12)  # one number: the probe directions do not change
-    probe = LogisticRegression(max_iter=3000, C=PROBE_C).fit((acts[train] / scale).double().numpy(), letters[train].numpy())
-    directions = torch.from_numpy(probe.coef_).float()
-    return LetterProbe([int(c) for c in probe.classes_], directions / directions.norm(dim=1, keepdim=True),
-                       torch.from_numpy(np.asarray(probe.predict((acts[test] / scale).double().numpy()))))
+def letter_probe(acts: torch.Tensor, letters: torch.Tensor, train: torch.Tensor, test: torch.Tensor,
+                 seed: int = 0) -> LetterProbe:
+    classes = sorted(set(letters[train].tolist()))
+    W, b = one_vs_rest_probe(acts[train], letters[train], classes, batch=64, weight_decay=1e-4, seed=seed)
+    predicted = torch.tensor(classes)[(acts[test] @ W.t() + b).argmax(-1)]
+    return LetterProbe(classes, W / W.norm(dim=1, keepdim=True).clamp_min(1e-12), predicted)
 
 
 def absorption_scores(acts: torch.Tensor, letters: torch.Tensor, sae, train: torch.Tensor, test: torch.Tensor,
@@ -165,15 +201,19 @@ def absorption_scores(acts: torch.Tensor, letters: torch.Tensor, sae, train: tor
     classes, directions, predicted = probe.classes, probe.directions, probe.predicted
     with torch.no_grad():
         lat = torch.cat([sae.dense_codes(acts[i: i + 1024]).float() for i in range(0, len(acts), 1024)])
+    ranking = one_vs_rest_probe(lat[train], letters[train], classes, batch=4096, weight_decay=1e-6, l1=L1_DECAY,
+                                seed=seed)[0]
+    truth = letters[test]
     W_dec = sae.W_dec.detach().float().cpu()
     W_dec = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
     n_test = len(test)
     frac = torch.zeros(n_test, len(classes), dtype=torch.float64)
     full, tp = torch.zeros_like(frac), torch.zeros_like(frac)
-    splits = {}
+    splits, probe_f1 = {}, {}
     for j, c in enumerate(classes):
-        main = main_latents(lat[train], letters[train] == c)
+        main = main_latents(ranking[j], lat[train], letters[train] == c, lat[test], truth == c)
         splits[names[c]] = main
+        probe_f1[names[c]] = f1((predicted == c).numpy(), (truth == c).numpy())
         cos = W_dec @ directions[j]
         for r, i in enumerate(test.tolist()):
             if letters[i] != c or predicted[r] != c:
@@ -181,9 +221,11 @@ def absorption_scores(acts: torch.Tensor, letters: torch.Tensor, sae, train: tor
             fr, fu = word_absorption(float(acts[i] @ directions[j]), lat[i], cos, main)
             frac[r, j], full[r, j], tp[r, j] = fr, float(fu), 1.0
 
+    scored = torch.tensor([probe_f1[names[c]] > MIN_PROBE_F1 for c in classes])
+
     def statistic(s):  # a letter with no true positive in a resample is left out of that resample's mean
-        return {"mean_absorption_fraction": (s["frac"] / s["tp"]).nanmean(-1),
-                "absorption_rate": (s["full"] / s["tp"]).nanmean(-1)}
+        return {"mean_absorption_fraction": (s["frac"] / s["tp"])[..., scored].nanmean(-1),
+                "absorption_rate": (s["full"] / s["tp"])[..., scored].nanmean(-1)}
 
     per_unit = {"frac": frac, "full": full, "tp": tp}
     point = statistic({k: v.sum(0) for k, v in per_unit.items()})
@@ -191,10 +233,12 @@ def absorption_scores(acts: torch.Tensor, letters: torch.Tensor, sae, train: tor
     per_letter = {names[c]: {"true_positives": int(tp[:, j].sum()), "mean_absorption_fraction":
                              (frac[:, j].sum() / tp[:, j].sum()).item() if tp[:, j].sum() else None,
                              "absorption_rate": (full[:, j].sum() / tp[:, j].sum()).item() if tp[:, j].sum() else None,
-                             "main_latents": splits[names[c]]} for j, c in enumerate(classes)}
+                             "main_latents": splits[names[c]], "probe_f1": probe_f1[names[c]],
+                             "scored": bool(scored[j])} for j, c in enumerate(classes)}
     return {**{k: v.item() for k, v in point.items()}, "intervals": {k: list(v) for k, v in ci.items()},
             "probe_accuracy": (predicted == letters[test]).double().mean().item(), "letters": per_letter,
             "mean_split_latents": float(np.mean([len(v) for v in splits.values()])),
+            "letters_scored": int(scored.sum()), "min_probe_f1": MIN_PROBE_F1,
             "train_words": len(train), "test_words": n_test,
             "interval_method": f"{LEVEL:.0%} percentile bootstrap over {n_test} held-out words ({DRAWS} resamples)"}
 
