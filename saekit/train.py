@@ -3,7 +3,7 @@
 Per step and dictionary: loss = FVU(y, ŷ) + α·AuxK, where y is the target (x itself for an SAE; the MLP's
 output for a transcoder, whose rows arrive as [x | y] side by side) and AuxK reconstructs the residual
 e = y − ŷ from the top-k_aux pre-activations of dead latents (no b_dec), normalised by e's variance; it trains
-their decoder rows (and their encoder only with auxk_trains_encoder). Matryoshka
+their decoder rows and, for SAEs, their encoder (TrainConfig.auxk_trains). Matryoshka
 sums the FVU of every nested prefix's prediction. Decoder rows are unit-norm; the gradient component along each
 row is removed before the step. Inputs and targets are each scaled by one scalar so that E‖x‖² = d_in
 (E‖y‖² = d_out); the scales are folded into the weights at save.
@@ -210,6 +210,7 @@ class Trainer:
         sample, target = x[:16384] * self.scale, y[:16384] * self.target_scale
         init = cfg.transcoder_init if self.transcoder else "tied"
         self.unit_decoder = cfg.decoder_norm == "unit" or (cfg.decoder_norm == "auto" and not self.transcoder)
+        self.auxk_encoder = cfg.auxk_trains == "both" or (cfg.auxk_trains == "auto" and not self.transcoder)
         self.saes = [SparseAutoencoder.initialized(c, sample, seed=cfg.seed + i, device=self.device,
                                                   enc_scale=cfg.enc_init_scale, target=target, init=init)
                      for i, c in enumerate(cfg.saes)]
@@ -284,9 +285,9 @@ class Trainer:
             aux_num, e_var = torch.zeros((), device=x.device), torch.ones((), device=x.device)
             if aux_v is not None:  # AuxK: dead latents reconstruct the residual
                 e = err.detach()
-                # By default only their decoder rows learn from it (as sparsify): let through to the encoder it left
-                # 3-4x more latents dead at the same FVU (TrainConfig.auxk_trains_encoder).
-                e_hat = ops.sparse_decode(aux_v if self.cfg.auxk_trains_encoder else aux_v.detach(), aux_i, sae.W_dec)
+                # Detached, only their decoder rows learn from it: fewer dead transcoder latents, more dead SAE
+                # latents than letting it reach the encoder (TrainConfig.auxk_trains).
+                e_hat = ops.sparse_decode(aux_v if self.auxk_encoder else aux_v.detach(), aux_i, sae.W_dec)
                 e_var = self._total((e - self._mean(e)).pow(2).sum(), "reducing the AuxK residual variance")
                 e_var = e_var.clamp_min(1e-12)
                 aux_num = (e - e_hat.float()).pow(2).sum()

@@ -146,23 +146,27 @@ def test_dead_latent_counting(synthetic, tmp_path):
 
 
 def test_auxk_trains_the_encoder_only_when_asked(synthetic, tmp_path):
-    """By default AuxK moves only the dead latents' decoder rows (as sparsify); auxk_trains_encoder=True lets its
-    gradient into their encoder columns too. One first step from the same state with AuxK off, on (default) and on
-    through the encoder."""
+    """auxk_trains=decoder moves only the dead latents' decoder rows (as sparsify); both lets its gradient into
+    their encoder columns too, and auto is both for an SAE. One first step from the same state with AuxK off and
+    each setting."""
     after = {}
-    for name, kw in {"off": dict(auxk_coef=0.0), "decoder": {}, "encoder": dict(auxk_trains_encoder=True)}.items():
+    settings = {"off": dict(auxk_coef=0.0), "decoder": dict(auxk_trains="decoder"), "both": dict(auxk_trains="both"),
+                "auto": {}}
+    for name, kw in settings.items():
         trainer = Trainer(config(dead_tokens=256, grad_clip=0.0, **kw), synthetic.acts, tmp_path / name)
         trainer.since_fired[0][64:] = 256  # latents 64+ are dead: AuxK picks among them
         stats = trainer.train_step(trainer.data.batch(0))[0]
         assert stats["dead_fraction"] == 0.5
         after[name] = weights_of(trainer)
-    off, dec, enc = after["off"], after["decoder"], after["encoder"]
+    off, dec, both = after["off"], after["decoder"], after["both"]
     assert not torch.allclose(dec["W_dec"][64:], off["W_dec"][64:])  # AuxK fits the dead rows either way
-    torch.testing.assert_close(dec["W_dec"], enc["W_dec"])
-    torch.testing.assert_close(dec["W_enc"], off["W_enc"])  # the default leaves the encoder to the main loss
+    torch.testing.assert_close(dec["W_dec"], both["W_dec"])
+    torch.testing.assert_close(dec["W_enc"], off["W_enc"])  # decoder-only leaves the encoder to the main loss
     torch.testing.assert_close(dec["b_enc"], off["b_enc"])
-    assert not torch.allclose(enc["W_enc"][:, 64:], dec["W_enc"][:, 64:])
-    torch.testing.assert_close(enc["W_enc"][:, :64], dec["W_enc"][:, :64])
+    assert not torch.allclose(both["W_enc"][:, 64:], dec["W_enc"][:, 64:])
+    torch.testing.assert_close(both["W_enc"][:, :64], dec["W_enc"][:, :64])
+    for key in both:  # an SAE's auto is both
+        torch.testing.assert_close(after["auto"][key], both[key])
 
 
 def test_default_dead_window_scales_with_short_runs(synthetic, tmp_path):

@@ -40,6 +40,7 @@ def tc_config(**kw) -> TrainConfig:
 def test_transcoders_learn_the_mlp_output(tmp_path, sae):
     x, y = mlp_data()
     trainer = Trainer(tc_config(sae=sae), torch.cat([x, y], 1)[:5120], tmp_path, info={"hook": "in", "hook_out": "out"})
+    assert not trainer.unit_decoder and not trainer.auxk_encoder  # a transcoder's auto: free rows, decoder-only AuxK
     init = fvu(y[5120:], trainer.trained_sae(0)(x[5120:]))
     (path,) = trainer.fit(progress=False)
     curve = [r[f"{trainer.names[0]}/fvu"] for r in trainer.history]
