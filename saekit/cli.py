@@ -81,7 +81,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, prefix: str = ""
         default = (defaults or {}).get(f.name, f.default_factory() if callable(f.default_factory) else f.default)
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         flag, dest = "--" + (prefix + f.name).replace("_", "-"), prefix + f.name
-        help_text = f"{docs.get(f.name, '')} (default: {shown})"
+        help_text = f"{docs.get(f.name, '')} (default: {shown})".replace("%", "%%")  # argparse formats help with %
         hint = _item_type(hints[f.name])
         if hint is bool:
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
