@@ -137,14 +137,38 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
 
 # ----------------------------------------------------------------------------- encode
 
+TOPK_GROUPS = 8
+"""Rows of this many columns' strided groups (`rows_topk`)."""
+
+
+def rows_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's k largest values and their columns, unsorted: the same values as `x.topk(k, dim=-1)` (ties
+    may pick either of equal columns), found with less of torch's per-element top-k work on wide rows.
+
+    The columns form n/8 groups (column j with j + n/8, j + 2n/8, …) and a group's maximum is one elementwise
+    max over 8 row slices. The k groups with the largest maxima hold the row's top k: those k maxima are k values
+    ≥ the k-th largest group maximum T, so the row's k-th value is ≥ T, and every other group's values are ≤ T.
+    The top k is then taken among those k groups' 8k values. On CPU, [4096, 4608] fp32 or bf16, 2 threads, this
+    measured 27 vs 40 ms at k 48 and 27 vs 34 ms at k 32 (AMD Zen 4), and no slower where rows are
+    narrower than 32·k (then torch's top-k runs)."""
+    N, n = x.shape
+    if x.device.type != "cpu" or n % TOPK_GROUPS or n < 32 * k:
+        return x.topk(k, dim=-1, sorted=False)
+    g = n // TOPK_GROUPS
+    strided = x.reshape(N, TOPK_GROUPS, g)
+    _, groups = strided.amax(1).topk(k, dim=-1, sorted=False)  # a NaN wins both, as in torch's top-k
+    members = strided.gather(2, groups.unsqueeze(1).expand(N, TOPK_GROUPS, k)).reshape(N, TOPK_GROUPS * k)
+    values, j = members.topk(k, dim=-1, sorted=False)
+    return values, groups.gather(1, j % k) + (j // k) * g
+
+
 def topk_preacts(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
                  k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of the pre-activations (x − b_dec)·W_enc + b_enc, no grad, no ReLU. Used at inference."""
     if _pick(x.device) == "triton":
         from .kernels import fused_encode_topk
         return fused_encode_topk(x - b_dec, W_enc, b_enc, k)
-    pre = torch.addmm(b_enc, x - b_dec, W_enc)
-    return pre.topk(k, dim=-1, sorted=False)
+    return rows_topk(torch.addmm(b_enc, x - b_dec, W_enc), k)
 
 
 def selection_dtype(x: torch.Tensor) -> torch.dtype:
@@ -198,6 +222,12 @@ def _exact_topk(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, cand
     return values, candidates.gather(1, pick)
 
 
+def _column_norms(W: torch.Tensor) -> torch.Tensor:
+    """‖W[:, j]‖ for every j. `W.norm(dim=0)` reduces across rows one column at a time on CPU: 3.2 ms against
+    0.35 ms for this at [576, 4608] (AMD Zen 4, 2 threads)."""
+    return W.square().sum(0).sqrt()
+
+
 class _Rounding:
     """What the bound in `_verified_topk` needs of one bf16 GEMM's inputs, computed once per forward."""
 
@@ -205,8 +235,8 @@ class _Rounding:
                  bb: torch.Tensor):
         self.x_norm = xc.norm(dim=1) * (1 + BF16_ROUNDOFF)  # ≥ ‖x̃‖
         self.dx_norm = (xb.float() - xc).norm(dim=1)  # ‖δx‖, exact: about 0.6·2^-8·‖x‖, half the worst case
-        self.w_norm = W.norm(dim=0)  # ‖W_j‖
-        self.dw_norm = (Wb.float() - W).norm(dim=0)  # ‖δW_j‖
+        self.w_norm = _column_norms(W)  # ‖W_j‖
+        self.dw_norm = _column_norms(Wb.float() - W)  # ‖δW_j‖
         self.db = (bb.float() - b).abs()  # |δb_j|
 
     def slack(self, floor: torch.Tensor, cols: torch.Tensor | None, d: int) -> torch.Tensor:
@@ -232,7 +262,7 @@ def _verified_topk(rounded: torch.Tensor, xc: torch.Tensor, W_enc: torch.Tensor,
     m = _shortlist(k, n, True)
     W = W_enc if cols is None else W_enc.index_select(1, cols)
     b = b_enc if cols is None else b_enc.index_select(0, cols)
-    approx, local = rounded.topk(m, dim=-1, sorted=False)
+    approx, local = rows_topk(rounded, m)
     values, pick = _exact_topk(xc, W, b, local, k)
     if m < n:
         floor = approx.min(dim=1).values.float()
@@ -240,7 +270,7 @@ def _verified_topk(rounded: torch.Tensor, xc: torch.Tensor, W_enc: torch.Tensor,
         unsure = unsure.nonzero().squeeze(1)
         _recomputed[0] += unsure.numel()
         if unsure.numel():
-            v, i = torch.addmm(b, xc.index_select(0, unsure), W).topk(k, dim=-1, sorted=False)
+            v, i = rows_topk(torch.addmm(b, xc.index_select(0, unsure), W), k)
             values[unsure], pick[unsure] = v, i
     _recomputed[1] += len(xc)
     return values, (pick if cols is None else cols[pick])
@@ -291,15 +321,15 @@ class _EncodeTopK(torch.autograd.Function):
             del pre
         else:
             pre = _preacts(b_enc, xc, W_enc)
-            values, indices = pre.topk(k, dim=-1, sorted=False)
+            values, indices = rows_topk(pre, k)
             if want_aux:
                 eligible = aux_mask.nonzero().squeeze(1)
                 if 2 * eligible.numel() <= aux_mask.numel():  # few (dead) latents: top-k over their columns only
-                    aux_values, local = pre.index_select(1, eligible).topk(k_aux, dim=-1, sorted=False)
+                    aux_values, local = rows_topk(pre.index_select(1, eligible), k_aux)
                     aux_indices = eligible[local]
                 else:
                     masked = pre.masked_fill_(~aux_mask, float("-inf"))  # pre no longer needed: reuse its memory
-                    aux_values, aux_indices = masked.topk(k_aux, dim=-1, sorted=False)
+                    aux_values, aux_indices = rows_topk(masked, k_aux)
             del pre
         values = values.relu()
         if aux_values is not None:

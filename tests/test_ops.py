@@ -164,13 +164,14 @@ def test_bf16_selection_keeps_fp32_values(gen, auto, monkeypatch):
 
 
 @pytest.mark.parametrize("aux", [False, True])
-def test_bf16_shortlist_is_the_exact_top_k_on_ties_and_near_ties(gen, auto, monkeypatch, aux):
+@pytest.mark.parametrize("n", [512, 1024])  # the shortlist by torch's top-k, by rows_topk's groups
+def test_bf16_shortlist_is_the_exact_top_k_on_ties_and_near_ties(gen, auto, monkeypatch, aux, n):
     """Latents whose pre-activations bf16 cannot tell apart (near-ties far below its 2^-8 but far above fp32's
     rounding) and exact ties crowd the k-th place: rows whose shortlist cannot be proven complete are
     recomputed in fp32, so every pick is the exact top k (its values are the top-k values; ties may pick
     either of equal latents)."""
     monkeypatch.setenv("SAEKIT_ENCODER_GEMM", "bf16")
-    N, d, n, k = 128, 64, 512, 8
+    N, d, k = 128, 64, 8
     x = randn(gen, N, d).float()
     W = randn(gen, d, n).float() * 0.05
     W[:, :40] = randn(gen, d, 1).float() + 1e-4 * randn(gen, d, 40).float()  # 40 near-parallel latents
@@ -210,6 +211,32 @@ def test_selection_dtype(monkeypatch):
     monkeypatch.setenv("SAEKIT_ENCODER_GEMM", "half")
     with pytest.raises(ValueError, match="SAEKIT_ENCODER_GEMM"):
         ops.selection_dtype(x)
+
+
+def assert_is_top_k(x, k, values, cols):
+    """values are x's per-row top-k values (as torch's top-k gives them, NaN first), at distinct columns cols."""
+    want = x.topk(k, dim=1).values
+    torch.testing.assert_close(values.sort(1, descending=True).values, want.sort(1, descending=True).values,
+                               rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(x.gather(1, cols), values, rtol=0, atol=0, equal_nan=True)
+    assert all(len(set(row.tolist())) == k for row in cols)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_topk_is_the_exact_top_k_with_ties(gen, dtype):
+    """The grouped top-k keeps torch's top-k values on rows full of exact ties (small integers), near-ties (one
+    ulp apart), -inf (masked latents) and NaN; narrow rows take torch's own path."""
+    N, n, k = 64, 1024, 16
+    assert n % ops.TOPK_GROUPS == 0 and n >= 32 * k  # the grouped path
+    ties = torch.randint(0, 6, (N, n), generator=gen).to(dtype)
+    near = 1 + torch.finfo(dtype).eps * (torch.rand(N, n, generator=gen) < 0.5).to(dtype)  # 1 and the next value
+    masked = randn(gen, N, n).to(dtype).masked_fill(torch.rand(N, n, generator=gen) < 0.99, float("-inf"))
+    nans = randn(gen, N, n).to(dtype)
+    nans[::2, 5::200] = float("nan")
+    for x in (ties, near, masked, nans, randn(gen, N, n).to(dtype)):
+        assert_is_top_k(x, k, *ops.rows_topk(x, k))
+    narrow = randn(gen, N, 24 * k).to(dtype)
+    assert_is_top_k(narrow, k, *ops.rows_topk(narrow, k))
 
 
 def test_topk_preacts(gen, auto):
