@@ -512,8 +512,9 @@ def demo_circuits(spec: TrainRun) -> dict[str, Any]:
     write_json(out / "report.json", report)
     lines = ["# Transcoders on every layer", "",
              f"{len(rows)} transcoders, one harvest of {report['cache']['tokens']:,} tokens "
-             f"({report['cache']['tokens_per_s']:,.0f} tokens/s); evaluated on {rows[0]['tokens']:,} held-out tokens each.",
-             "", "| dictionary | FVU (MLP out) | FVU excl. massive | L0 | dead | CE recovered (MLP zero-ablated) | KL |",
+             f"({report['cache']['tokens_per_s']:,.0f} tokens/s); evaluated on {rows[0]['tokens']:,} held-out tokens each "
+             "(silent: latents that fire on none of them, which on so few tokens is not the training's dead fraction).",
+             "", "| dictionary | FVU (MLP out) | FVU excl. massive | L0 | silent | CE recovered (MLP zero-ablated) | KL |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['dictionary']} | {r['fvu']:.3f} | {r['fvu_excl_massive']:.3f} | {r['l0']:.1f} | "
               f"{r['dead_fraction']:.1%} | {r['ce_recovered_zero']:.3f} | {r['kl']:.3f} |" for r in rows]
