@@ -138,7 +138,7 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
 # ----------------------------------------------------------------------------- encode
 
 TOPK_GROUPS = 8
-"""Rows of this many columns' strided groups (`rows_topk`)."""
+"""Columns in each of `rows_topk`'s strided groups."""
 
 
 def rows_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

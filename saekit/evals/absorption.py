@@ -201,9 +201,9 @@ def absorption_scores(acts: torch.Tensor, letters: torch.Tensor, sae, train: tor
     classes, directions, predicted = probe.classes, probe.directions, probe.predicted
     with torch.no_grad():
         lat = torch.cat([sae.dense_codes(acts[i: i + 1024]).float() for i in range(0, len(acts), 1024)])
-    ranking = one_vs_rest_probe(lat[train], letters[train], classes, batch=4096, weight_decay=1e-6, l1=L1_DECAY,
+    lat_train, lat_test, train_letters, truth = lat[train], lat[test], letters[train], letters[test]
+    ranking = one_vs_rest_probe(lat_train, train_letters, classes, batch=4096, weight_decay=1e-6, l1=L1_DECAY,
                                 seed=seed)[0]
-    truth = letters[test]
     W_dec = sae.W_dec.detach().float().cpu()
     W_dec = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
     n_test = len(test)
@@ -211,7 +211,7 @@ def absorption_scores(acts: torch.Tensor, letters: torch.Tensor, sae, train: tor
     full, tp = torch.zeros_like(frac), torch.zeros_like(frac)
     splits, probe_f1 = {}, {}
     for j, c in enumerate(classes):
-        main = main_latents(ranking[j], lat[train], letters[train] == c, lat[test], truth == c)
+        main = main_latents(ranking[j], lat_train, train_letters == c, lat_test, truth == c)
         splits[names[c]] = main
         probe_f1[names[c]] = f1((predicted == c).numpy(), (truth == c).numpy())
         cos = W_dec @ directions[j]
