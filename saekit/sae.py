@@ -223,7 +223,8 @@ class SparseAutoencoder(nn.Module):
         """Drop the gradient component along each decoder row (rows stay unit-norm to first order)."""
         if self.W_dec.grad is not None:
             g, W = self.W_dec.grad, self.W_dec
-            g -= (g * W).sum(1, keepdim=True) * W
+            dots = torch.bmm(g.unsqueeze(1), W.unsqueeze(2)).squeeze(2)  # row dots, no [n, d] temporary
+            g.addcmul_(dots, W, value=-1)
 
     def folded(self, scale: float, out_scale: float | None = None) -> SparseAutoencoder:
         """A copy that works on raw activations when this one was trained on x·scale predicting y·out_scale

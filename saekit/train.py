@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import ops
@@ -280,14 +281,14 @@ class Trainer:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 values, indices, aux_v, aux_i = sae.encode_train(x, dead if use_aux else None, k_aux, self.across)
                 preds = sae.prefix_decodes(values, indices, x)
-            err = y - preds[-1].float()
-            err_sum = err.pow(2).sum()
+            # mse_loss: one pass forward and one backward (‖y − ŷ‖² by hand costs four passes over [N, d] backward)
+            err_sum = F.mse_loss(preds[-1].float(), y, reduction="sum")
             loss = err_sum / centered_var  # the FVU (in a distributed run, this process's share of it)
             for partial in preds[:-1]:  # Matryoshka: every smaller prefix reconstructs the target too
-                loss = loss + (y - partial.float()).pow(2).sum() / centered_var
+                loss = loss + F.mse_loss(partial.float(), y, reduction="sum") / centered_var
             aux_num, e_var = torch.zeros((), device=x.device), torch.ones((), device=x.device)
             if aux_v is not None:  # AuxK: dead latents reconstruct the residual
-                e = err.detach()
+                e = y - preds[-1].detach().float()
                 # Detached, only their decoder rows learn from it: fewer dead transcoder latents, more dead SAE
                 # latents than letting it reach the encoder (TrainConfig.auxk_trains).
                 e_hat = ops.sparse_decode(aux_v if self.auxk_encoder else aux_v.detach(), aux_i, sae.W_dec)
