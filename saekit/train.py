@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import ops
+from . import heap, ops
 from .config import SaeConfig, TrainConfig
 from .errors import FileFormatError, NonFiniteError, SaekitError, ShapeError
 from .files import atomic_write
@@ -196,6 +196,8 @@ class Trainer:
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cpu":
+            heap.keep_freed_blocks()  # each step's freed buffers are reused, not faulted in again
         self.info = dict(info or {})
         self.writer = True  # this process writes metrics and wandb (False on ranks > 0 of a distributed run)
         self.data = self._batches(acts)

@@ -368,3 +368,20 @@ def test_streamed_training_resumes_exactly(synthetic, tmp_path):
         assert torch.equal(t, weights_of(resumed)[name]), name
     with pytest.raises(SaekitError, match="epochs=1"):
         Trainer(config(epochs=2.0), stream(), tmp_path / "two")
+
+
+def test_cpu_training_keeps_freed_heap_blocks(synthetic, tmp_path, monkeypatch):
+    """A CPU trainer sets glibc's thresholds so each step's freed buffers are reused (saekit.heap), and on glibc
+    the setting takes."""
+    import platform
+
+    from saekit import heap
+
+    calls = []
+    monkeypatch.setattr(heap, "keep_freed_blocks", lambda: calls.append(True) or True)
+    Trainer(config(epochs=0.25), synthetic.acts, tmp_path)
+    assert calls == [True]
+    monkeypatch.undo()
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt's thresholds are glibc's")
+    assert heap.keep_freed_blocks() is True
