@@ -118,8 +118,9 @@ def test_sparse_decode_duplicates_and_unused(gen, auto):
 
 
 @pytest.mark.parametrize("zeros", [0.0, 0.6])  # many zero gradients (ReLU-clipped): the compacted path
-def test_sparse_encoder_backward(gen, auto, zeros):
-    N, d, n, K = 6, 5, 30, 4
+@pytest.mark.parametrize("n", [30, 1100])  # W_enc's gradient transposed in one strip of rows, or three
+def test_sparse_encoder_backward(gen, auto, zeros, n):
+    N, d, K = 6, 5, 4
     xc, W, grad = randn(gen, N, d), randn(gen, d, n), randn(gen, N, K)
     grad[torch.rand(N, K, generator=gen) < zeros] = 0
     if zeros:
