@@ -238,7 +238,7 @@ class _Rounding:
     def __init__(self, xc: torch.Tensor, xb: torch.Tensor, W_rows: torch.Tensor, Wb_rows: torch.Tensor,
                  b: torch.Tensor, bb: torch.Tensor):
         self.x_norm = xc.norm(dim=1) * (1 + BF16_ROUNDOFF)  # ≥ ‖x̃‖
-        self.dx_norm = (xb.float() - xc).norm(dim=1)  # ‖δx‖, exact: about 0.6·2^-8·‖x‖, half the worst case
+        self.dx_norm = xb.float().sub_(xc).norm(dim=1)  # ‖δx‖, exact: about 0.6·2^-8·‖x‖, half the worst case
         self.w_norm = W_rows.norm(dim=1)  # ‖W_j‖
         self.dw_norm = Wb_rows.float().sub_(W_rows).norm(dim=1)  # ‖δW_j‖
         self.db = (bb.float() - b).abs()  # |δb_j|
