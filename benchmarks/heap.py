@@ -13,40 +13,24 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 
 import torch
+from step_setup import add_step_args, step_trainer, timed_step
 
 
 def one_process(args: argparse.Namespace) -> None:
     """Time `args.steps` training steps in this process and print them as JSON."""
     from saekit import heap
-    from saekit.config import SaeConfig, TrainConfig
-    from saekit.train import Trainer
 
     if args.heap == "default":
         heap.keep_freed_blocks = lambda: False  # the Trainer would set the thresholds
     torch.set_num_threads(args.threads)
-    if args.activations:
-        from saekit.cache import ActivationCache
-        from saekit.harvest import massive_mask
-
-        acts = ActivationCache(args.activations).read(hooks=[args.hook]).acts[args.hook]
-        acts = acts[~massive_mask(acts.norm(dim=1))]
-    else:
-        acts = torch.randn(8 * args.batch_size, 576, generator=torch.Generator().manual_seed(0))
-    cfg = TrainConfig(saes=[SaeConfig(d_in=acts.shape[1], d_sae=args.d_sae, k=args.k)], batch_size=args.batch_size,
-                      epochs=100, dead_tokens=args.batch_size, device="cpu", log_every=10**9)
-    trainer = Trainer(cfg, acts, tempfile.mkdtemp(prefix="saekit-heap-"))
+    trainer = step_trainer(args)
     walls = []
     for i in range(3 + args.steps):
         if i == 3:  # the first steps warm up the allocator and oneDNN's kernel cache
             r0 = resource.getrusage(resource.RUSAGE_SELF)
-        trainer.since_fired[0].zero_()
-        t0 = time.perf_counter()
-        trainer.train_step(trainer.data.batch(i))
-        walls.append(time.perf_counter() - t0)
+        walls.append(timed_step(trainer, args, i)[0])
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"wall": statistics.median(walls[3:]), "sys": (r1.ru_stime - r0.ru_stime) / args.steps,
                       "faults": (r1.ru_minflt - r0.ru_minflt) / args.steps}))
@@ -54,11 +38,7 @@ def one_process(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--activations", help="saekit activation cache (default: random activations)")
-    p.add_argument("--hook", default="blocks.15.hook_resid_pre")
-    p.add_argument("--d-sae", type=int, default=4608)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=4096)
+    add_step_args(p, dead_fraction=0.0)
     p.add_argument("--steps", type=int, default=20, help="timed steps per process")
     p.add_argument("--processes", type=int, default=6, help="processes per heap setting, alternating")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())

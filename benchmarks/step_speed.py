@@ -18,10 +18,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from step_setup import add_step_args, step_trainer, timed_step
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,49 +55,24 @@ def ops_of(module):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline-rev", default="ce788f3", help="git revision whose saekit/ops.py is the baseline")
-    p.add_argument("--activations", help="saekit activation cache (default: random activations)")
-    p.add_argument("--hook", default="blocks.15.hook_resid_pre")
-    p.add_argument("--d-sae", type=int, default=4608)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--dead-fraction", type=float, default=0.0, help="latents marked dead (AuxK trains them)")
+    add_step_args(p, dead_fraction=0.0)
     p.add_argument("--steps", type=int, default=8, help="timed steps per variant (interleaved)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
     from saekit import ops
-    from saekit.config import SaeConfig, TrainConfig
-    from saekit.train import Trainer
 
-    if args.activations:
-        from saekit.cache import ActivationCache
-        from saekit.harvest import massive_mask
-
-        acts = ActivationCache(args.activations).read(hooks=[args.hook]).acts[args.hook]
-        acts = acts[~massive_mask(acts.norm(dim=1))]
-    else:
-        acts = torch.randn(8 * args.batch_size, 576, generator=torch.Generator().manual_seed(0))
-    cfg = TrainConfig(saes=[SaeConfig(d_in=acts.shape[1], d_sae=args.d_sae, k=args.k)], batch_size=args.batch_size,
-                      epochs=100, dead_tokens=args.batch_size, device="cpu", log_every=10**9)
-    trainer = Trainer(cfg, acts, tempfile.mkdtemp(prefix="saekit-step-"))
+    trainer = step_trainer(args)
     baseline = load_ops(args.baseline_rev)
     n_dead = int(args.dead_fraction * args.d_sae)
-
-    def step(i: int) -> tuple[float, float]:
-        since = trainer.since_fired[0]
-        since.zero_()
-        since[torch.randperm(args.d_sae, generator=torch.Generator().manual_seed(i))[:n_dead]] = 10**9
-        t0, c0 = time.perf_counter(), time.process_time()
-        trainer.train_step(trainer.data.batch(i))
-        return time.perf_counter() - t0, time.process_time() - c0
 
     variants = {f"before ({args.baseline_rev})": lambda: ops_of(baseline), "after": contextlib.nullcontext}
     times: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
     for i in range(2 + args.steps):
         for name, context in variants.items():
             with context():
-                t = step(i)
+                t = timed_step(trainer, args, i)
             if i >= 2:  # the first steps warm up allocators and oneDNN's kernel cache
                 times[name].append(t)
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
