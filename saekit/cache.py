@@ -13,15 +13,13 @@ import shutil
 from collections.abc import Iterator
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from .errors import FileFormatError, NonFiniteError, ShapeError
 from .files import describe, read_json, read_tensors, replacing, write_json, write_tensors
-
-if TYPE_CHECKING:
-    from .harvest import Harvest
+from .harvest import Harvest, massive_record
 
 
 class Comm(Protocol):
@@ -96,8 +94,6 @@ class ActivationCache:
     # ------------------------------------------------------------------ reading
     def read(self, hooks: list[str] | None = None) -> Harvest:
         """The whole cache in memory (activations as float32)."""
-        from .harvest import Harvest
-
         hooks = self.check_hooks(hooks)
         parts = list(self.shards(hooks))
         h = Harvest(acts={hk: torch.cat([p[f"acts.{hk}"] for p in parts]).float() for hk in hooks},
@@ -163,8 +159,6 @@ class ActivationCache:
               massive: dict[str, dict[str, float]] | None = None, comm: Comm | None = None,
               shard_tokens: int = SHARD_TOKENS, dtype: torch.dtype = torch.float32) -> ActivationCache:
         """Write a harvest held in memory (see `CacheWriter`; `massive` by default from `harvest`, one process)."""
-        from .harvest import massive_record
-
         if (comm is not None and comm.world > 1) and massive is None:
             raise ValueError("a cache written by several processes needs the stream-wide massive thresholds")
         with CacheWriter(directory, manifest, comm, shard_tokens, dtype) as writer:

@@ -11,15 +11,20 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
 from .errors import DataError, NonFiniteError
 
-if TYPE_CHECKING:
-    from .cache import CacheWriter
+
+class RowWriter(Protocol):
+    """What `harvest_into` needs of its destination, cache.CacheWriter (named here so that the harvest, which the
+    cache imports, does not import the cache)."""
+
+    def add(self, acts: dict[str, torch.Tensor], token_ids: torch.Tensor, positions: torch.Tensor,
+            context_ids: torch.Tensor) -> None: ...
 
 MASSIVE_MULTIPLE = 10.0
 
@@ -148,7 +153,7 @@ class Harvester:
             meta=harvest_meta(tokens, seconds, int(parts[-1][3][-1]) + 1 if parts else 0),
         )
 
-    def harvest_into(self, writer: CacheWriter, contexts: torch.Tensor, tokens: int, batch_contexts: int = 16,
+    def harvest_into(self, writer: RowWriter, contexts: torch.Tensor, tokens: int, batch_contexts: int = 16,
                      progress: bool = True) -> dict[str, Any]:
         """The same harvest streamed into a cache writer a batch at a time (memory: one shard, not the harvest);
         returns its meta."""
